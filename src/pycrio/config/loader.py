@@ -1,0 +1,118 @@
+"""Load the effective configuration: defaults < main file < drop-ins (lexical) < flags/env."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from pycrio.config.schema import ROOT_TABLE, Config, is_table
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as one line naming file, key and problem."""
+
+
+@dataclass(frozen=True)
+class Override:
+    """One value given on the command line or in the environment, e.g. ("tracing.enable_tracing", True)."""
+
+    key: str
+    value: Any
+    source: str
+
+
+@dataclass
+class LoadedConfig:
+    """The effective configuration, the files it came from, and warnings worth logging."""
+
+    config: Config
+    files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def dropin_files(config_dir: Path) -> list[Path]:
+    """The drop-in files of a directory in the order they apply; a missing directory has none."""
+    if not config_dir.is_dir():
+        return []
+    return sorted((p for p in config_dir.iterdir() if p.suffix == ".conf" and p.is_file()), key=lambda p: p.name)
+
+
+def load_config(
+    config_file: Path,
+    config_dir: Path,
+    overrides: list[Override] | None = None,
+    require_file: bool = False,
+) -> LoadedConfig:
+    """Build the effective configuration; raise ConfigError on the first invalid input."""
+    loaded = LoadedConfig(config=Config())
+    files = [config_file] if (require_file or config_file.exists()) else []
+    for path in files + dropin_files(config_dir):
+        _apply_file(loaded, path)
+    for override in overrides or []:
+        _set_value(loaded.config, override.key.split("."), override.value, override.source, f"{ROOT_TABLE}.{override.key}")
+    return loaded
+
+
+def _apply_file(loaded: LoadedConfig, path: Path) -> None:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    loaded.files.append(path)
+    for key, value in data.items():
+        if key != ROOT_TABLE:
+            loaded.warnings.append(f"{path}: unknown key {key!r} ignored")
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {ROOT_TABLE}: must be a table")
+        _merge_table(loaded, loaded.config, value, ROOT_TABLE, path)
+
+
+def _merge_table(loaded: LoadedConfig, target: Any, table: dict[str, Any], prefix: str, path: Path) -> None:
+    """Override the fields of `target` named in `table`, leaving the others as they are."""
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        f = fields.get(key)
+        if f is None:
+            loaded.warnings.append(f"{path}: unknown key {dotted!r} ignored")
+        elif is_table(f):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {dotted}: must be a table")
+            _merge_table(loaded, getattr(target, key), value, dotted, path)
+        else:
+            _set_value(target, [key], value, str(path), dotted)
+
+
+def _set_value(target: Any, keys: list[str], value: Any, source: str, dotted: str) -> None:
+    for key in keys[:-1]:
+        target = getattr(target, key)
+    f = {f.name: f for f in dataclasses.fields(target)}[keys[-1]]
+    expected = type(f.default)
+    # bool is an int in Python, but `rate = true` is not a number in TOML.
+    if type(value) is not expected:
+        raise ConfigError(f"{source}: {dotted}: must be {_type_name(expected)}, got {_type_name(type(value))} {value!r}")
+    check = f.metadata.get("check")
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"{source}: {dotted}: {problem}")
+    setattr(target, keys[-1], value)
+
+
+def _type_name(t: type) -> str:
+    return {bool: "a boolean", int: "an integer", str: "a string", float: "a float", dict: "a table", list: "an array"}.get(
+        t, t.__name__
+    )

@@ -1,0 +1,112 @@
+"""The typed configuration schema: every table and key pycrio understands, with defaults and docs.
+
+A dataclass is a TOML table below `[pycrio]`; a field whose type is a dataclass is a sub-table.
+The loader, the validator and the `pycrio config` writer all walk this one description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+LOG_LEVELS = ("error", "warn", "info", "debug", "trace")
+MAX_SAMPLING_RATE = 1_000_000
+
+
+def _doc(text: str, check: Callable[[Any], str | None] | None = None) -> dict[str, Any]:
+    """Field metadata: the comment `pycrio config` prints, and an optional value check."""
+    return {"doc": text, "check": check}
+
+
+def check_absolute_path(value: str) -> str | None:
+    if not value.startswith("/"):
+        return f"must be an absolute path, got {value!r}"
+    return None
+
+
+def check_log_level(value: str) -> str | None:
+    if value not in LOG_LEVELS:
+        return f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}"
+    return None
+
+
+def check_sampling_rate(value: int) -> str | None:
+    if not 0 <= value <= MAX_SAMPLING_RATE:
+        return f"must be between 0 and {MAX_SAMPLING_RATE}, got {value}"
+    return None
+
+
+def check_host_port(value: str) -> str | None:
+    """An OTLP/gRPC endpoint is `host:port` (IPv6 hosts in brackets), without a scheme."""
+    problem = f"must be host:port (like 127.0.0.1:4317), got {value!r}"
+    if "://" in value or "/" in value:
+        return problem
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return problem
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        return problem
+    return None
+
+
+@dataclass
+class APIConfig:
+    """Table [pycrio.api]: how pycrio serves the CRI."""
+
+    listen: str = field(
+        default="/run/pycrio/pycrio.sock",
+        metadata=_doc("Path of the unix socket on which pycrio serves the CRI v1 gRPC API.", check_absolute_path),
+    )
+
+
+@dataclass
+class TracingConfig:
+    """Table [pycrio.tracing]: OpenTelemetry tracing of every CRI call."""
+
+    enable_tracing: bool = field(
+        default=False,
+        metadata=_doc("Export an OpenTelemetry span for CRI calls (and the steps below them)."),
+    )
+    tracing_endpoint: str = field(
+        default="127.0.0.1:4317",
+        metadata=_doc("host:port of the OTLP/gRPC receiver (a Collector or Jaeger) spans are sent to.", check_host_port),
+    )
+    tracing_sampling_rate_per_million: int = field(
+        default=0,
+        metadata=_doc(
+            "How many of a million calls start a trace of their own: 1000000 traces every call,\n"
+            "0 starts none but still continues a trace whose caller (kubelet, crictl) sampled it,\n"
+            "values between keep that share of trace ids (parent-based ratio).",
+            check_sampling_rate,
+        ),
+    )
+
+
+@dataclass
+class Config:
+    """Table [pycrio]: the whole effective configuration of one daemon."""
+
+    root: str = field(
+        default="/var/lib/pycrio",
+        metadata=_doc("Directory for persistent data: images, pod and container records.", check_absolute_path),
+    )
+    runroot: str = field(
+        default="/run/pycrio",
+        metadata=_doc("Directory for state that does not survive a reboot.", check_absolute_path),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_doc("Log level: error, warn, info, debug or trace. At debug every CRI request and\n"
+                      "response is logged (and becomes a span event when tracing).", check_log_level),
+    )
+    api: APIConfig = field(default_factory=APIConfig, metadata=_doc("CRI server."))
+    tracing: TracingConfig = field(default_factory=TracingConfig, metadata=_doc("OpenTelemetry tracing."))
+
+
+ROOT_TABLE = "pycrio"
+
+
+def is_table(f: dataclasses.Field[Any]) -> bool:
+    """Whether a field is a sub-table (a nested dataclass) rather than a value."""
+    return isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)  # type: ignore[arg-type]

@@ -1,0 +1,56 @@
+"""Render a configuration as commented TOML that pycrio loads back (like `crio config`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from pycrio.config.schema import ROOT_TABLE, Config, is_table
+
+HEADER = """\
+# pycrio configuration file.
+#
+# Written by `pycrio config`. Values equal to the built-in default are commented out;
+# the others are what this daemon would run with. Precedence, lowest first:
+#   built-in defaults < main file (--config) < drop-ins (--config-dir/*.conf, lexical order)
+#   < command-line flags and PYCRIO_* environment variables.
+"""
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for a bool, int or string (JSON string escapes are valid TOML basic strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    raise TypeError(f"no TOML rendering for {type(value).__name__}")
+
+
+def render_toml(config: Config) -> str:
+    """The configuration as a commented TOML template; defaults commented, changes live."""
+    lines = [HEADER]
+    _render_table(lines, config, Config(), ROOT_TABLE)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _render_table(lines: list[str], table: Any, default: Any, name: str) -> None:
+    doc = (type(table).__doc__ or "").strip().splitlines()[0]
+    lines.append(f"# {doc}")
+    lines.append(f"[{name}]")
+    lines.append("")
+    subtables = []
+    for f in dataclasses.fields(table):
+        if is_table(f):
+            subtables.append(f)
+            continue
+        value = getattr(table, f.name)
+        for doc_line in f.metadata.get("doc", "").splitlines():
+            lines.append(f"# {doc_line}")
+        prefix = "# " if value == getattr(default, f.name) else ""
+        lines.append(f"{prefix}{f.name} = {toml_value(value)}")
+        lines.append("")
+    for f in subtables:
+        _render_table(lines, getattr(table, f.name), getattr(default, f.name), f"{name}.{f.name}")

@@ -1,0 +1,37 @@
+"""Errors a CRI handler raises; the interceptor turns them into gRPC statuses with their message."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CRIError(Exception):
+    """A CRI call failed in a way the caller should see as `code` with `message`."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(CRIError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(CRIError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(CRIError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(CRIError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unimplemented(CRIError):
+    code = grpc.StatusCode.UNIMPLEMENTED

@@ -1,0 +1,105 @@
+"""Serve the CRI on a unix socket until SIGTERM/SIGINT, then stop gracefully."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from pycrio import __version__
+from pycrio.config import Config
+from pycrio.server.daemon import Daemon
+from pycrio.server.services import add_cri_services
+from pycrio.tracing import CRIServerInterceptor, Tracing
+
+log = logging.getLogger("pycrio.server")
+
+SOCKET_MODE = 0o660
+SHUTDOWN_GRACE_SECONDS = 10.0
+SPAN_FLUSH_TIMEOUT_SECONDS = 5.0
+MAX_WORKERS = 32
+# Kubelet's and CRI-O's limit: big List* answers on busy nodes exceed gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why in one line."""
+
+
+def prepare_socket(path: Path) -> None:
+    """Create the socket's directory; replace a stale socket; refuse a live one or a non-socket."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise StartupError(f"cannot check socket {path}: {exc.strerror}") from None
+        log.info("removing stale socket %s", path)
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"another daemon is already serving on {path}; stop it or choose another --listen")
+
+
+def serve(config: Config, tracing: Tracing | None) -> int:
+    """Run the daemon; returns the process exit code."""
+    listen = Path(config.api.listen)
+    prepare_socket(listen)
+    daemon = Daemon.create(config, tracing_active=tracing is not None)
+    interceptor = CRIServerInterceptor(
+        tracer=tracing.tracer if tracing else None,
+        starts_root_traces=tracing.starts_root_traces if tracing else False,
+    )
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="cri"),
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    add_cri_services(server, daemon)
+    try:
+        server.add_insecure_port(f"unix://{listen}")
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {listen}: {exc}") from None
+    server.start()
+    os.chmod(listen, SOCKET_MODE)
+
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("pycrio %s serving CRI v1 on %s (pid %d)", __version__, listen, os.getpid())
+
+    while not stop.wait(1.0):  # a timed wait keeps signal delivery prompt
+        pass
+    log.info("received %s, shutting down (grace %.0fs)", received[0], SHUTDOWN_GRACE_SECONDS)
+    server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    if tracing is not None:
+        tracing.shutdown(SPAN_FLUSH_TIMEOUT_SECONDS)
+    listen.unlink(missing_ok=True)
+    log.info("stopped")
+    return 0

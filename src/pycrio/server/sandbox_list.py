@@ -1,0 +1,28 @@
+"""ListPodSandbox and StreamPodSandboxes."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from pycrio.cri import api_pb2
+from pycrio.server.daemon import Daemon
+from pycrio.server.streaming_list import chunks
+
+
+def _matching(daemon: Daemon, flt: api_pb2.PodSandboxFilter) -> list[api_pb2.PodSandbox]:
+    return daemon.state.list_pods(
+        id_prefix=flt.id,
+        state=flt.state.state if flt.HasField("state") else None,
+        labels=dict(flt.label_selector),
+    )
+
+
+def list_pod_sandbox(daemon: Daemon, request: api_pb2.ListPodSandboxRequest) -> api_pb2.ListPodSandboxResponse:
+    return api_pb2.ListPodSandboxResponse(items=_matching(daemon, request.filter))
+
+
+def stream_pod_sandboxes(
+    daemon: Daemon, request: api_pb2.StreamPodSandboxesRequest
+) -> Iterator[api_pb2.StreamPodSandboxesResponse]:
+    for chunk in chunks(_matching(daemon, request.filter)):
+        yield api_pb2.StreamPodSandboxesResponse(pod_sandboxes=chunk)

@@ -1,0 +1,98 @@
+"""Which handler serves which CRI method; every other method answers UNIMPLEMENTED by name.
+
+To implement a CRI method: write its handler in the module named after it and list it here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import grpc
+
+from pycrio.cri import api_pb2, api_pb2_grpc
+from pycrio.errors import Unimplemented
+from pycrio.server import (
+    container_list,
+    container_stats,
+    container_status,
+    image_fs_info,
+    image_list,
+    image_status,
+    metrics,
+    runtime_config,
+    sandbox_list,
+    sandbox_stats,
+    sandbox_status,
+    status,
+    version,
+)
+from pycrio.server.daemon import Daemon
+
+Handler = Callable[[Daemon, Any], Any]
+
+RUNTIME_SERVICE = "runtime.v1.RuntimeService"
+IMAGE_SERVICE = "runtime.v1.ImageService"
+
+HANDLERS: dict[str, dict[str, Handler]] = {
+    RUNTIME_SERVICE: {
+        "Version": version.version,
+        "Status": status.status,
+        "RuntimeConfig": runtime_config.runtime_config,
+        "UpdateRuntimeConfig": runtime_config.update_runtime_config,
+        "ListPodSandbox": sandbox_list.list_pod_sandbox,
+        "StreamPodSandboxes": sandbox_list.stream_pod_sandboxes,
+        "PodSandboxStatus": sandbox_status.pod_sandbox_status,
+        "PodSandboxStats": sandbox_stats.pod_sandbox_stats,
+        "ListPodSandboxStats": sandbox_stats.list_pod_sandbox_stats,
+        "StreamPodSandboxStats": sandbox_stats.stream_pod_sandbox_stats,
+        "ListContainers": container_list.list_containers,
+        "StreamContainers": container_list.stream_containers,
+        "ContainerStatus": container_status.container_status,
+        "ContainerStats": container_stats.container_stats,
+        "ListContainerStats": container_stats.list_container_stats,
+        "StreamContainerStats": container_stats.stream_container_stats,
+        "ListMetricDescriptors": metrics.list_metric_descriptors,
+        "ListPodSandboxMetrics": metrics.list_pod_sandbox_metrics,
+        "StreamPodSandboxMetrics": metrics.stream_pod_sandbox_metrics,
+    },
+    IMAGE_SERVICE: {
+        "ListImages": image_list.list_images,
+        "StreamImages": image_list.stream_images,
+        "ImageStatus": image_status.image_status,
+        "ImageFsInfo": image_fs_info.image_fs_info,
+    },
+}
+
+
+def cri_methods(service: str) -> list[str]:
+    """Every method the pinned CRI api.proto declares for `service`."""
+    return [m.name for m in api_pb2.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]].methods]
+
+
+def _unimplemented(service: str, method: str) -> Handler:
+    def handler(daemon: Daemon, request: Any) -> Any:
+        raise Unimplemented(f"/{service}/{method} is not implemented by pycrio yet")
+
+    return handler
+
+
+class _Servicer:
+    """An object with one attribute per CRI method, the shape the generated `add_*` functions want."""
+
+    def __init__(self, daemon: Daemon, service: str) -> None:
+        for method in cri_methods(service):
+            handler = HANDLERS[service].get(method) or _unimplemented(service, method)
+            setattr(self, method, self._bind(daemon, handler))
+
+    @staticmethod
+    def _bind(daemon: Daemon, handler: Handler) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            return handler(daemon, request)
+
+        return behavior
+
+
+def add_cri_services(server: grpc.Server, daemon: Daemon) -> None:
+    """Register both CRI services, every method, on `server`."""
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(_Servicer(daemon, RUNTIME_SERVICE), server)
+    api_pb2_grpc.add_ImageServiceServicer_to_server(_Servicer(daemon, IMAGE_SERVICE), server)

@@ -1,0 +1,38 @@
+"""Status: runtime and network readiness; `verbose` adds the effective config as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from pycrio import __version__
+from pycrio.cri import api_pb2
+from pycrio.server.daemon import Daemon
+
+NETWORK_NOT_READY_REASON = "NetworkPluginNotReady"
+
+
+def status(daemon: Daemon, request: api_pb2.StatusRequest) -> api_pb2.StatusResponse:
+    conditions = [
+        api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
+        # No CNI yet: saying so lets kubelet keep the node NotReady instead of failing pods later.
+        api_pb2.RuntimeCondition(
+            type="NetworkReady",
+            status=False,
+            reason=NETWORK_NOT_READY_REASON,
+            message="Network plugin returns error: no CNI configuration loaded (pod networking is not available yet)",
+        ),
+    ]
+    response = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions))
+    if request.verbose:
+        response.info["config"] = json.dumps(dataclasses.asdict(daemon.config), sort_keys=True)
+        response.info["version"] = json.dumps({"runtime_name": "pycrio", "runtime_version": __version__})
+        response.info["daemon"] = json.dumps(
+            {
+                "uptime_seconds": round(time.time() - daemon.started_at, 3),
+                "tracing_active": daemon.tracing_active,
+                "pod_cidr": daemon.state.pod_cidr,
+            }
+        )
+    return response

@@ -1,0 +1,184 @@
+"""The one server interceptor: request id, debug request/response logs, one SERVER span per call."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Callable, Iterator
+
+import grpc
+from google.protobuf import text_format
+from google.protobuf.message import Message
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from pycrio.errors import CRIError
+from pycrio.tracing.call import CallInfo, current_call
+
+log = logging.getLogger("pycrio.server")
+
+# Big List*/Stream* responses are logged compactly: full dumps once made CRI-O miss gRPC deadlines.
+MAX_LOGGED_LIST = 2048
+PROPAGATION_KEYS = frozenset(("traceparent", "tracestate", "baggage"))
+
+
+def describe(message: Message) -> str:
+    """One-line text of a message, cut after MAX_LOGGED_LIST characters for list replies."""
+    text = text_format.MessageToString(message, as_one_line=True)
+    name = type(message).__name__
+    if len(text) > MAX_LOGGED_LIST and (name.startswith("List") or name.startswith("Stream")):
+        return f"{text[:MAX_LOGGED_LIST]}... ({len(text) - MAX_LOGGED_LIST} more characters)"
+    return text
+
+
+class _Call:
+    """Per-call bookkeeping shared by the unary and streaming wrappers."""
+
+    __slots__ = ("method", "span", "tokens", "code", "message")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.span: trace.Span | None = None
+        self.tokens: tuple[Any, Any] | None = None
+        self.code = grpc.StatusCode.OK
+        self.message = ""
+
+
+class CRIServerInterceptor(grpc.ServerInterceptor):
+    """Wraps every unary and server-streaming CRI handler.
+
+    With `tracer` None (tracing disabled) no span objects are made at all. With
+    `starts_root_traces` False (rate 0), a call without a W3C parent is not given a span either:
+    the parent-based sampler would make it a non-recording span, so the work is skipped.
+    """
+
+    def __init__(self, tracer: trace.Tracer | None = None, starts_root_traces: bool = True) -> None:
+        self._tracer = tracer
+        self._starts_root_traces = starts_root_traces
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        # Runs on gRPC's polling thread for every call: the wrapped handler is built once per method.
+        method: str = details.method  # type: ignore[attr-defined]
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = continuation(details)
+            if handler is None:
+                return None
+            wrapped = self._wrap(method, handler)
+            self._handlers[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            def unary(request: Message, context: grpc.ServicerContext) -> Message:
+                call = self._begin(method, request, context)
+                try:
+                    response = behavior(request, context)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("Response: %s: %s", type(response).__name__, describe(response))
+                    return response
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a gRPC status
+                    self._fail(call, exc, context)
+                finally:
+                    self._end(call)
+                raise AssertionError("unreachable")  # _fail always raises
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream_behavior = handler.unary_stream
+
+            def unary_stream(request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
+                call = self._begin(method, request, context)
+                try:
+                    for response in stream_behavior(request, context):
+                        if log.isEnabledFor(logging.DEBUG):
+                            log.debug("Response: %s: %s", type(response).__name__, describe(response))
+                        yield response
+                except GeneratorExit:
+                    call.code, call.message = grpc.StatusCode.CANCELLED, "stream cancelled by the client"
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(call, exc, context)
+                finally:
+                    self._end(call)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # CRI has no client-streaming methods
+
+    def _begin(self, method: str, request: Message, context: grpc.ServicerContext) -> _Call:
+        call = _Call(method)
+        info = CallInfo(str(uuid.uuid4()), method)
+        span_token = None
+        if self._tracer is not None:
+            parent = self._parent_context(context)
+            if parent is not None or self._starts_root_traces:
+                service, _, rpc_method = method[1:].rpartition("/")
+                span = self._tracer.start_span(
+                    method,
+                    context=parent,
+                    kind=SpanKind.SERVER,
+                    attributes={
+                        "rpc.system": "grpc",
+                        "rpc.service": service,
+                        "rpc.method": rpc_method,
+                        "id": info.request_id,
+                        "name": method,
+                    },
+                )
+                call.span = span
+                span_token = otel_context.attach(trace.set_span_in_context(span, parent))
+        call.tokens = (current_call.set(info), span_token)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Request: %s: %s", type(request).__name__, describe(request))
+        return call
+
+    @staticmethod
+    def _parent_context(context: grpc.ServicerContext) -> otel_context.Context | None:
+        """The caller's W3C context, or None when the metadata carries none (the common case)."""
+        carrier = {md.key: md.value for md in context.invocation_metadata() if md.key in PROPAGATION_KEYS}
+        if "traceparent" not in carrier:
+            return None
+        return propagate.extract(carrier)
+
+    def _fail(self, call: _Call, exc: Exception, context: grpc.ServicerContext) -> None:
+        if isinstance(exc, CRIError):
+            call.code, call.message = exc.code, exc.message
+        else:
+            code = context.code()  # set when the handler called context.abort()
+            if code is not None and code is not grpc.StatusCode.OK:
+                details = context.details()
+                if isinstance(details, bytes):
+                    details = details.decode("utf-8", "replace")
+                call.code, call.message = code, details or str(exc)
+                log.debug("Response error: %s", call.message)
+                raise exc
+            call.code, call.message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            log.error("%s failed: %s", call.method, call.message, exc_info=exc)
+        log.debug("Response error: %s", call.message)
+        context.abort(call.code, call.message)
+
+    @staticmethod
+    def _end(call: _Call) -> None:
+        span = call.span
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", call.code.value[0])
+            if call.code is not grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, f"{call.code.name}: {call.message}"))
+            span.end()
+        assert call.tokens is not None
+        var_token, span_token = call.tokens
+        if span_token is not None:
+            otel_context.detach(span_token)
+        current_call.reset(var_token)

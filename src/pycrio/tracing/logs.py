@@ -1,0 +1,54 @@
+"""Log records of a CRI call become `log` events on its span (CRI-O's logrus span hook)."""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from pycrio.tracing.call import current_call
+
+
+def severity(levelno: int) -> str:
+    """Upper-case level name as CRI-O writes it: WARNING -> WARN, our level 5 -> TRACE."""
+    if levelno >= logging.ERROR:
+        return "ERROR" if levelno < logging.CRITICAL else "FATAL"
+    if levelno >= logging.WARNING:
+        return "WARN"
+    if levelno >= logging.INFO:
+        return "INFO"
+    if levelno >= logging.DEBUG:
+        return "DEBUG"
+    return "TRACE"
+
+
+class SpanEventHandler(logging.Handler):
+    """Adds each record emitted while a recording span is current as a span event named `log`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return
+        try:
+            message = record.getMessage()
+            attributes: dict[str, str | int] = {
+                "log.severity": severity(record.levelno),
+                "log.message": message,
+                "code.function": record.funcName,
+                "code.filepath": record.pathname,
+                "code.lineno": record.lineno,
+            }
+            call = current_call.get()
+            if call is not None:
+                attributes["id"] = call.request_id
+                attributes["name"] = call.method
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                attributes["exception.type"] = type(exc).__qualname__
+                attributes["exception.message"] = str(exc)
+            span.add_event("log", attributes)
+            if record.levelno >= logging.ERROR:
+                span.set_status(Status(StatusCode.ERROR, message))
+        except Exception:  # a log line must never break the call that wrote it
+            self.handleError(record)
