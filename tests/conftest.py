@@ -1,0 +1,33 @@
+"""Shared fixtures: a real OTLP receiver and real pycrio daemons on temp sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.harness import PycrioDaemon
+from tests.otlp_receiver import OTLPReceiver
+
+
+@pytest.fixture
+def receiver() -> Iterator[OTLPReceiver]:
+    with OTLPReceiver() as r:
+        yield r
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., PycrioDaemon]]:
+    """Factory: make_daemon(args=[...], config_text=..., env=...) -> a started daemon, stopped afterwards."""
+    started: list[PycrioDaemon] = []
+
+    def factory(*, start: bool = True, name: str | None = None, **kwargs: object) -> PycrioDaemon:
+        daemon = PycrioDaemon(tmp_path / (name or f"d{len(started)}"), **kwargs)  # type: ignore[arg-type]
+        started.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield factory
+    for daemon in started:
+        daemon.stop()
+
