@@ -80,7 +80,8 @@ class PycrioDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pycrio exited with {self.proc.returncode}:\n{self.logs()}")
-            if self.socket.exists():
+            # Our own process must say it serves: another daemon may answer on a shared socket.
+            if self.socket.exists() and "serving CRI v1 on" in self.logs():
                 try:
                     self.version(timeout=1.0)
                     return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ OVERRIDABLE = {
 }
 
 log = logging.getLogger("pycrio")
+
+# gRPC's C core prints its own INFO lines (GOAWAYs, reconnects) to stderr unless told not to;
+# they are not structured and not ours. Set before grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def _overrides(ctx: click.Context) -> list[Override]:
