@@ -64,7 +64,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install jaeger
-	$(PY) contrib/demo.py
+	$(PY) contrib/demo.py $(DEMO_ARGS)
 
 bench: install
 	$(PY) bench/tracing_overhead.py

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -48,6 +47,12 @@ JAEGER_READY_TIMEOUT = 30.0
 PYCRIO_READY_TIMEOUT = 20.0
 PYCRIO_STOP_TIMEOUT = 20.0
 TRACE_TIMEOUT = 30.0
+# Without --config the jaeger (v2) binary runs its built-in all-in-one configuration: memory
+# storage, OTLP on 127.0.0.1:4317 (gRPC) and 127.0.0.1:4318 (HTTP), query API/UI on :16686 (plus
+# Jaeger/Zipkin receivers, health, metrics and sampling ports). --set still applies on top of it:
+# the query service traces itself by default and, on SIGTERM, spends 10 s failing to export those
+# spans to its own, already closed, OTLP receiver; turning that off makes it stop at once.
+JAEGER_ARGS = ["--set=extensions.jaeger_query.enable_tracing=false"]
 KEEP_HINT = "run `make demo DEMO_ARGS=--keep-jaeger` to keep the UI up"
 # What Jaeger serves on / when its binary was built without the UI (plain `go install`).
 UI_PLACEHOLDER_MARK = "This is not the Jaeger UI you are looking for"
@@ -115,8 +120,14 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PYCRIO_"))}
 
 
-def wait_until(what: str, check: Callable[[], T | None], timeout: float, proc: Proc | None = None) -> T:
-    """Poll `check` until it returns a value; fail if `proc` dies or `timeout` passes."""
+def wait_until(
+    what: str, check: Callable[[], T | None], timeout: float, proc: Proc | None = None, log: Path | None = None
+) -> T:
+    """Poll `check` until it returns a value; fail if `proc` dies or `timeout` passes.
+
+    The error names `log` (default: `proc`'s log) so its tail can be shown.
+    """
+    log = log or (proc.log if proc else None)
     deadline = time.monotonic() + timeout
     last_error = ""
     while True:
@@ -130,14 +141,20 @@ def wait_until(what: str, check: Callable[[], T | None], timeout: float, proc: P
             if result is not None:
                 return result
         if time.monotonic() >= deadline:
-            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}{last_error}", proc.log if proc else None)
+            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}{last_error}", log)
         time.sleep(0.25)
+
+
+def require(tool: str) -> str:
+    """The path of a tool in .venv/bin, or a DemoError telling how to build it."""
+    path = BIN / tool
+    if not path.is_file():
+        raise DemoError(f"{path} not found; run `make install jaeger` first")
+    return str(path)
 
 
 def start(name: str, argv: list[str], log: Path) -> Proc:
     """Start a background process in its own session (Ctrl-C reaches only the demo, which cleans up)."""
-    if not Path(argv[0]).is_file():
-        raise DemoError(f"{argv[0]} not found; run `make install jaeger` first")
     with log.open("wb") as out:
         try:
             popen = subprocess.Popen(
@@ -194,9 +211,7 @@ def ensure_jaeger(logdir: Path) -> Proc | None:
     if port_open(OTLP_GRPC[1]):
         raise DemoError(f"port {OTLP_GRPC[1]} (OTLP/gRPC) is taken by another process (a Collector?) while no Jaeger "
                         f"answers on :{QUERY_PORT}; stop it first")
-    # Without --config the binary runs its built-in all-in-one configuration: OTLP on
-    # 127.0.0.1:4317 (gRPC) and :4318 (HTTP), query API/UI on :16686, memory storage.
-    jaeger = start("jaeger", [str(BIN / "jaeger")], logdir / "jaeger.log")
+    jaeger = start("jaeger", [require("jaeger"), *JAEGER_ARGS], logdir / "jaeger.log")
     say(f"==> starting Jaeger (pid {jaeger.popen.pid}, log {jaeger.log})")
     wait_until(f"Jaeger's query API on :{QUERY_PORT} and OTLP/gRPC on {TRACING_ENDPOINT}",
                jaeger_ready, JAEGER_READY_TIMEOUT, jaeger)
@@ -219,7 +234,7 @@ def crictl_base(workdir: Path, sock: Path) -> list[str]:
     config = workdir / "crictl.yaml"
     if not config.exists():
         config.write_text(f"runtime-endpoint: unix://{sock}\nimage-endpoint: unix://{sock}\ntimeout: 2\n")
-    return [str(BIN / "crictl"), "--config", str(config),
+    return [require("crictl"), "--config", str(config),
             "--runtime-endpoint", f"unix://{sock}", "--image-endpoint", f"unix://{sock}"]
 
 
@@ -229,7 +244,7 @@ def start_pycrio(workdir: Path, sock: Path) -> Proc:
     config.touch()
     (workdir / "conf.d").mkdir(exist_ok=True)
     argv = [
-        str(BIN / "pycrio"), "--config", str(config), "--config-dir", str(workdir / "conf.d"),
+        require("pycrio"), "--config", str(config), "--config-dir", str(workdir / "conf.d"),
         "--root", str(workdir / "root"), "--runroot", str(workdir / "run"), "--listen", str(sock),
         "--log-level", "debug", "--enable-tracing", "--tracing-endpoint", TRACING_ENDPOINT,
         "--tracing-sampling-rate-per-million", "1000000",
@@ -242,7 +257,10 @@ def crictl_version(workdir: Path, sock: Path) -> str | None:
     if not sock.exists():
         return None
     argv = crictl_base(workdir, sock) + ["--timeout", "1s", "--max-retries", "0", "version"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=10, env=child_env())
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, env=child_env())
+    except subprocess.TimeoutExpired:
+        return None
     return done.stdout if done.returncode == 0 else None
 
 
@@ -379,12 +397,13 @@ class Demo:
 
     def run(self) -> None:
         """All steps; raises DemoError on the first failure."""
+        require("pycrio"), require("crictl")
         self.jaeger = ensure_jaeger(self.jaeger_dir)
         self.reused_jaeger = self.jaeger is None
-        self.pycrio = start_pycrio(self.workdir, self.sock)
-        say(f"==> starting pycrio (pid {self.pycrio.popen.pid}) on {self.sock}, tracing every call to {TRACING_ENDPOINT}")
+        self.pycrio = pycrio = start_pycrio(self.workdir, self.sock)
+        say(f"==> starting pycrio (pid {pycrio.popen.pid}) on {self.sock}, tracing every call to {TRACING_ENDPOINT}")
         version = wait_until(f"pycrio to answer on {self.sock}", lambda: crictl_version(self.workdir, self.sock),
-                             PYCRIO_READY_TIMEOUT, self.pycrio)
+                             PYCRIO_READY_TIMEOUT, pycrio)
         runtime = next((line.split(":", 1)[1].strip() for line in version.splitlines()
                         if line.startswith("RuntimeVersion")), "?")
         say(f"    pycrio {runtime} answers")
@@ -394,7 +413,7 @@ class Demo:
         self.stop_pycrio()
         say(f"==> waiting for the trace of `crictl ps` in Jaeger ({QUERY_URL}/api/traces)")
         found = wait_until(f"a trace with crictl's spans and pycrio's {LIST_CONTAINERS} span in Jaeger",
-                           lambda: find_trace(since_us), TRACE_TIMEOUT, self.jaeger)
+                           lambda: find_trace(since_us), TRACE_TIMEOUT, self.jaeger, pycrio.log)
         trace = reread(found)
         say()
         print_trace(trace)
@@ -454,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as exc:
         print(f"demo: error: {exc}", file=sys.stderr, flush=True)
         if exc.log is not None:
-            print(f"--- last lines of {exc.log} ---\n{tail(exc.log)}", file=sys.stderr, flush=True)
+            print(f"--- last lines of {exc.log.name} ---\n{tail(exc.log)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("demo: interrupted", file=sys.stderr, flush=True)

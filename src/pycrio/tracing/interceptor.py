@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import grpc
 from google.protobuf import text_format
@@ -87,7 +87,6 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                     self._fail(call, exc, context)
                 finally:
                     self._end(call)
-                raise AssertionError("unreachable")  # _fail always raises
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
@@ -152,7 +151,8 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             return None
         return propagate.extract(carrier)
 
-    def _fail(self, call: _Call, exc: Exception, context: grpc.ServicerContext) -> None:
+    def _fail(self, call: _Call, exc: Exception, context: grpc.ServicerContext) -> NoReturn:
+        """Record the call's status and end it with that status (context.abort raises)."""
         if isinstance(exc, CRIError):
             call.code, call.message = exc.code, exc.message
         else:
@@ -168,6 +168,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             log.error("%s failed: %s", call.method, call.message, exc_info=exc)
         log.debug("Response error: %s", call.message)
         context.abort(call.code, call.message)
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
     @staticmethod
     def _end(call: _Call) -> None:
