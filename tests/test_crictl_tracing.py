@@ -87,3 +87,12 @@ def test_crictl_without_tracing_gets_root_spans_at_full_rate(make_daemon, receiv
     assert len(spans) == 1
     assert spans[0].parent_span_id == ""
     _check_server_span(spans[0])
+
+
+def test_otel_resource_environment_is_honoured(make_daemon, receiver) -> None:
+    env = {"OTEL_SERVICE_NAME": "pycrio-node-7", "OTEL_RESOURCE_ATTRIBUTES": "k8s.node.name=node-7"}
+    daemon = make_daemon(args=tracing_args(receiver.endpoint), env=env)
+    [span] = receiver.wait_for(lambda s: s.name.endswith("/Version"))
+    assert span.service == "pycrio-node-7"
+    assert span.resource["k8s.node.name"] == "node-7"
+    assert span.resource["process.pid"] == daemon.proc.pid

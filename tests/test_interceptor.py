@@ -111,3 +111,17 @@ def test_stream_failing_midway_delivers_what_it_sent_then_the_error(traced) -> N
     [span] = exporter.get_finished_spans()
     assert span.name == "/runtime.v1.RuntimeService/StreamContainers"
     assert span.status.status_code == StatusCode.ERROR
+
+
+def test_list_replies_are_logged_compactly() -> None:
+    from pycrio.tracing.interceptor import MAX_LOGGED_LIST, describe
+
+    many = api_pb2.ListContainersResponse(
+        containers=[api_pb2.Container(id=f"{i:064x}", labels={"app": "x" * 50}) for i in range(500)]
+    )
+    text = describe(many)
+    assert "\n" not in text
+    assert len(text) < MAX_LOGGED_LIST + 100
+    assert text.endswith("more characters)")
+    small = api_pb2.ListContainersResponse(containers=[api_pb2.Container(id="abc")])
+    assert describe(small) == 'containers { id: "abc" }'
