@@ -50,7 +50,7 @@ def test_crictl_commands_succeed_against_pycrio(make_daemon) -> None:
     assert "IMAGE ID" in daemon.crictl("images").stdout
     fsinfo = json.loads(daemon.crictl("imagefsinfo").stdout)
     fs = fsinfo["status"]["imageFilesystems"][0]
-    assert fs["fsId"]["mountpoint"] == str(daemon.base / "root" / "images")
+    assert fs["fsId"]["mountpoint"] == str(daemon.base / "root" / "storage")
     assert int(fs["usedBytes"]["value"]) > 0
 
 

@@ -141,10 +141,10 @@ def test_image_fs_info_reports_real_usage(make_daemon) -> None:
     with daemon.channel() as ch:
         img = daemon.images(ch)
         before = img.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=5).image_filesystems[0]
-        blob = daemon.base / "root" / "images" / "blob"
+        blob = daemon.base / "root" / "storage" / "blob"
         blob.write_bytes(os.urandom(3 * 1024 * 1024))
         after = img.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=5).image_filesystems[0]
-    assert after.fs_id.mountpoint == str(daemon.base / "root" / "images")
+    assert after.fs_id.mountpoint == str(daemon.base / "root" / "storage")
     assert after.used_bytes.value - before.used_bytes.value >= 3 * 1024 * 1024
     assert after.inodes_used.value == before.inodes_used.value + 1
 

@@ -1,4 +1,4 @@
-"""The local image store under `<root>/images`: what is pulled, and how much disk it takes."""
+"""The local image store under `<root>/storage`: what is pulled, and how much disk it takes."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ class Daemon:
 
     @classmethod
     def create(cls, config: Config, tracing_active: bool = False) -> "Daemon":
-        images = ImageStore(Path(config.root) / "images")
+        images = ImageStore(Path(config.root) / "storage")
         images.open()
         Path(config.runroot).mkdir(parents=True, exist_ok=True)
         return cls(config=config, state=StateStore(), images=images, tracing_active=tracing_active)
