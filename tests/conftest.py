@@ -9,6 +9,7 @@ import pytest
 
 from tests.harness import PycrioDaemon
 from tests.otlp_receiver import OTLPReceiver
+from tests.registry_fixture import auth_registry, image_builder, registry, token_registry  # noqa: F401
 
 
 @pytest.fixture

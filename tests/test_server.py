@@ -57,7 +57,7 @@ def test_every_cri_method_is_registered(make_daemon) -> None:
                      "ListContainers", "ListContainerStats", "ListPodSandboxStats", "StreamPodSandboxes",
                      "StreamContainers", "StreamContainerStats", "StreamPodSandboxStats"):
         assert f"{RUNTIME_SERVICE}/{required}" in implemented
-    for required in ("ListImages", "ImageFsInfo", "StreamImages"):
+    for required in ("ListImages", "ImageFsInfo", "StreamImages", "PullImage", "RemoveImage", "ImageStatus"):
         assert f"{IMAGE_SERVICE}/{required}" in implemented
 
 
@@ -122,8 +122,9 @@ def test_bad_requests_get_clear_statuses(make_daemon) -> None:
             (img.ImageStatus, api_pb2.ImageStatusRequest(), grpc.StatusCode.INVALID_ARGUMENT, "must not be empty"),
             (rt.RunPodSandbox, api_pb2.RunPodSandboxRequest(), grpc.StatusCode.UNIMPLEMENTED,
              "/runtime.v1.RuntimeService/RunPodSandbox is not implemented"),
-            (img.PullImage, api_pb2.PullImageRequest(), grpc.StatusCode.UNIMPLEMENTED,
-             "/runtime.v1.ImageService/PullImage is not implemented"),
+            (img.PullImage, api_pb2.PullImageRequest(), grpc.StatusCode.INVALID_ARGUMENT, "must not be empty"),
+            (rt.CreateContainer, api_pb2.CreateContainerRequest(), grpc.StatusCode.UNIMPLEMENTED,
+             "/runtime.v1.RuntimeService/CreateContainer is not implemented"),
         ]:
             with pytest.raises(grpc.RpcError) as err:
                 call(request, timeout=5)

@@ -13,7 +13,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from pycrio.config.schema import ROOT_TABLE, Config, is_table
+from pycrio.config.schema import ROOT_TABLE, Config, default_of, is_table
 
 
 class ConfigError(Exception):
@@ -101,10 +101,15 @@ def _set_value(target: Any, keys: list[str], value: Any, source: str, dotted: st
     for key in keys[:-1]:
         target = getattr(target, key)
     f = {f.name: f for f in dataclasses.fields(target)}[keys[-1]]
-    expected = type(f.default)
+    expected = type(default_of(f))
     # bool is an int in Python, but `rate = true` is not a number in TOML.
     if type(value) is not expected:
         raise ConfigError(f"{source}: {dotted}: must be {_type_name(expected)}, got {_type_name(type(value))} {value!r}")
+    if expected is list:
+        bad = [item for item in value if type(item) is not str]
+        if bad:
+            raise ConfigError(f"{source}: {dotted}: must be an array of strings, got {_type_name(type(bad[0]))} {bad[0]!r}")
+        value = list(value)
     check = f.metadata.get("check")
     problem = check(value) if check else None
     if problem:

@@ -50,6 +50,26 @@ def check_host_port(value: str) -> str | None:
     return None
 
 
+def check_platform(value: str) -> str | None:
+    parts = value.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        return f"must be os/arch or os/arch/variant (like linux/amd64), got {value!r}"
+    return None
+
+
+def check_registries(value: list[str]) -> str | None:
+    for item in value:
+        if not item or "/" in item or item != item.strip():
+            return f"must list registry hosts (like docker.io or 127.0.0.1:5000), got {item!r}"
+    return None
+
+
+def check_positive(value: int) -> str | None:
+    if value < 1:
+        return f"must be at least 1, got {value}"
+    return None
+
+
 @dataclass
 class APIConfig:
     """Table [pycrio.api]: how pycrio serves the CRI."""
@@ -84,6 +104,29 @@ class TracingConfig:
 
 
 @dataclass
+class ImageConfig:
+    """Table [pycrio.image]: where images come from and how they are pulled."""
+
+    unqualified_search_registries: list[str] = field(
+        default_factory=lambda: ["docker.io"],
+        metadata=_doc("Registries tried in order for a short image name like busybox\n"
+                      "(docker.io adds library/ to single-component names).", check_registries),
+    )
+    insecure_registries: list[str] = field(
+        default_factory=list,
+        metadata=_doc("Registries (host:port) reached over plain HTTP instead of HTTPS.", check_registries),
+    )
+    platform: str = field(
+        default="linux/amd64",
+        metadata=_doc("Platform (os/arch[/variant]) picked from multi-platform images.", check_platform),
+    )
+    max_parallel_downloads: int = field(
+        default=3,
+        metadata=_doc("Layers of one image downloaded at the same time.", check_positive),
+    )
+
+
+@dataclass
 class Config:
     """Table [pycrio]: the whole effective configuration of one daemon."""
 
@@ -101,10 +144,18 @@ class Config:
                       "response is logged (and becomes a span event when tracing).", check_log_level),
     )
     api: APIConfig = field(default_factory=APIConfig, metadata=_doc("CRI server."))
+    image: ImageConfig = field(default_factory=ImageConfig, metadata=_doc("Images."))
     tracing: TracingConfig = field(default_factory=TracingConfig, metadata=_doc("OpenTelemetry tracing."))
 
 
 ROOT_TABLE = "pycrio"
+
+
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    """A field's default value, whether given directly or by a factory."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
 
 
 def is_table(f: dataclasses.Field[Any]) -> bool:

@@ -19,13 +19,15 @@ HEADER = """\
 
 
 def toml_value(value: Any) -> str:
-    """A TOML literal for a bool, int or string (JSON string escapes are valid TOML basic strings)."""
+    """A TOML literal for a bool, int, string or array of strings (JSON string escapes are valid TOML basic strings)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     raise TypeError(f"no TOML rendering for {type(value).__name__}")
 
 

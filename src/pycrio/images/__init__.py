@@ -1,5 +1,6 @@
-"""Images: the local store (registry client, blobs and unpacking come with the images issue)."""
+"""Images: references, registry client, blob store, layer unpacking, container root filesystems."""
 
-from pycrio.images.store import ImageStore
+from pycrio.images.manager import ImageManager
+from pycrio.images.store import ImageRecord, ImageStore
 
-__all__ = ["ImageStore"]
+__all__ = ["ImageManager", "ImageRecord", "ImageStore"]

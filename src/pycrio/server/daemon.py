@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pycrio.config import Config
-from pycrio.images import ImageStore
+from pycrio.images import ImageManager
 from pycrio.state import StateStore
 
 
@@ -17,13 +17,13 @@ class Daemon:
 
     config: Config
     state: StateStore
-    images: ImageStore
+    images: ImageManager
     tracing_active: bool = False
     started_at: float = field(default_factory=time.time)
 
     @classmethod
     def create(cls, config: Config, tracing_active: bool = False) -> "Daemon":
-        images = ImageStore(Path(config.root) / "storage")
+        images = ImageManager(config)
         images.open()
         Path(config.runroot).mkdir(parents=True, exist_ok=True)
         return cls(config=config, state=StateStore(), images=images, tracing_active=tracing_active)

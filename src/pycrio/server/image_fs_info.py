@@ -7,5 +7,5 @@ from pycrio.server.daemon import Daemon
 
 
 def image_fs_info(daemon: Daemon, request: api_pb2.ImageFsInfoRequest) -> api_pb2.ImageFsInfoResponse:
-    usage = daemon.images.usage()
+    usage = daemon.images.store.usage()
     return api_pb2.ImageFsInfoResponse(image_filesystems=[usage], container_filesystems=[usage])

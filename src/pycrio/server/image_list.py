@@ -9,10 +9,18 @@ from pycrio.server.daemon import Daemon
 from pycrio.server.streaming_list import chunks
 
 
+def _matching(daemon: Daemon, flt: api_pb2.ImageFilter) -> list[api_pb2.Image]:
+    wanted = flt.image.image
+    if not wanted:
+        return [r.to_cri() for r in daemon.images.store.records()]
+    record = daemon.images.lookup(wanted)
+    return [record.to_cri()] if record else []
+
+
 def list_images(daemon: Daemon, request: api_pb2.ListImagesRequest) -> api_pb2.ListImagesResponse:
-    return api_pb2.ListImagesResponse(images=daemon.images.list(request.filter))
+    return api_pb2.ListImagesResponse(images=_matching(daemon, request.filter))
 
 
 def stream_images(daemon: Daemon, request: api_pb2.StreamImagesRequest) -> Iterator[api_pb2.StreamImagesResponse]:
-    for chunk in chunks(daemon.images.list(request.filter)):
+    for chunk in chunks(_matching(daemon, request.filter)):
         yield api_pb2.StreamImagesResponse(images=chunk)

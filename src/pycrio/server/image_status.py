@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pycrio.cri import api_pb2
 from pycrio.errors import InvalidArgument
 from pycrio.server.daemon import Daemon
@@ -10,5 +12,19 @@ from pycrio.server.daemon import Daemon
 def image_status(daemon: Daemon, request: api_pb2.ImageStatusRequest) -> api_pb2.ImageStatusResponse:
     if not request.image.image:
         raise InvalidArgument("image reference must not be empty")
-    image = daemon.images.find(request.image.image)
-    return api_pb2.ImageStatusResponse(image=image) if image is not None else api_pb2.ImageStatusResponse()
+    record = daemon.images.lookup(request.image.image)
+    if record is None:
+        return api_pb2.ImageStatusResponse()
+    response = api_pb2.ImageStatusResponse(image=record.to_cri())
+    if request.verbose:
+        store = daemon.images.store
+        response.info["info"] = json.dumps(
+            {
+                "manifestDigest": record.manifest_digest,
+                "layers": record.layer_blobs,
+                "diffIDs": record.diff_ids,
+                "pulledAt": record.pulled_at,
+                "imageSpec": json.loads(store.blobs.read(record.config_digest)),
+            }
+        )
+    return response

@@ -17,6 +17,8 @@ from pycrio.server import (
     container_status,
     image_fs_info,
     image_list,
+    image_pull,
+    image_remove,
     image_status,
     metrics,
     runtime_config,
@@ -60,6 +62,8 @@ HANDLERS: dict[str, dict[str, Handler]] = {
         "StreamImages": image_list.stream_images,
         "ImageStatus": image_status.image_status,
         "ImageFsInfo": image_fs_info.image_fs_info,
+        "PullImage": image_pull.pull_image,
+        "RemoveImage": image_remove.remove_image,
     },
 }
 

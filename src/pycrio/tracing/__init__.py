@@ -20,10 +20,11 @@ _STEP_TRACER = trace.get_tracer("pycrio")
 def step_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
     """A child span of the current call for one step (pull a layer, create a container...).
 
-    Without a recording parent it costs a context check and opens nothing.
+    Without a recording parent it costs a context check and opens nothing (the context then
+    yields a non-recording span, so `span.set_attribute` works either way).
     """
     if not trace.get_current_span().is_recording():
-        return nullcontext()
+        return nullcontext(trace.INVALID_SPAN)
     return _STEP_TRACER.start_as_current_span(name, attributes=attributes)
 
 

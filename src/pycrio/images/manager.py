@@ -1,0 +1,53 @@
+"""The images layer as the rest of pycrio sees it: the store, pulls, and container root filesystems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pycrio.config import Config
+from pycrio.errors import InvalidArgument, NotFound
+from pycrio.images.pull import ImagePuller
+from pycrio.images.reference import resolve_candidates
+from pycrio.images.registry import RegistryClient
+from pycrio.images.rootfs import mount_rootfs, release_rootfs
+from pycrio.images.store import ImageRecord, ImageStore
+
+
+class ImageManager:
+    """Owns the image store under `<root>/storage` and everything that reads or fills it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config.image
+        self.directory = Path(config.root) / "storage"
+        self.store = ImageStore(self.directory)
+        self.client = RegistryClient(
+            insecure_registries=self.config.insecure_registries, platform=self.config.platform
+        )
+        self.puller = ImagePuller(self.store, self.client, self.config)
+        self.containers_dir = self.directory / "containers"
+
+    def open(self) -> None:
+        self.store.open()
+        self.containers_dir.mkdir(parents=True, exist_ok=True)
+
+    def lookup(self, reference: str) -> ImageRecord | None:
+        """The local image a CRI reference names: id, id prefix, or a (short) name with tag/digest."""
+        names = [reference]
+        try:
+            candidates = resolve_candidates(reference, self.config.unqualified_search_registries)
+        except InvalidArgument:  # not an image name: it may still be an id or id prefix
+            candidates = []
+        for c in candidates:
+            names.append(f"{c.name}@{c.digest}" if c.digest else f"{c.name}:{c.tag}")
+        return self.store.find_record(*names)
+
+    def prepare_rootfs(self, reference: str, container_id: str) -> Path:
+        """A ready root filesystem for a container of `reference` (overlay, or a copy)."""
+        record = self.lookup(reference)
+        if record is None:
+            raise NotFound(f"image {reference!r} is not present: pull it first")
+        return mount_rootfs(self.store.layer_paths(record), self.containers_dir / container_id)
+
+    def release_rootfs(self, container_id: str) -> None:
+        """Unmount and delete a container's root filesystem; fine if it is already gone."""
+        release_rootfs(self.containers_dir / container_id)

@@ -1,0 +1,162 @@
+"""PullImage's work: resolve the manifest, fetch and unpack layers in parallel, commit the record.
+
+Each step is a child span of the CRI call: `resolve`, one `fetch_layer` and one `unpack_layer`
+per layer, `commit`. Two pulls of the same image, or of images sharing a layer, do the work once:
+the second waits on the first's lock and then finds everything in place.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import shutil
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from pycrio.config import ImageConfig
+from pycrio.errors import NotFound
+from pycrio.images.blobs import BlobCorruptError
+from pycrio.images.reference import ImageReference, resolve_candidates
+from pycrio.images.registry import Credentials, Descriptor, RegistryClient, ResolvedImage
+from pycrio.images.store import ImageRecord, ImageStore
+from pycrio.images.unpack import unpack_layer
+from pycrio.tracing import step_span
+
+log = logging.getLogger("pycrio.images")
+T = TypeVar("T")
+
+
+class KeyedLocks:
+    """One lock per key (a digest), created on demand and dropped when nobody holds it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._users: dict[str, int] = defaultdict(int)
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+            self._users[key] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                self._users[key] -= 1
+                if not self._users[key]:
+                    del self._users[key]
+                    del self._locks[key]
+
+
+class ImagePuller:
+    """Pulls images from registries into an ImageStore."""
+
+    def __init__(self, store: ImageStore, client: RegistryClient, config: ImageConfig) -> None:
+        self.store = store
+        self.client = client
+        self.config = config
+        self._locks = KeyedLocks()
+
+    def pull(self, image: str, credentials: Credentials | None = None) -> ImageRecord:
+        """Pull `image` (short names tried against each search registry in order)."""
+        candidates = resolve_candidates(image, self.config.unqualified_search_registries)
+        missing: list[NotFound] = []
+        for reference in candidates:
+            try:
+                return self._pull(reference, credentials)
+            except NotFound as exc:
+                log.info("%s", exc.message)
+                missing.append(exc)
+        if len(missing) == 1:
+            raise missing[0]
+        tried = ", ".join(str(c) for c in candidates)
+        raise NotFound(f"image {image!r} not found in any search registry (tried {tried})")
+
+    def _pull(self, ref: ImageReference, credentials: Credentials | None) -> ImageRecord:
+        with step_span("resolve", **{"image.reference": str(ref), "registry": ref.registry}) as span:
+            resolved = self.client.resolve(ref, credentials)
+            span.set_attribute("manifest.digest", resolved.manifest_digest)
+            span.set_attribute("layers", len(resolved.layers))
+        with self._locks.hold(resolved.manifest_digest):
+            config = json.loads(self._config_blob(resolved, credentials))
+            diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+            if len(diff_ids) != len(resolved.layers):
+                raise BlobCorruptError(
+                    f"image {ref}: config lists {len(diff_ids)} layers, manifest {len(resolved.layers)}"
+                )
+            self._layers(resolved, diff_ids, credentials)
+            with step_span("commit", **{"image.id": resolved.config.digest}):
+                return self.store.add(self._record(resolved, diff_ids, config))
+
+    def _config_blob(self, resolved: ResolvedImage, credentials: Credentials | None) -> bytes:
+        desc = resolved.config
+        if self.store.blobs.has(desc.digest, desc.size):
+            return self.store.blobs.read(desc.digest)
+        data = self.client.fetch_blob_bytes(resolved.reference, desc, credentials)
+        self.store.blobs.write(desc.digest, data)
+        return data
+
+    def _layers(self, resolved: ResolvedImage, diff_ids: list[str], credentials: Credentials | None) -> None:
+        jobs = [
+            (lambda d=desc, i=diff_id: self._layer(resolved.reference, d, i, credentials))
+            for desc, diff_id in zip(resolved.layers, diff_ids)
+        ]
+        workers = min(self.config.max_parallel_downloads, len(jobs)) or 1
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pull") as pool:
+            # Each job runs in a copy of this call's context: its spans are children of the
+            # PullImage span and its log lines carry the call's request id.
+            futures = [pool.submit(contextvars.copy_context().run, job) for job in jobs]
+            for future in futures:
+                future.result()
+
+    def _layer(self, ref: ImageReference, desc: Descriptor, diff_id: str, credentials: Credentials | None) -> None:
+        layer_dir = self.store.layer_path(diff_id)
+        with self._locks.hold(diff_id):
+            with step_span("fetch_layer", digest=desc.digest, size=desc.size) as span:
+                fetched = self._fetch(ref, desc, credentials, need_blob=not layer_dir.exists())
+                span.set_attribute("bytes_fetched", fetched)
+                span.set_attribute("cached", fetched == 0)
+            if layer_dir.exists():
+                return
+            with step_span("unpack_layer", digest=desc.digest, diff_id=diff_id) as span:
+                staging = layer_dir.with_name(f".unverified-{layer_dir.name}")
+                shutil.rmtree(staging, ignore_errors=True)
+                stats = unpack_layer(self.store.blobs.path(desc.digest), desc.media_type, staging)
+                if stats.diff_id != diff_id:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise BlobCorruptError(f"image {ref}: layer {desc.digest} unpacks to {stats.diff_id}, config says {diff_id}")
+                os.rename(staging, layer_dir)
+                span.set_attribute("files", stats.files)
+                span.set_attribute("bytes", stats.bytes)
+
+    def _fetch(self, ref: ImageReference, desc: Descriptor, credentials: Credentials | None, need_blob: bool) -> int:
+        """Make sure the blob is stored if still needed; the bytes downloaded now (0: cached)."""
+        if not need_blob or self.store.blobs.has(desc.digest, desc.size):
+            return 0
+        partial = self.store.blobs.partial_path(desc.digest)
+        fetched = self.client.fetch_blob(ref, desc, partial, credentials)
+        self.store.blobs.commit(desc.digest, desc.size, partial, hashed=True)
+        return fetched
+
+    @staticmethod
+    def _record(resolved: ResolvedImage, diff_ids: list[str], config: dict[str, Any]) -> ImageRecord:
+        ref = resolved.reference
+        return ImageRecord(
+            id=resolved.config.digest,
+            repo_tags=[f"{ref.name}:{ref.tag}"] if ref.tag else [],
+            repo_digests=[f"{ref.name}@{resolved.repo_digest}"],
+            manifest_digest=resolved.manifest_digest,
+            config_digest=resolved.config.digest,
+            layer_blobs=[{"mediaType": d.media_type, "digest": d.digest, "size": d.size} for d in resolved.layers],
+            diff_ids=diff_ids,
+            size=resolved.config.size + sum(d.size for d in resolved.layers),
+            user=str(config.get("config", {}).get("User", "")),
+        )
