@@ -35,3 +35,21 @@ class FailedPrecondition(CRIError):
 
 class Unimplemented(CRIError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unauthenticated(CRIError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(CRIError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unavailable(CRIError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLoss(CRIError):
+    """Content that does not match its digest or cannot be read: nothing of it is kept."""
+
+    code = grpc.StatusCode.DATA_LOSS

@@ -6,22 +6,14 @@ import hashlib
 import os
 from pathlib import Path
 
-import grpc
-
-from pycrio.errors import CRIError
-
-
-class BlobCorruptError(CRIError):
-    """A blob's content does not match its digest or size."""
-
-    code = grpc.StatusCode.DATA_LOSS
+from pycrio.errors import DataLoss
 
 
 def digest_hex(digest: str) -> str:
     """The hex part of a `sha256:<hex>` digest; other algorithms are not stored."""
     algorithm, _, hexpart = digest.partition(":")
     if algorithm != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
-        raise BlobCorruptError(f"unsupported or malformed digest {digest!r}")
+        raise DataLoss(f"unsupported or malformed digest {digest!r}")
     return hexpart
 
 
@@ -60,10 +52,10 @@ class BlobStore:
         actual_size = source.stat().st_size
         if actual_size != size:
             source.unlink(missing_ok=True)
-            raise BlobCorruptError(f"blob {digest}: expected {size} bytes, got {actual_size}")
+            raise DataLoss(f"blob {digest}: expected {size} bytes, got {actual_size}")
         if not hashed and file_digest(source) != digest:
             source.unlink(missing_ok=True)
-            raise BlobCorruptError(f"blob {digest}: content does not match its digest")
+            raise DataLoss(f"blob {digest}: content does not match its digest")
         target = self.path(digest)
         os.replace(source, target)
         return target
@@ -71,7 +63,7 @@ class BlobStore:
     def write(self, digest: str, data: bytes) -> Path:
         """Store a small blob held in memory (configs, manifests), verified first."""
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise BlobCorruptError(f"blob {digest}: content does not match its digest")
+            raise DataLoss(f"blob {digest}: content does not match its digest")
         target = self.path(digest)
         tmp = self.ingest / f"{digest_hex(digest)}.{os.getpid()}.tmp"
         tmp.write_bytes(data)

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from pycrio.config import ImageConfig
-from pycrio.errors import NotFound
-from pycrio.images.blobs import BlobCorruptError
+from pycrio.errors import DataLoss, NotFound
 from pycrio.images.reference import ImageReference, resolve_candidates
 from pycrio.images.registry import Credentials, Descriptor, RegistryClient, ResolvedImage
 from pycrio.images.store import ImageRecord, ImageStore
@@ -89,7 +88,7 @@ class ImagePuller:
             config = json.loads(self._config_blob(resolved, credentials))
             diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
             if len(diff_ids) != len(resolved.layers):
-                raise BlobCorruptError(
+                raise DataLoss(
                     f"image {ref}: config lists {len(diff_ids)} layers, manifest {len(resolved.layers)}"
                 )
             self._layers(resolved, diff_ids, credentials)
@@ -132,7 +131,7 @@ class ImagePuller:
                 stats = unpack_layer(self.store.blobs.path(desc.digest), desc.media_type, staging)
                 if stats.diff_id != diff_id:
                     shutil.rmtree(staging, ignore_errors=True)
-                    raise BlobCorruptError(f"image {ref}: layer {desc.digest} unpacks to {stats.diff_id}, config says {diff_id}")
+                    raise DataLoss(f"image {ref}: layer {desc.digest} unpacks to {stats.diff_id}, config says {diff_id}")
                 os.rename(staging, layer_dir)
                 span.set_attribute("files", stats.files)
                 span.set_attribute("bytes", stats.bytes)

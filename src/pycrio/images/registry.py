@@ -25,7 +25,16 @@ from typing import Any, BinaryIO
 import grpc
 import httpx
 
-from pycrio.errors import CRIError, InvalidArgument, NotFound
+from pycrio.errors import (
+    CRIError,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from pycrio.images.reference import DOCKER_HUB, ImageReference
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -56,34 +65,24 @@ _SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 
 
-class DigestMismatchError(CRIError):
+class DigestMismatchError(DataLoss):
     """Downloaded bytes do not match the digest or size they were announced with."""
 
-    code = grpc.StatusCode.DATA_LOSS
 
-
-class UnauthenticatedError(CRIError):
+class UnauthenticatedError(Unauthenticated):
     """The registry wants credentials we do not have, or rejected the ones we sent."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
 
-
-class PermissionDeniedError(CRIError):
+class PermissionDeniedError(PermissionDenied):
     """The registry knows who we are and refuses access (HTTP 403)."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
 
-
-class RegistryUnavailableError(CRIError):
+class RegistryUnavailableError(Unavailable):
     """The registry could not be reached or kept failing after all retries."""
 
-    code = grpc.StatusCode.UNAVAILABLE
 
-
-class ManifestError(CRIError):
+class ManifestError(FailedPrecondition):
     """A manifest we cannot use: schema 1, unknown media type, malformed, not a container image."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class RegistryError(CRIError):

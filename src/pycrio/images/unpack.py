@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, Protocol, cast
 
-import grpc
 import zstandard
 
-from pycrio.errors import CRIError, InvalidArgument
+from pycrio.errors import DataLoss, FailedPrecondition, InvalidArgument
 
 log = logging.getLogger("pycrio.images")
 
@@ -57,16 +56,12 @@ PAX_XATTR_PREFIX = "SCHILY.xattr."
 CHUNK = 1 << 20
 
 
-class UnsafeLayerError(CRIError):
+class UnsafeLayerError(FailedPrecondition):
     """A layer we refuse to apply: a member or link escaping the destination, or one we cannot represent."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
-
-class CorruptLayerError(CRIError):
+class CorruptLayerError(DataLoss):
     """A layer blob that is not a readable (compressed) tar."""
-
-    code = grpc.StatusCode.DATA_LOSS
 
 
 @dataclass(frozen=True)
