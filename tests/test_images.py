@@ -282,3 +282,23 @@ def test_rootfs_for_a_container(tmp_path, registry, image_builder) -> None:
     assert not (manager.containers_dir / "c1").exists()
     with pytest.raises(Exception, match="not present"):
         manager.prepare_rootfs("nothere:1", "c2")
+
+
+def test_bearer_token_registry(make_daemon, token_registry, image_builder) -> None:
+    image = image_builder.busybox("token/busybox", "1", registry=token_registry)
+    daemon = make_daemon(config_text=image_config(token_registry))
+    denied = daemon.crictl("pull", image.reference, check=False)
+    assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
+    daemon.crictl("pull", "--creds", f"{AUTH_USER[0]}:{AUTH_USER[1]}", image.reference)
+    assert image.config_digest in daemon.crictl("images", "-q", "--no-trunc").stdout
+
+
+def test_pinned_images_follow_the_configuration(make_daemon, registry, image_builder) -> None:
+    kept = image_builder.busybox("pinned/pause", "3.10")
+    other = image_builder.multi_arch("unpinned/thing", "1")
+    daemon = make_daemon(config_text=image_config(registry) + f'pinned_images = ["{registry.address}/pinned/*"]\n')
+    daemon.crictl("pull", kept.reference)
+    daemon.crictl("pull", other.reference)
+    images = {i["repoTags"][0]: i for i in json.loads(daemon.crictl("images", "-o", "json").stdout)["images"]}
+    assert images[kept.reference]["pinned"] is True
+    assert not images[other.reference].get("pinned")

@@ -120,6 +120,11 @@ class ImageConfig:
         default="linux/amd64",
         metadata=_doc("Platform (os/arch[/variant]) picked from multi-platform images.", check_platform),
     )
+    pinned_images: list[str] = field(
+        default_factory=list,
+        metadata=_doc("Images kubelet's garbage collection must keep: full names, or patterns with *\n"
+                      "(like registry.k8s.io/pause:*); they are reported with pinned = true."),
+    )
     max_parallel_downloads: int = field(
         default=3,
         metadata=_doc("Layers of one image downloaded at the same time.", check_positive),

@@ -19,7 +19,7 @@ class ImageManager:
     def __init__(self, config: Config) -> None:
         self.config = config.image
         self.directory = Path(config.root) / "storage"
-        self.store = ImageStore(self.directory)
+        self.store = ImageStore(self.directory, self.config.pinned_images)
         self.client = RegistryClient(
             insecure_registries=self.config.insecure_registries, platform=self.config.platform
         )

@@ -7,6 +7,7 @@ layer per diff id, shared by every image that has it).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -32,16 +33,15 @@ class ImageRecord:
     diff_ids: list[str]
     size: int
     user: str = ""
-    pinned: bool = False
     pulled_at: float = field(default_factory=time.time)
 
-    def to_cri(self) -> api_pb2.Image:
+    def to_cri(self, pinned: bool = False) -> api_pb2.Image:
         image = api_pb2.Image(
             id=self.id,
             repo_tags=self.repo_tags,
             repo_digests=self.repo_digests,
             size=self.size,
-            pinned=self.pinned,
+            pinned=pinned,
         )
         uid, username = parse_user(self.user)
         if uid is not None:
@@ -64,8 +64,9 @@ def parse_user(user: str) -> tuple[int | None, str]:
 class ImageStore:
     """Images known locally. Safe for concurrent CRI calls; records persist across restarts."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, pinned_patterns: list[str] | None = None) -> None:
         self.directory = directory
+        self.pinned_patterns = list(pinned_patterns or [])
         self.blobs = BlobStore(directory)
         self.records_dir = directory / "images"
         self.layers_dir = directory / "layers"
@@ -83,13 +84,12 @@ class ImageStore:
 
     # --- queries ---------------------------------------------------------------------------
 
-    def list(self, flt: api_pb2.ImageFilter | None = None) -> list[api_pb2.Image]:
-        wanted = flt.image.image if flt is not None and flt.HasField("image") else ""
-        with self._lock:
-            records = list(self._images.values())
-        if wanted:
-            records = [r for r in records if self._matches(r, wanted)]
-        return [r.to_cri() for r in records]
+    def to_cri(self, record: ImageRecord) -> api_pb2.Image:
+        return record.to_cri(pinned=self.is_pinned(record))
+
+    def is_pinned(self, record: ImageRecord) -> bool:
+        names = record.repo_tags + record.repo_digests
+        return any(fnmatch.fnmatchcase(n, p) for p in self.pinned_patterns for n in names)
 
     def records(self) -> list[ImageRecord]:
         with self._lock:
@@ -104,10 +104,6 @@ class ImageStore:
                 if self._matches(record, reference):
                     return record
         return None
-
-    def find(self, reference: str) -> api_pb2.Image | None:
-        record = self.find_record(reference)
-        return record.to_cri() if record else None
 
     @staticmethod
     def _matches(record: ImageRecord, reference: str) -> bool:
@@ -134,7 +130,6 @@ class ImageStore:
             if existing is not None:
                 record.repo_tags = _union(existing.repo_tags, record.repo_tags)
                 record.repo_digests = _union(existing.repo_digests, record.repo_digests)
-                record.pinned = existing.pinned or record.pinned
             for other in self._images.values():
                 if other.id != record.id and set(other.repo_tags) & set(record.repo_tags):
                     other.repo_tags = [t for t in other.repo_tags if t not in record.repo_tags]

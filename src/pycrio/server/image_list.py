@@ -10,11 +10,12 @@ from pycrio.server.streaming_list import chunks
 
 
 def _matching(daemon: Daemon, flt: api_pb2.ImageFilter) -> list[api_pb2.Image]:
+    store = daemon.images.store
     wanted = flt.image.image
     if not wanted:
-        return [r.to_cri() for r in daemon.images.store.records()]
+        return [store.to_cri(r) for r in store.records()]
     record = daemon.images.lookup(wanted)
-    return [record.to_cri()] if record else []
+    return [store.to_cri(record)] if record else []
 
 
 def list_images(daemon: Daemon, request: api_pb2.ListImagesRequest) -> api_pb2.ListImagesResponse:

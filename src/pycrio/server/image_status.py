@@ -15,9 +15,9 @@ def image_status(daemon: Daemon, request: api_pb2.ImageStatusRequest) -> api_pb2
     record = daemon.images.lookup(request.image.image)
     if record is None:
         return api_pb2.ImageStatusResponse()
-    response = api_pb2.ImageStatusResponse(image=record.to_cri())
+    store = daemon.images.store
+    response = api_pb2.ImageStatusResponse(image=store.to_cri(record))
     if request.verbose:
-        store = daemon.images.store
         response.info["info"] = json.dumps(
             {
                 "manifestDigest": record.manifest_digest,
