@@ -14,7 +14,8 @@ CRI_TOOLS_VERSION := v1.37.0
 JAEGER_VERSION    := v1.76.0
 
 # Debian packages the daemon and tests need (later issues add runc, conmon, skopeo...).
-APT_PACKAGES := ca-certificates procps docker-registry umoci skopeo busybox-static apache2-utils
+APT_PACKAGES := ca-certificates procps docker-registry umoci skopeo busybox-static apache2-utils \
+  runc conmon catatonit containernetworking-plugins iproute2 iptables
 
 CRI_OUT   := src/pycrio/cri
 CRI_STUBS := $(CRI_OUT)/api_pb2.py $(CRI_OUT)/api_pb2_grpc.py
