@@ -168,3 +168,37 @@ def test_explicit_missing_config_file_is_an_error(tmp_path: Path) -> None:
     result = run_pycrio("--config", str(tmp_path / "nope.conf"), "config")
     assert result.returncode == 1
     assert result.stderr.strip() == f"pycrio: {tmp_path / 'nope.conf'}: config file not found"
+
+
+def test_runtime_handlers_are_named_tables(tmp_path: Path) -> None:
+    args = _files(
+        tmp_path,
+        main='[pycrio.runtime]\ndefault_runtime = "fast"\n'
+        '[pycrio.runtime.runtimes.fast]\nruntime_path = "/usr/local/bin/runc-fast"\n'
+        '[pycrio.runtime.runtimes.runc]\nruntime_root = "/run/runc-alt"\n',
+    )
+    config = _effective(tmp_path, *args)
+    assert config.runtime.default_runtime == "fast"
+    assert config.runtime.runtimes["fast"].runtime_path == "/usr/local/bin/runc-fast"
+    assert config.runtime.runtimes["fast"].runtime_type == "oci"
+    assert config.runtime.runtimes["runc"].runtime_root == "/run/runc-alt"
+    assert config.runtime.runtimes["runc"].runtime_path == "runc"  # untouched keys keep their default
+    assert set(config.runtime.runtimes) == {"runc", "crun", "fast"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[pycrio.runtime]\ndefault_runtime = "nope"\n',
+         "pycrio.runtime.default_runtime: 'nope' is not a configured runtime (crun, runc)"),
+        ('[pycrio.runtime.runtimes.x]\nruntime_type = "vm"\n',
+         "pycrio.runtime.runtimes.x.runtime_type: must be one of oci, pod, got 'vm'"),
+        ('[pycrio.runtime.runtimes]\nx = 1\n', "pycrio.runtime.runtimes.x: must be a table"),
+        ('[pycrio.image]\ninsecure_registries = "r:1"\n', "pycrio.image.insecure_registries: must be an array"),
+        ('[pycrio.image]\nplatform = "amd64"\n', "pycrio.image.platform: must be os/arch"),
+    ],
+)
+def test_invalid_runtime_and_image_tables(tmp_path: Path, text: str, expected: str) -> None:
+    result = run_pycrio(*_files(tmp_path, main=text), "config")
+    assert result.returncode == 1
+    assert f"pycrio: {tmp_path / 'pycrio.conf'}: {expected}" in result.stderr

@@ -13,7 +13,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from pycrio.config.schema import ROOT_TABLE, Config, default_of, is_table
+from pycrio.config.schema import ROOT_TABLE, Config, default_of, is_table, table_of
 
 
 class ConfigError(Exception):
@@ -58,7 +58,20 @@ def load_config(
         _apply_file(loaded, path)
     for override in overrides or []:
         _set_value(loaded.config, override.key.split("."), override.value, override.source, f"{ROOT_TABLE}.{override.key}")
+    _check_consistency(loaded)
     return loaded
+
+
+def _check_consistency(loaded: LoadedConfig) -> None:
+    """Checks that span several keys, reported against the last file that was read."""
+    runtime = loaded.config.runtime
+    if runtime.default_runtime not in runtime.runtimes:
+        where = loaded.files[-1] if loaded.files else "configuration"
+        known = ", ".join(sorted(runtime.runtimes))
+        raise ConfigError(
+            f"{where}: {ROOT_TABLE}.runtime.default_runtime: {runtime.default_runtime!r} is not a configured "
+            f"runtime ({known})"
+        )
 
 
 def _apply_file(loaded: LoadedConfig, path: Path) -> None:
@@ -93,6 +106,14 @@ def _merge_table(loaded: LoadedConfig, target: Any, table: dict[str, Any], prefi
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: {dotted}: must be a table")
             _merge_table(loaded, getattr(target, key), value, dotted, path)
+        elif (item_type := table_of(f)) is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {dotted}: must be a table")
+            named = getattr(target, key)
+            for name, item in value.items():
+                if not isinstance(item, dict):
+                    raise ConfigError(f"{path}: {dotted}.{name}: must be a table")
+                _merge_table(loaded, named.setdefault(name, item_type()), item, f"{dotted}.{name}", path)
         else:
             _set_value(target, [key], value, str(path), dotted)
 

@@ -50,6 +50,10 @@ def check_host_port(value: str) -> str | None:
     return None
 
 
+def check_absolute_or_empty(value: str) -> str | None:
+    return check_absolute_path(value) if value else None
+
+
 def check_platform(value: str) -> str | None:
     parts = value.split("/")
     if len(parts) not in (2, 3) or not all(parts):
@@ -131,6 +135,71 @@ class ImageConfig:
     )
 
 
+RUNTIME_TYPES = ("oci", "pod")
+
+
+def check_runtime_type(value: str) -> str | None:
+    if value not in RUNTIME_TYPES:
+        return f"must be one of {', '.join(RUNTIME_TYPES)}, got {value!r}"
+    return None
+
+
+def check_name(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    return None
+
+
+@dataclass
+class RuntimeHandler:
+    """Table [pycrio.runtime.runtimes.NAME]: one runtime handler the CRI can ask for by NAME."""
+
+    runtime_path: str = field(default="", metadata=_doc("The OCI runtime binary (default: NAME found in PATH)."))
+    runtime_type: str = field(
+        default="oci",
+        metadata=_doc('"oci": conmon + the runtime per container; "pod": one pycrio-monitor per pod.',
+                      check_runtime_type),
+    )
+    runtime_root: str = field(
+        default="",
+        metadata=_doc("The runtime's state directory (default: <runroot>/runtimes/NAME).", check_absolute_or_empty),
+    )
+
+
+def default_runtimes() -> dict[str, RuntimeHandler]:
+    return {"runc": RuntimeHandler(runtime_path="runc"), "crun": RuntimeHandler(runtime_path="crun")}
+
+
+@dataclass
+class RuntimeConfig:
+    """Table [pycrio.runtime]: how containers are run."""
+
+    default_runtime: str = field(
+        default="runc",
+        metadata=_doc("The handler used when the CRI names none; must be a key of runtimes.", check_name),
+    )
+    conmon: str = field(default="conmon", metadata=_doc("The conmon binary used by \"oci\" handlers.", check_name))
+    runtimes: dict[str, RuntimeHandler] = field(
+        default_factory=default_runtimes,
+        metadata={**_doc("Runtime handlers by name."), "table_of": RuntimeHandler},
+    )
+
+
+@dataclass
+class NetworkConfig:
+    """Table [pycrio.network]: pod networking through CNI."""
+
+    network_dir: str = field(
+        default="/etc/cni/net.d",
+        metadata=_doc("Directory of CNI network configurations; the lexically first one is used.",
+                      check_absolute_path),
+    )
+    plugin_dirs: list[str] = field(
+        default_factory=lambda: ["/usr/lib/cni", "/opt/cni/bin"],
+        metadata=_doc("Directories searched for CNI plugin binaries."),
+    )
+
+
 @dataclass
 class Config:
     """Table [pycrio]: the whole effective configuration of one daemon."""
@@ -150,6 +219,8 @@ class Config:
     )
     api: APIConfig = field(default_factory=APIConfig, metadata=_doc("CRI server."))
     image: ImageConfig = field(default_factory=ImageConfig, metadata=_doc("Images."))
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata=_doc("Runtimes."))
+    network: NetworkConfig = field(default_factory=NetworkConfig, metadata=_doc("Pod network."))
     tracing: TracingConfig = field(default_factory=TracingConfig, metadata=_doc("OpenTelemetry tracing."))
 
 
@@ -161,6 +232,11 @@ def default_of(f: dataclasses.Field[Any]) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory()  # type: ignore[misc]
+
+
+def table_of(f: dataclasses.Field[Any]) -> type | None:
+    """For a field holding named sub-tables (like runtimes.NAME), the dataclass of each."""
+    return f.metadata.get("table_of")
 
 
 def is_table(f: dataclasses.Field[Any]) -> bool:

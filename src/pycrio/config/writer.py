@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
-from pycrio.config.schema import ROOT_TABLE, Config, is_table
+from pycrio.config.schema import ROOT_TABLE, Config, is_table, table_of
 
 HEADER = """\
 # pycrio configuration file.
@@ -44,9 +44,13 @@ def _render_table(lines: list[str], table: Any, default: Any, name: str) -> None
     lines.append(f"[{name}]")
     lines.append("")
     subtables = []
+    named_tables = []
     for f in dataclasses.fields(table):
         if is_table(f):
             subtables.append(f)
+            continue
+        if (item_type := table_of(f)) is not None:
+            named_tables.append((f, item_type))
             continue
         value = getattr(table, f.name)
         for doc_line in f.metadata.get("doc", "").splitlines():
@@ -54,5 +58,9 @@ def _render_table(lines: list[str], table: Any, default: Any, name: str) -> None
         prefix = "# " if value == getattr(default, f.name) else ""
         lines.append(f"{prefix}{f.name} = {toml_value(value)}")
         lines.append("")
+    for f, item_type in named_tables:
+        defaults = getattr(default, f.name)
+        for item_name, item in getattr(table, f.name).items():
+            _render_table(lines, item, defaults.get(item_name, item_type()), f"{name}.{f.name}.{item_name}")
     for f in subtables:
         _render_table(lines, getattr(table, f.name), getattr(default, f.name), f"{name}.{f.name}")
