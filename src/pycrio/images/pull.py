@@ -12,12 +12,9 @@ import json
 import logging
 import os
 import shutil
-import threading
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from pycrio.config import ImageConfig
 from pycrio.errors import DataLoss, NotFound
@@ -25,34 +22,11 @@ from pycrio.images.reference import ImageReference, resolve_candidates
 from pycrio.images.registry import Credentials, Descriptor, RegistryClient, ResolvedImage
 from pycrio.images.store import ImageRecord, ImageStore
 from pycrio.images.unpack import unpack_layer
+from pycrio.locks import KeyedLocks
 from pycrio.tracing import step_span
 
 log = logging.getLogger("pycrio.images")
 T = TypeVar("T")
-
-
-class KeyedLocks:
-    """One lock per key (a digest), created on demand and dropped when nobody holds it."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-        self._users: dict[str, int] = defaultdict(int)
-
-    @contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-            self._users[key] += 1
-        try:
-            with lock:
-                yield
-        finally:
-            with self._guard:
-                self._users[key] -= 1
-                if not self._users[key]:
-                    del self._users[key]
-                    del self._locks[key]
 
 
 class ImagePuller:

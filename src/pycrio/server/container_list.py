@@ -10,12 +10,13 @@ from pycrio.server.streaming_list import chunks
 
 
 def _matching(daemon: Daemon, flt: api_pb2.ContainerFilter) -> list[api_pb2.Container]:
-    return daemon.state.list_containers(
+    containers = daemon.state.list_containers(
         id_prefix=flt.id,
         pod_id_prefix=flt.pod_sandbox_id,
         state=flt.state.state if flt.HasField("state") else None,
         labels=dict(flt.label_selector),
     )
+    return [c.to_cri() for c in containers]
 
 
 def list_containers(daemon: Daemon, request: api_pb2.ListContainersRequest) -> api_pb2.ListContainersResponse:

@@ -10,15 +10,14 @@ from typing import Iterator
 from pycrio.cri import api_pb2
 from pycrio.server.daemon import Daemon
 from pycrio.server.streaming_list import chunks
+from pycrio.state.records import ContainerRecord
 
 
-def _stats(container: api_pb2.Container) -> api_pb2.ContainerStats:
+def _stats(container: ContainerRecord) -> api_pb2.ContainerStats:
+    config = container.container_config
     return api_pb2.ContainerStats(
         attributes=api_pb2.ContainerAttributes(
-            id=container.id,
-            metadata=container.metadata,
-            labels=container.labels,
-            annotations=container.annotations,
+            id=container.id, metadata=config.metadata, labels=config.labels, annotations=config.annotations
         )
     )
 

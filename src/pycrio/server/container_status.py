@@ -8,16 +8,24 @@ from pycrio.server.daemon import Daemon
 
 def container_status(daemon: Daemon, request: api_pb2.ContainerStatusRequest) -> api_pb2.ContainerStatusResponse:
     c = daemon.state.get_container(request.container_id)
+    config = c.container_config
     return api_pb2.ContainerStatusResponse(
         status=api_pb2.ContainerStatus(
             id=c.id,
-            metadata=c.metadata,
-            state=c.state,
+            metadata=config.metadata,
+            state=c.cri_state,
             created_at=c.created_at,
-            image=c.image,
+            started_at=c.started_at,
+            finished_at=c.finished_at,
+            exit_code=c.exit_code,
+            image=api_pb2.ImageSpec(image=c.image_name or c.image),
             image_ref=c.image_ref,
-            image_id=c.image_id,
-            labels=c.labels,
-            annotations=c.annotations,
+            image_id=c.image_ref,
+            reason=c.reason,
+            message=c.message,
+            labels=config.labels,
+            annotations=config.annotations,
+            mounts=config.mounts,
+            log_path=c.log_path,
         )
     )

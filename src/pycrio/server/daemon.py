@@ -26,4 +26,6 @@ class Daemon:
         images = ImageManager(config)
         images.open()
         Path(config.runroot).mkdir(parents=True, exist_ok=True)
-        return cls(config=config, state=StateStore(), images=images, tracing_active=tracing_active)
+        state = StateStore(Path(config.root) / "state")
+        state.open()
+        return cls(config=config, state=state, images=images, tracing_active=tracing_active)

@@ -10,11 +10,12 @@ from pycrio.server.streaming_list import chunks
 
 
 def _matching(daemon: Daemon, flt: api_pb2.PodSandboxFilter) -> list[api_pb2.PodSandbox]:
-    return daemon.state.list_pods(
+    pods = daemon.state.list_pods(
         id_prefix=flt.id,
         state=flt.state.state if flt.HasField("state") else None,
         labels=dict(flt.label_selector),
     )
+    return [p.to_cri() for p in pods]
 
 
 def list_pod_sandbox(daemon: Daemon, request: api_pb2.ListPodSandboxRequest) -> api_pb2.ListPodSandboxResponse:

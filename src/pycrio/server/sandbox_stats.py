@@ -7,12 +7,14 @@ from typing import Iterator
 from pycrio.cri import api_pb2
 from pycrio.server.daemon import Daemon
 from pycrio.server.streaming_list import chunks
+from pycrio.state.records import SandboxRecord
 
 
-def _stats(pod: api_pb2.PodSandbox) -> api_pb2.PodSandboxStats:
+def _stats(pod: SandboxRecord) -> api_pb2.PodSandboxStats:
+    config = pod.pod_config
     return api_pb2.PodSandboxStats(
         attributes=api_pb2.PodSandboxAttributes(
-            id=pod.id, metadata=pod.metadata, labels=pod.labels, annotations=pod.annotations
+            id=pod.id, metadata=config.metadata, labels=config.labels, annotations=config.annotations
         )
     )
 

@@ -8,14 +8,18 @@ from pycrio.server.daemon import Daemon
 
 def pod_sandbox_status(daemon: Daemon, request: api_pb2.PodSandboxStatusRequest) -> api_pb2.PodSandboxStatusResponse:
     pod = daemon.state.get_pod(request.pod_sandbox_id)
-    return api_pb2.PodSandboxStatusResponse(
-        status=api_pb2.PodSandboxStatus(
-            id=pod.id,
-            metadata=pod.metadata,
-            state=pod.state,
-            created_at=pod.created_at,
-            labels=pod.labels,
-            annotations=pod.annotations,
-            runtime_handler=pod.runtime_handler,
-        )
+    config = pod.pod_config
+    status = api_pb2.PodSandboxStatus(
+        id=pod.id,
+        metadata=config.metadata,
+        state=pod.cri_state,
+        created_at=pod.created_at,
+        labels=config.labels,
+        annotations=config.annotations,
+        runtime_handler=pod.runtime_handler,
     )
+    if pod.ips:
+        status.network.ip = pod.ips[0]
+        status.network.additional_ips.extend(api_pb2.PodIP(ip=ip) for ip in pod.ips[1:])
+    status.linux.namespaces.options.CopyFrom(config.linux.security_context.namespace_options)
+    return api_pb2.PodSandboxStatusResponse(status=status)

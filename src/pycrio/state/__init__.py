@@ -1,5 +1,6 @@
-"""The daemon's record of pods and containers."""
+"""The daemon's records of pods and containers."""
 
+from pycrio.state.records import ContainerRecord, SandboxRecord
 from pycrio.state.store import StateStore
 
-__all__ = ["StateStore"]
+__all__ = ["ContainerRecord", "SandboxRecord", "StateStore"]

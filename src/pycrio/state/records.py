@@ -1,0 +1,125 @@
+"""Pod sandbox and container records: what pycrio knows about each, persisted as JSON."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+from pycrio.cri import api_pb2
+
+SANDBOX_READY = "ready"
+SANDBOX_NOTREADY = "notready"
+CONTAINER_CREATED = "created"
+CONTAINER_RUNNING = "running"
+CONTAINER_EXITED = "exited"
+CONTAINER_UNKNOWN = "unknown"
+
+_SANDBOX_STATES = {SANDBOX_READY: api_pb2.SANDBOX_READY, SANDBOX_NOTREADY: api_pb2.SANDBOX_NOTREADY}
+_CONTAINER_STATES = {
+    CONTAINER_CREATED: api_pb2.CONTAINER_CREATED,
+    CONTAINER_RUNNING: api_pb2.CONTAINER_RUNNING,
+    CONTAINER_EXITED: api_pb2.CONTAINER_EXITED,
+    CONTAINER_UNKNOWN: api_pb2.CONTAINER_UNKNOWN,
+}
+
+
+def encode_message(message: Any) -> str:
+    return base64.b64encode(message.SerializeToString()).decode()
+
+
+def decode_message(cls: Any, text: str) -> Any:
+    message = cls()
+    message.ParseFromString(base64.b64decode(text))
+    return message
+
+
+@dataclass
+class SandboxRecord:
+    """One pod sandbox: its CRI config, where its namespaces are pinned, its network."""
+
+    id: str
+    config: str  # base64 PodSandboxConfig
+    runtime_handler: str
+    created_at: int
+    state: str = SANDBOX_READY
+    namespaces: dict[str, str] = field(default_factory=dict)  # kind -> pinned ns file
+    ips: list[str] = field(default_factory=list)
+    cgroup_parent: str = ""
+    directory: str = ""  # <runroot>/pods/<id>
+    infra_id: str = ""  # infra (catatonit) container when the pod shares its PID namespace
+    infra_pid: int = 0
+
+    @property
+    def pod_config(self) -> api_pb2.PodSandboxConfig:
+        return decode_message(api_pb2.PodSandboxConfig, self.config)
+
+    def to_cri(self) -> api_pb2.PodSandbox:
+        config = self.pod_config
+        return api_pb2.PodSandbox(
+            id=self.id,
+            metadata=config.metadata,
+            state=_SANDBOX_STATES[self.state],
+            created_at=self.created_at,
+            labels=config.labels,
+            annotations=config.annotations,
+            runtime_handler=self.runtime_handler,
+        )
+
+    @property
+    def cri_state(self) -> int:
+        return _SANDBOX_STATES[self.state]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.pod_config.labels)
+
+
+@dataclass
+class ContainerRecord:
+    """One container: its CRI config, image, bundle, log and last known runtime state."""
+
+    id: str
+    pod_id: str
+    config: str  # base64 ContainerConfig
+    image: str  # the image as the CRI asked for it
+    image_ref: str  # image id (config digest)
+    image_name: str  # a repo tag or digest naming image_ref
+    runtime_handler: str
+    created_at: int
+    log_path: str
+    bundle: str
+    state: str = CONTAINER_CREATED
+    pid: int = 0
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+
+    @property
+    def container_config(self) -> api_pb2.ContainerConfig:
+        return decode_message(api_pb2.ContainerConfig, self.config)
+
+    @property
+    def cri_state(self) -> int:
+        return _CONTAINER_STATES[self.state]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.container_config.labels)
+
+    def to_cri(self) -> api_pb2.Container:
+        config = self.container_config
+        return api_pb2.Container(
+            id=self.id,
+            pod_sandbox_id=self.pod_id,
+            metadata=config.metadata,
+            image=api_pb2.ImageSpec(image=self.image_name or self.image),
+            image_ref=self.image_ref,
+            image_id=self.image_ref,
+            state=self.cri_state,
+            created_at=self.created_at,
+            labels=config.labels,
+            annotations=config.annotations,
+        )
