@@ -20,9 +20,9 @@ APT_PACKAGES := ca-certificates procps docker-registry umoci skopeo busybox-stat
 CRI_OUT   := src/pycrio/cri
 CRI_STUBS := $(CRI_OUT)/api_pb2.py $(CRI_OUT)/api_pb2_grpc.py
 
-.PHONY: install apt stubs test demo bench jaeger clean
+.PHONY: install apt cni-config stubs test demo bench jaeger clean
 
-install: apt $(VENV)/.installed stubs $(VENV)/.crictl-$(CRI_TOOLS_VERSION)
+install: apt cni-config $(VENV)/.installed stubs $(VENV)/.crictl-$(CRI_TOOLS_VERSION)
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -30,6 +30,13 @@ apt:
 	  echo "apt: installing $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+# A default pod network (bridge pycrio0, 10.85.0.0/16) only where the node has none yet.
+CNI_CONF_DIR := /etc/cni/net.d
+cni-config:
+	@if ! ls $(CNI_CONF_DIR)/*.conf $(CNI_CONF_DIR)/*.conflist $(CNI_CONF_DIR)/*.json >/dev/null 2>&1; then \
+	  install -D -m 0644 contrib/cni/10-pycrio-bridge.conflist $(CNI_CONF_DIR)/10-pycrio-bridge.conflist; \
+	  echo "cni: installed the default pycrio network in $(CNI_CONF_DIR)"; fi
 
 $(PY):
 	python3 -m venv $(VENV)

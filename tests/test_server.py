@@ -120,11 +120,13 @@ def test_bad_requests_get_clear_statuses(make_daemon) -> None:
             (rt.ContainerStats, api_pb2.ContainerStatsRequest(container_id="c1"), grpc.StatusCode.NOT_FOUND,
              "container 'c1' not found"),
             (img.ImageStatus, api_pb2.ImageStatusRequest(), grpc.StatusCode.INVALID_ARGUMENT, "must not be empty"),
-            (rt.RunPodSandbox, api_pb2.RunPodSandboxRequest(), grpc.StatusCode.UNIMPLEMENTED,
-             "/runtime.v1.RuntimeService/RunPodSandbox is not implemented"),
+            (rt.RunPodSandbox, api_pb2.RunPodSandboxRequest(), grpc.StatusCode.INVALID_ARGUMENT,
+             "metadata must have name, namespace and uid"),
+            (rt.CheckpointContainer, api_pb2.CheckpointContainerRequest(), grpc.StatusCode.UNIMPLEMENTED,
+             "/runtime.v1.RuntimeService/CheckpointContainer is not implemented"),
             (img.PullImage, api_pb2.PullImageRequest(), grpc.StatusCode.INVALID_ARGUMENT, "must not be empty"),
-            (rt.CreateContainer, api_pb2.CreateContainerRequest(), grpc.StatusCode.UNIMPLEMENTED,
-             "/runtime.v1.RuntimeService/CreateContainer is not implemented"),
+            (rt.CreateContainer, api_pb2.CreateContainerRequest(), grpc.StatusCode.INVALID_ARGUMENT,
+             "must have metadata with a name"),
         ]:
             with pytest.raises(grpc.RpcError) as err:
                 call(request, timeout=5)

@@ -16,7 +16,7 @@ def _matching(daemon: Daemon, flt: api_pb2.ContainerFilter) -> list[api_pb2.Cont
         state=flt.state.state if flt.HasField("state") else None,
         labels=dict(flt.label_selector),
     )
-    return [c.to_cri() for c in containers]
+    return [daemon.containers.refresh(c).to_cri() for c in containers]
 
 
 def list_containers(daemon: Daemon, request: api_pb2.ListContainersRequest) -> api_pb2.ListContainersResponse:

@@ -1,15 +1,18 @@
-"""ContainerStatus."""
+"""ContainerStatus: refreshed from the runtime; `verbose` adds the pid and the OCI spec."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from pycrio.cri import api_pb2
 from pycrio.server.daemon import Daemon
 
 
 def container_status(daemon: Daemon, request: api_pb2.ContainerStatusRequest) -> api_pb2.ContainerStatusResponse:
-    c = daemon.state.get_container(request.container_id)
+    c = daemon.containers.refresh(daemon.state.get_container(request.container_id))
     config = c.container_config
-    return api_pb2.ContainerStatusResponse(
+    response = api_pb2.ContainerStatusResponse(
         status=api_pb2.ContainerStatus(
             id=c.id,
             metadata=config.metadata,
@@ -29,3 +32,10 @@ def container_status(daemon: Daemon, request: api_pb2.ContainerStatusRequest) ->
             log_path=c.log_path,
         )
     )
+    if request.verbose:
+        spec_path = Path(c.bundle) / "config.json"
+        info = {"pid": c.pid, "sandboxID": c.pod_id, "runtimeHandler": c.runtime_handler}
+        if spec_path.exists():
+            info["runtimeSpec"] = json.loads(spec_path.read_text())
+        response.info["info"] = json.dumps(info)
+    return response

@@ -1,4 +1,4 @@
-"""What every CRI handler works with: configuration, pod/container state, images."""
+"""What every CRI handler works with: configuration, state, images, runtimes, network."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from pathlib import Path
 
 from pycrio.config import Config
 from pycrio.images import ImageManager
+from pycrio.network.cni import CNIManager
+from pycrio.pods.containers import ContainerManager
+from pycrio.pods.runtimes import RuntimeHandlers
+from pycrio.pods.sandboxes import SandboxManager
 from pycrio.state import StateStore
 
 
@@ -18,6 +22,10 @@ class Daemon:
     config: Config
     state: StateStore
     images: ImageManager
+    handlers: RuntimeHandlers
+    cni: CNIManager
+    containers: ContainerManager
+    sandboxes: SandboxManager
     tracing_active: bool = False
     started_at: float = field(default_factory=time.time)
 
@@ -25,7 +33,23 @@ class Daemon:
     def create(cls, config: Config, tracing_active: bool = False) -> "Daemon":
         images = ImageManager(config)
         images.open()
-        Path(config.runroot).mkdir(parents=True, exist_ok=True)
+        runroot = Path(config.runroot)
+        runroot.mkdir(parents=True, exist_ok=True)
         state = StateStore(Path(config.root) / "state")
         state.open()
-        return cls(config=config, state=state, images=images, tracing_active=tracing_active)
+        handlers = RuntimeHandlers(config)
+        cni = CNIManager(
+            Path(config.network.network_dir), [Path(p) for p in config.network.plugin_dirs], runroot / "cni"
+        )
+        containers = ContainerManager(config, state, handlers, images)
+        sandboxes = SandboxManager(config, state, handlers, cni, containers)
+        return cls(
+            config=config,
+            state=state,
+            images=images,
+            handlers=handlers,
+            cni=cni,
+            containers=containers,
+            sandboxes=sandboxes,
+            tracing_active=tracing_active,
+        )

@@ -14,14 +14,15 @@ NETWORK_NOT_READY_REASON = "NetworkPluginNotReady"
 
 
 def status(daemon: Daemon, request: api_pb2.StatusRequest) -> api_pb2.StatusResponse:
+    network_ready, network_message = daemon.cni.status()
     conditions = [
         api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
-        # No CNI yet: saying so lets kubelet keep the node NotReady instead of failing pods later.
+        # Without a CNI network kubelet keeps the node NotReady instead of failing pods later.
         api_pb2.RuntimeCondition(
             type="NetworkReady",
-            status=False,
-            reason=NETWORK_NOT_READY_REASON,
-            message="Network plugin returns error: no CNI configuration loaded (pod networking is not available yet)",
+            status=network_ready,
+            reason="" if network_ready else NETWORK_NOT_READY_REASON,
+            message="" if network_ready else f"Network plugin returns error: {network_message}",
         ),
     ]
     response = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions))
@@ -35,4 +36,5 @@ def status(daemon: Daemon, request: api_pb2.StatusRequest) -> api_pb2.StatusResp
                 "pod_cidr": daemon.state.pod_cidr,
             }
         )
+        response.info["runtimeHandlers"] = json.dumps(daemon.handlers.report())
     return response

@@ -1,0 +1,680 @@
+"""The "oci" runtime: one conmon per container supervising a runc (or runc-compatible) container.
+
+conmon double-forks and stays behind as the container's subreaper: it writes the CRI log file,
+the exit file (`<state_dir>/exits/<id>`, content = exit code, mtime = finish time) and the OOM
+marker, so a container's exit code survives a daemon restart. runc is asked about everything else.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pycrio.errors import FailedPrecondition, InvalidArgument, NotFound
+from pycrio.oci.runtime import (
+    STATE_CREATED,
+    STATE_RUNNING,
+    STATE_STOPPED,
+    STATE_UNKNOWN,
+    ContainerHandle,
+    ExecResult,
+    Runtime,
+    RuntimeCommandError,
+    RuntimeStatus,
+    log,
+    log_command,
+    run_command,
+    runtime_error_text,
+)
+from pycrio.tracing import step_span
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+AVAILABLE_TTL = 30.0
+_CREATE_TIMEOUT = 120.0
+_COMMAND_TIMEOUT = 120.0
+_EXIT_FILE_WAIT = 2.0
+_CONMON_EXIT_WAIT = 5.0
+_REOPEN_WAIT = 5.0
+_EXEC_DRAIN_WAIT = 2.0
+_EXEC_PIDFILE_WAIT = 1.0
+_REOPEN_LOGS_EVENT = b"2 0 0\n"  # conmon's ctl fifo: "<type> <height> <width>", type 2 = reopen logs
+
+# runc error texts that mean "no such container" / "not in a state for this"
+_NOT_FOUND_HINTS = ("does not exist",)
+_PRECONDITION_HINTS = ("not running", "has stopped", "stopped container", "already running", "paused")
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """Where conmon and we keep one container's files."""
+
+    handle: ContainerHandle
+
+    @property
+    def state_dir(self) -> Path:
+        return self.handle.state_dir
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state_dir / "pidfile"
+
+    @property
+    def conmon_pidfile(self) -> Path:
+        return self.state_dir / "conmon.pid"
+
+    @property
+    def conmon_log(self) -> Path:
+        return self.state_dir / "conmon.log"
+
+    @property
+    def exit_dir(self) -> Path:
+        return self.state_dir / "exits"
+
+    @property
+    def exit_file(self) -> Path:
+        return self.exit_dir / self.handle.id
+
+    @property
+    def persist_dir(self) -> Path:
+        return self.state_dir / "persist"
+
+    @property
+    def attach_dir(self) -> Path:
+        return self.state_dir / "attach"
+
+    @property
+    def started_file(self) -> Path:
+        return self.state_dir / "started"
+
+    @property
+    def ctl_fifo(self) -> Path:
+        # conmon puts its fifos and (with --full-attach) the attach socket in the bundle
+        return self.handle.bundle / "ctl"
+
+    @property
+    def conmon_bundle_files(self) -> tuple[Path, ...]:
+        bundle = self.handle.bundle
+        return (bundle / "ctl", bundle / "winsz", bundle / "attach")
+
+    @property
+    def oom_files(self) -> tuple[Path, ...]:
+        # conmon touches <persist>/oom and "oom" in its working directory (the state dir)
+        return (self.persist_dir / "oom", self.state_dir / "oom")
+
+    def make(self) -> None:
+        for directory in (self.exit_dir, self.persist_dir, self.attach_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.handle.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+
+class OCIRuntime(Runtime):
+    """conmon + an OCI runtime CLI (runc; crun where the host allows it)."""
+
+    def __init__(
+        self,
+        name: str,
+        runtime_path: str,
+        runtime_root: Path,
+        conmon_path: str = "conmon",
+        conmon_cgroup: str = "",
+    ) -> None:
+        self.name = name
+        self.runtime_path = runtime_path
+        self.runtime_root = Path(runtime_root)
+        self.conmon_path = conmon_path
+        self.conmon_cgroup = conmon_cgroup  # cgroupfs path every conmon joins ("" = stay in ours)
+        self.create_timeout = _CREATE_TIMEOUT
+        self.command_timeout = _COMMAND_TIMEOUT
+        self._available: tuple[float, tuple[bool, str]] | None = None
+
+    # -- Runtime ---------------------------------------------------------------------------
+
+    def create(self, handle: ContainerHandle) -> int:
+        with step_span("runtime_create", **{"container.id": handle.id}):
+            paths = _Paths(handle)
+            paths.make()
+            for stale in (paths.exit_file, paths.started_file, *paths.oom_files):
+                stale.unlink(missing_ok=True)
+            argv = self._conmon_argv(handle, paths)
+            try:
+                return self._spawn_conmon(handle, paths, argv)
+            except BaseException:
+                self._cleanup_failed_create(handle, paths)
+                raise
+
+    def start(self, handle: ContainerHandle) -> None:
+        with step_span("runtime_start", **{"container.id": handle.id}):
+            # taken before the call: a short-lived container may finish before runc start returns
+            started_at = time.time_ns()
+            self._runc("start", handle.id, what=f"start container {handle.id}")
+            _write_atomic(_Paths(handle).started_file, str(started_at))
+
+    def kill(self, handle: ContainerHandle, sig: int) -> None:
+        with step_span("runtime_kill", **{"container.id": handle.id, "signal": int(sig)}):
+            self._runc("kill", handle.id, str(int(sig)), what=f"signal {int(sig)} to container {handle.id}")
+
+    def delete(self, handle: ContainerHandle) -> None:
+        with step_span("runtime_delete", **{"container.id": handle.id}):
+            paths = _Paths(handle)
+            self._runc("delete", "--force", handle.id, what=f"delete container {handle.id}")
+            self._wait_conmon_gone(paths)
+            for path in (paths.pidfile, paths.conmon_pidfile, *paths.conmon_bundle_files):
+                path.unlink(missing_ok=True)
+
+    def status(self, handle: ContainerHandle) -> RuntimeStatus:
+        paths = _Paths(handle)
+        exited = _read_exit_file(paths.exit_file)
+        if exited is not None:
+            return self._stopped_status(handle, paths, exited)
+        state = self._runc_state(handle.id)
+        if state is None:
+            if _conmon_alive(paths):
+                return RuntimeStatus(STATE_UNKNOWN, message=f"{self.name} has no container {handle.id} yet")
+            raise NotFound(f"container {handle.id} not found by runtime {self.name}")
+        return self._status_from_state(handle, paths, state)
+
+    def exec_sync(self, handle: ContainerHandle, cmd: list[str], timeout: float | None) -> ExecResult:
+        with step_span("runtime_exec", **{"container.id": handle.id}):
+            if not cmd:
+                raise InvalidArgument("exec needs a command")
+            current = self.status(handle)
+            if current.state != STATE_RUNNING:
+                raise FailedPrecondition(f"container {handle.id} is {current.state}, not running: cannot exec")
+            pidfile = handle.state_dir / f"exec-{uuid.uuid4().hex}.pid"
+            try:
+                return self._run_exec(handle, cmd, timeout, pidfile)
+            finally:
+                pidfile.unlink(missing_ok=True)
+
+    def reopen_log(self, handle: ContainerHandle) -> None:
+        paths = _Paths(handle)
+        current = self.status(handle)
+        if current.state != STATE_RUNNING:
+            raise FailedPrecondition(f"container {handle.id} is {current.state}, not running: cannot reopen its log")
+        try:
+            fd = os.open(paths.ctl_fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            # ENXIO: no reader, conmon is gone; ENOENT: it never ran for this bundle
+            raise FailedPrecondition(
+                f"cannot reopen the log of container {handle.id}: its conmon is not running ({exc.strerror})"
+            ) from exc
+        try:
+            os.write(fd, _REOPEN_LOGS_EVENT)
+        finally:
+            os.close(fd)
+        _wait_for(handle.log_path.exists, _REOPEN_WAIT)
+
+    def update_resources(self, handle: ContainerHandle, linux_resources: dict) -> None:  # type: ignore[type-arg]
+        body = json.dumps(linux_resources).encode()
+        self._runc("update", "--resources", "-", handle.id, input=body, what=f"update container {handle.id}")
+
+    def available(self) -> tuple[bool, str]:
+        """Checked at most every AVAILABLE_TTL s: callers ask on every CRI call."""
+        cached = self._available
+        if cached is not None and time.monotonic() - cached[0] < AVAILABLE_TTL:
+            return cached[1]
+        result = self._check_available()
+        self._available = (time.monotonic(), result)
+        return result
+
+    def _check_available(self) -> tuple[bool, str]:
+        for binary in (self.runtime_path, self.conmon_path):
+            usable, why = _binary_runs(binary)
+            if not usable:
+                return False, why
+        if Path(self.runtime_path).name.startswith("crun") and cgroup_mode() == "hybrid":
+            return False, (
+                f"crun refuses cgroups in hybrid mode: this host mounts cgroups v1 controllers under "
+                f"{CGROUP_ROOT} and a cgroup v2 hierarchy with controllers at {CGROUP_ROOT}/unified; "
+                f"use runc, or boot with cgroups v2 only (systemd.unified_cgroup_hierarchy=1)"
+            )
+        return True, ""
+
+    # -- create ----------------------------------------------------------------------------
+
+    def _conmon_argv(self, handle: ContainerHandle, paths: _Paths) -> list[str]:
+        argv = [
+            _resolve(self.conmon_path), "--api-version", "1",
+            "-c", handle.id, "-u", handle.id, "-n", handle.id,
+            "-r", _resolve(self.runtime_path),
+            "-b", str(handle.bundle),
+            "-p", str(paths.pidfile),
+            "--conmon-pidfile", str(paths.conmon_pidfile),
+            "--exit-dir", str(paths.exit_dir),
+            "--persist-dir", str(paths.persist_dir),
+            "--full-attach", "--socket-dir-path", str(paths.attach_dir),
+            "-l", f"k8s-file:{handle.log_path}",
+            "--log-level", "info",
+            "--runtime-arg", f"--root={self.runtime_root}",
+        ]  # fmt: skip
+        if handle.terminal:
+            argv.append("--terminal")
+        if handle.stdin:
+            argv.append("--stdin")
+            if not handle.stdin_once:
+                argv.append("--leave-stdin-open")
+        return argv
+
+    def _spawn_conmon(self, handle: ContainerHandle, paths: _Paths, argv: list[str]) -> int:
+        """Start conmon, let it go on, and return the pid it reports through the sync pipe."""
+        sync_r, sync_w = os.pipe()
+        start_r, start_w = os.pipe()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("_OCI_", "NOTIFY_SOCKET", "LISTEN_"))}
+        env.update(_OCI_SYNCPIPE=str(sync_w), _OCI_STARTPIPE=str(start_r))
+        log_command(argv)
+        deadline = time.monotonic() + self.create_timeout
+        try:
+            with open(paths.conmon_log, "ab") as out:
+                proc = subprocess.Popen(
+                    argv, env=env, pass_fds=(sync_w, start_r), stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT, cwd=handle.state_dir,
+                    start_new_session=True,  # conmon must outlive us and our signals
+                )  # fmt: skip
+            os.close(sync_w)
+            os.close(start_r)
+            sync_w = start_r = -1
+            # conmon blocks on the start pipe until we have placed it in its cgroup
+            if self.conmon_cgroup:
+                join_cgroup(proc.pid, self.conmon_cgroup)
+            os.write(start_w, b"0")
+            os.close(start_w)
+            start_w = -1
+            message = _read_sync_message(sync_r, deadline)
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except (TimeoutError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeCommandError(
+                argv, f"conmon reported nothing within {self.create_timeout:.0f}s", what=f"create container {handle.id}"
+            ) from exc
+        finally:
+            for fd in (sync_r, sync_w, start_r, start_w):
+                if fd >= 0:
+                    os.close(fd)
+        return self._pid_from_sync(handle, paths, argv, message)
+
+    def _pid_from_sync(self, handle: ContainerHandle, paths: _Paths, argv: list[str], message: dict | None) -> int:  # type: ignore[type-arg]
+        what = f"create container {handle.id}"
+        if message is None:
+            raise RuntimeCommandError(argv, f"conmon exited without reporting a pid. {_tail(paths.conmon_log)}", what=what)
+        pid = int(message.get("data", message.get("pid", -1)))
+        if pid <= 0:
+            raise RuntimeCommandError(argv, str(message.get("message") or _tail(paths.conmon_log)), what=what)
+        return pid
+
+    def _cleanup_failed_create(self, handle: ContainerHandle, paths: _Paths) -> None:
+        """Leave nothing behind a failed create: no runc container, no conmon."""
+        try:
+            self._runc("delete", "--force", handle.id)
+        except Exception as exc:  # the create error matters more than this one
+            log.warning("cleanup after failed create of %s: %s", handle.id, exc)
+        self._wait_conmon_gone(paths)
+        for path in (paths.pidfile, paths.conmon_pidfile, *paths.conmon_bundle_files):
+            path.unlink(missing_ok=True)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def _runc_state(self, cid: str) -> dict | None:  # type: ignore[type-arg]
+        """`runc state` as a dict, or None when runc does not know the container."""
+        try:
+            result = self._runc("state", cid, what=f"state of container {cid}")
+        except NotFound:
+            return None
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def _status_from_state(self, handle: ContainerHandle, paths: _Paths, state: dict) -> RuntimeStatus:  # type: ignore[type-arg]
+        runc_status = state.get("status", "")
+        if runc_status == "stopped":
+            # conmon writes the exit file right after reaping: give it a moment
+            wait = _EXIT_FILE_WAIT if _conmon_alive(paths) else 0.0
+            exited = _wait_for(lambda: _read_exit_file(paths.exit_file), wait)
+            if exited is not None:
+                return self._stopped_status(handle, paths, exited)
+            return RuntimeStatus(
+                STATE_STOPPED,
+                started_at=_read_started(paths),
+                oom_killed=self._oom_killed(handle, paths),
+                message="exit code unknown: conmon wrote no exit file",
+            )
+        pid = int(state.get("pid") or 0)
+        if runc_status in ("created", "creating"):
+            return RuntimeStatus(STATE_CREATED, pid=pid)
+        if runc_status in ("running", "paused"):
+            message = "paused" if runc_status == "paused" else ""
+            return RuntimeStatus(STATE_RUNNING, pid=pid, started_at=_read_started(paths), message=message)
+        return RuntimeStatus(STATE_UNKNOWN, pid=pid, message=f"{self.name} reports status {runc_status!r}")
+
+    def _stopped_status(self, handle: ContainerHandle, paths: _Paths, exited: tuple[int, int]) -> RuntimeStatus:
+        code, finished_at = exited
+        return RuntimeStatus(
+            STATE_STOPPED,
+            exit_code=code,
+            started_at=_read_started(paths),
+            finished_at=finished_at,
+            oom_killed=self._oom_killed(handle, paths),
+        )
+
+    def _oom_killed(self, handle: ContainerHandle, paths: _Paths) -> bool:
+        """conmon's OOM marker, else the cgroup's oom_kill counter while the cgroup exists."""
+        if any(path.exists() for path in paths.oom_files):
+            return True
+        return _cgroup_oom_kills(handle.bundle) > 0
+
+    # -- exec ------------------------------------------------------------------------------
+
+    def _run_exec(self, handle: ContainerHandle, cmd: list[str], timeout: float | None, pidfile: Path) -> ExecResult:
+        argv = [*self._runc_prefix(), "exec", "--pid-file", str(pidfile), handle.id, *cmd]
+        log_command(argv)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return _abort_exec(proc, pidfile)
+        return ExecResult(proc.returncode, stdout, stderr)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _runc_prefix(self) -> list[str]:
+        return [_resolve(self.runtime_path), "--root", str(self.runtime_root)]
+
+    def _runc(self, *args: str, input: bytes | None = None, what: str = "") -> subprocess.CompletedProcess[bytes]:
+        """Run a runtime subcommand; map its "no such container" / "wrong state" errors to CRI codes."""
+        argv = [*self._runc_prefix(), *args]
+        result = run_command(argv, input=input, timeout=self.command_timeout, what=what)
+        if result.returncode == 0:
+            return result
+        detail = runtime_error_text(result.stderr)
+        if any(hint in detail for hint in _NOT_FOUND_HINTS):
+            raise NotFound(f"{what}: {self.name}: {detail}")
+        if any(hint in detail for hint in _PRECONDITION_HINTS):
+            raise FailedPrecondition(f"{what}: {self.name}: {detail}")
+        raise RuntimeCommandError(argv, result.stderr, result.returncode, what)
+
+    def _wait_conmon_gone(self, paths: _Paths) -> None:
+        """conmon exits once its container is reaped; make sure it does, killing it if stuck."""
+        if _wait_for(lambda: not _conmon_alive(paths), _CONMON_EXIT_WAIT):
+            return
+        pid = _read_int(paths.conmon_pidfile)
+        if pid:
+            log.warning("conmon %d of container %s did not exit: killing it", pid, paths.handle.id)
+            _signal_pid(pid, signal.SIGKILL)
+            _wait_for(lambda: not _conmon_alive(paths), _CONMON_EXIT_WAIT)
+
+
+# -- conmon sync pipe ----------------------------------------------------------------------
+
+
+def _read_sync_message(fd: int, deadline: float) -> dict | None:  # type: ignore[type-arg]
+    """conmon's first JSON line on the sync pipe ({"data": pid} or {"data": -1, "message": ...})."""
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("conmon reported no container pid in time")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    line = data.split(b"\n", 1)[0].strip()
+    return json.loads(line) if line else None  # type: ignore[no-any-return]
+
+
+# -- exec timeout --------------------------------------------------------------------------
+
+
+def _abort_exec(proc: subprocess.Popen[bytes], pidfile: Path) -> ExecResult:
+    """Kill a timed-out exec (the process in the container and runc exec) and keep its output."""
+    # runc writes the pid file just after starting the process: a very short timeout can beat it
+    exec_pid = _wait_for(lambda: _read_int(pidfile), _EXEC_PIDFILE_WAIT if proc.poll() is None else 0.0)
+    killed = _kill_tree(exec_pid) if exec_pid else []
+    _signal_group(proc.pid, signal.SIGKILL)
+    # SIGKILL lands asynchronously: return only once the command's processes are gone
+    _wait_for(lambda: not any(_alive(pid) for pid in killed), _EXEC_DRAIN_WAIT)
+    try:
+        stdout, stderr = proc.communicate(timeout=_EXEC_DRAIN_WAIT)
+    except subprocess.TimeoutExpired as exc:
+        # something in the container still holds the pipes: give up on the rest
+        stdout, stderr = exc.stdout or b"", exc.stderr or b""
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
+        proc.wait()
+    return ExecResult(-1, stdout or b"", stderr or b"", timed_out=True)
+
+
+def _kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process and all its descendants (collected first: killed parents lose them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            ppid = _ppid(int(entry.name))
+            if ppid:
+                children.setdefault(ppid, []).append(int(entry.name))
+    todo, tree = [pid], []
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    for member in tree:
+        _signal_pid(member, signal.SIGKILL)
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _ppid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def _conmon_alive(paths: _Paths) -> bool:
+    """Whether this container's conmon still runs (zombies and recycled pids do not count)."""
+    pid = _read_int(paths.conmon_pidfile)
+    if not pid or not _alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"conmon" in cmdline and paths.handle.id.encode() in cmdline
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def _read_exit_file(path: Path) -> tuple[int, int] | None:
+    """(exit code, finished ns) from conmon's exit file, or None while there is none."""
+    try:
+        text = path.read_text().strip()
+        finished = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+    if not text:
+        return None  # conmon is still writing it
+    return int(text), finished
+
+
+def _read_started(paths: _Paths) -> int:
+    return _read_int(paths.started_file)
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _tail(path: Path, limit: int = 1000) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return text[-limit:]
+
+
+def _wait_for(check, timeout: float, interval: float = 0.02):  # type: ignore[no-untyped-def]
+    """Poll `check()` until it returns something truthy or `timeout` s pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+# -- binaries ------------------------------------------------------------------------------
+
+
+def _resolve(binary: str) -> str:
+    """An absolute path for `binary` (conmon execs the runtime without a PATH search)."""
+    return shutil.which(binary) or binary
+
+
+def _binary_runs(binary: str) -> tuple[bool, str]:
+    path = shutil.which(binary)
+    if path is None:
+        return False, f"{binary} not found (not an executable file, nor in PATH)"
+    try:
+        result = run_command([path, "--version"], timeout=10)
+    except RuntimeCommandError as exc:
+        return False, str(exc)
+    if result.returncode != 0:
+        return False, f"`{path} --version` failed (exit {result.returncode}): {runtime_error_text(result.stderr)}"
+    return True, ""
+
+
+# -- cgroups (only what the monitor needs; container cgroups are the runtime's business) ----
+
+
+def _mount_types() -> dict[str, str]:
+    """Mount point -> filesystem type, from /proc/self/mountinfo."""
+    types: dict[str, str] = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        head, _, tail = line.partition(" - ")
+        fields = head.split()
+        if len(fields) > 4 and tail:
+            types[fields[4]] = tail.split()[0]
+    return types
+
+
+def cgroup_mode() -> str:
+    """"unified" (v2 only), "hybrid" (v1 controllers + a v2 tree with controllers) or "legacy"."""
+    types = _mount_types()
+    root = str(CGROUP_ROOT)
+    if types.get(root) == "cgroup2":
+        return "unified"
+    unified = f"{root}/unified"
+    if types.get(unified) == "cgroup2":
+        try:
+            controllers = Path(unified, "cgroup.controllers").read_text().split()
+        except OSError:
+            controllers = []
+        if controllers:
+            return "hybrid"
+    return "legacy"
+
+
+def join_cgroup(pid: int, cgroup: str) -> None:
+    """Move `pid` into the cgroupfs path `cgroup` (absolute) in every hierarchy, creating it."""
+    relative = cgroup.strip("/")
+    if cgroup_mode() == "unified":
+        _join_one(CGROUP_ROOT, relative, pid)
+        return
+    for hierarchy in sorted(CGROUP_ROOT.iterdir()):
+        if (hierarchy / "cgroup.procs").exists() and not hierarchy.is_symlink():
+            _join_one(hierarchy, relative, pid)
+
+
+def _join_one(hierarchy: Path, relative: str, pid: int) -> None:
+    target = hierarchy / relative
+    target.mkdir(parents=True, exist_ok=True)
+    if hierarchy.name == "cpuset":
+        _init_cpuset(hierarchy, target)
+    try:
+        (target / "cgroup.procs").write_text(str(pid))
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _init_cpuset(hierarchy: Path, target: Path) -> None:
+    """A new v1 cpuset has no cpus/mems and refuses members: inherit them from the parents."""
+    chain = [target]
+    while chain[-1] != hierarchy:
+        chain.append(chain[-1].parent)
+    for directory in reversed(chain[:-1]):
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            own = directory / name
+            if not own.read_text().strip():
+                own.write_text((directory.parent / name).read_text())
+
+
+def _cgroup_oom_kills(bundle: Path) -> int:
+    """The memory cgroup's oom_kill count for the container in `bundle` (0 if unknown)."""
+    try:
+        spec = json.loads((bundle / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    path = str(spec.get("linux", {}).get("cgroupsPath", ""))
+    if not path.startswith("/"):
+        return 0  # relative or systemd-style paths: leave it to conmon's marker
+    candidates = (
+        (CGROUP_ROOT / "memory" / path.lstrip("/") / "memory.oom_control"),
+        (CGROUP_ROOT / path.lstrip("/") / "memory.events"),
+    )
+    for candidate in candidates:
+        try:
+            text = candidate.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    return 0

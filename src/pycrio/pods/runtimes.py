@@ -1,0 +1,54 @@
+"""Runtime handlers by name, built once from `[pycrio.runtime]`; the CRI picks one per pod."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pycrio.config import Config
+from pycrio.errors import FailedPrecondition, InvalidArgument
+from pycrio.oci.runtime import Runtime
+from pycrio.oci.runtime_oci import OCIRuntime
+
+
+class RuntimeHandlers:
+    """The configured handlers; "" means the default one."""
+
+    def __init__(self, config: Config) -> None:
+        self.default = config.runtime.default_runtime
+        self._handlers: dict[str, Runtime] = {}
+        self._types: dict[str, str] = {}
+        for name, handler in config.runtime.runtimes.items():
+            root = Path(handler.runtime_root or Path(config.runroot) / "runtimes" / name)
+            self._types[name] = handler.runtime_type
+            if handler.runtime_type == "oci":
+                path = handler.runtime_path or name
+                self._handlers[name] = OCIRuntime(
+                    name, shutil.which(path) or path, root, conmon_path=config.runtime.conmon
+                )
+
+    def get(self, name: str) -> Runtime:
+        """The runtime for a CRI `runtime_handler`; unknown or unusable ones are clear errors."""
+        key = name or self.default
+        if key not in self._types:
+            known = ", ".join(sorted(self._types))
+            raise InvalidArgument(f"runtime handler {key!r} is not configured (configured: {known})")
+        runtime = self._handlers.get(key)
+        if runtime is None:
+            raise FailedPrecondition(f"runtime handler {key!r} has type {self._types[key]!r}, not supported yet")
+        ok, why = runtime.available()
+        if not ok:
+            raise FailedPrecondition(f"runtime handler {key!r} cannot run here: {why}")
+        return runtime
+
+    def name_of(self, name: str) -> str:
+        return name or self.default
+
+    def report(self) -> dict[str, dict[str, object]]:
+        """Each handler's usability, for Status(verbose)."""
+        result: dict[str, dict[str, object]] = {}
+        for name, kind in self._types.items():
+            runtime = self._handlers.get(name)
+            ok, why = runtime.available() if runtime else (False, f"runtime_type {kind!r} not supported yet")
+            result[name] = {"runtime_type": kind, "available": ok, "reason": why}
+        return result

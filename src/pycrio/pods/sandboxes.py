@@ -1,0 +1,246 @@
+"""Pod sandbox lifecycle: pinned namespaces, pod files, CNI network, infra process when needed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from pycrio.config import Config
+from pycrio.cri import api_pb2
+from pycrio.errors import CRIError, InvalidArgument, NotFound
+from pycrio.network.cni import CNIManager, PodNetworkRequest, PortMapping
+from pycrio.network.namespaces import pin_namespaces, unpin_namespaces
+from pycrio.oci import cgroups, spec
+from pycrio.oci.runtime import ContainerHandle
+from pycrio.pods.containers import ContainerManager, sandbox_info
+from pycrio.pods.runtimes import RuntimeHandlers
+from pycrio.state import SandboxRecord, StateStore
+from pycrio.state.records import SANDBOX_NOTREADY, SANDBOX_READY, encode_message
+from pycrio.tracing import step_span
+
+log = logging.getLogger("pycrio.pods")
+
+SHM_SIZE = "64m"
+
+
+def sandbox_name(config: api_pb2.PodSandboxConfig) -> str:
+    md = config.metadata
+    return f"k8s_POD_{md.name}_{md.namespace}_{md.uid}_{md.attempt}"
+
+
+def validate(config: api_pb2.PodSandboxConfig) -> None:
+    md = config.metadata
+    missing = [f for f in ("name", "namespace", "uid") if not getattr(md, f)]
+    if not config.HasField("metadata") or missing:
+        raise InvalidArgument(f"pod sandbox metadata must have name, namespace and uid (missing: {', '.join(missing) or 'metadata'})")
+
+
+class SandboxManager:
+    """Runs, stops and removes pod sandboxes."""
+
+    def __init__(
+        self,
+        config: Config,
+        state: StateStore,
+        handlers: RuntimeHandlers,
+        cni: CNIManager,
+        containers: ContainerManager,
+    ) -> None:
+        self.state = state
+        self.handlers = handlers
+        self.cni = cni
+        self.containers = containers
+        self.directory = Path(config.runroot) / "pods"
+
+    def run(self, config: api_pb2.PodSandboxConfig, runtime_handler: str) -> str:
+        validate(config)
+        handler = self.handlers.name_of(runtime_handler)
+        runtime = self.handlers.get(handler)
+        pod_id = secrets.token_hex(32)
+        name = sandbox_name(config)
+        self.state.reserve_name(name, pod_id)
+        record = SandboxRecord(
+            id=pod_id,
+            config=encode_message(config),
+            runtime_handler=handler,
+            created_at=time.time_ns(),
+            state=SANDBOX_NOTREADY,
+            cgroup_parent=config.linux.cgroup_parent,
+            directory=str(self.directory / pod_id),
+        )
+        try:
+            with self.state.locks.hold(pod_id):
+                self._setup(record, config, runtime)
+        except BaseException:
+            self._teardown(record)
+            self._delete_files(record)
+            self.state.remove_pod(pod_id)
+            self.state.release_name(name)
+            raise
+        log.info("pod sandbox %s (%s/%s) ready, ip %s", pod_id, config.metadata.namespace, config.metadata.name,
+                 ", ".join(record.ips) or "host network")
+        return pod_id
+
+    def _setup(self, record: SandboxRecord, config: api_pb2.PodSandboxConfig, runtime) -> None:
+        directory = Path(record.directory)
+        directory.mkdir(parents=True)
+        self.state.save_pod(record)  # from here on a crash leaves a record restart can clean up
+        opts = config.linux.security_context.namespace_options
+        host_network = opts.network == api_pb2.NODE
+        kinds = [] if host_network else ["net", "uts"]
+        if opts.ipc != api_pb2.NODE:
+            kinds.append("ipc")
+        with step_span("create_namespaces", **{"pod.id": record.id, "kinds": ",".join(kinds)}):
+            pinned = pin_namespaces(
+                directory / "ns", kinds, hostname=config.hostname or None, sysctls=dict(config.linux.sysctls)
+            ) if kinds else {}
+        record.namespaces = {k: str(v) for k, v in pinned.items()}
+        self._write_files(directory, config)
+        if opts.ipc != api_pb2.NODE:
+            self._mount_shm(directory / "shm")
+        self.state.save_pod(record)
+        if not host_network:
+            result = self.cni.add(
+                PodNetworkRequest(
+                    pod_id=record.id,
+                    name=config.metadata.name,
+                    namespace=config.metadata.namespace,
+                    uid=config.metadata.uid,
+                    netns=Path(record.namespaces["net"]),
+                    port_mappings=[
+                        PortMapping(
+                            container_port=p.container_port,
+                            host_port=p.host_port,
+                            protocol={0: "tcp", 1: "udp", 2: "sctp"}.get(p.protocol, "tcp"),
+                            host_ip=p.host_ip,
+                        )
+                        for p in config.port_mappings
+                        if p.host_port
+                    ],
+                )
+            )
+            record.ips = list(result.ips)
+            self._write_hosts(directory, config, record.ips)
+        if opts.pid == api_pb2.POD:
+            self._start_infra(record, runtime)
+        record.state = SANDBOX_READY
+        self.state.save_pod(record)
+
+    @staticmethod
+    def _write_files(directory: Path, config: api_pb2.PodSandboxConfig) -> None:
+        (directory / "hostname").write_text((config.hostname or os.uname().nodename) + "\n")
+        dns = config.dns_config
+        if dns.servers or dns.searches or dns.options:
+            lines = [f"nameserver {s}" for s in dns.servers]
+            if dns.searches:
+                lines.append("search " + " ".join(dns.searches))
+            if dns.options:
+                lines.append("options " + " ".join(dns.options))
+            (directory / "resolv.conf").write_text("\n".join(lines) + "\n")
+        elif Path("/etc/resolv.conf").exists():
+            shutil.copyfile("/etc/resolv.conf", directory / "resolv.conf")
+        SandboxManager._write_hosts(directory, config, [])
+
+    @staticmethod
+    def _write_hosts(directory: Path, config: api_pb2.PodSandboxConfig, ips: list[str]) -> None:
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        hostname = config.hostname or config.metadata.name
+        lines += [f"{ip}\t{hostname}" for ip in ips]
+        (directory / "hosts").write_text("\n".join(lines) + "\n")
+
+    @staticmethod
+    def _mount_shm(path: Path) -> None:
+        path.mkdir(exist_ok=True)
+        _run(["mount", "-t", "tmpfs", "-o", f"mode=1777,size={SHM_SIZE},nosuid,nodev,noexec", "shm", str(path)])
+
+    def _start_infra(self, record: SandboxRecord, runtime) -> None:
+        """A catatonit process holding the pod's PID namespace (only when containers share it)."""
+        infra_id = f"{record.id[:52]}infra"
+        bundle = Path(record.directory) / "infra"
+        rootfs = spec.infra_rootfs(bundle / "rootfs")
+        oci_spec = spec.sandbox_infra_spec(sandbox_info(record), rootfs)
+        (bundle / "config.json").write_text(json.dumps(oci_spec))
+        handle = ContainerHandle(
+            id=infra_id, bundle=bundle, log_path=bundle / "infra.log", state_dir=bundle / "conmon", pod_id=record.id
+        )
+        record.infra_id = infra_id
+        self.state.save_pod(record)
+        record.infra_pid = runtime.create(handle)
+        runtime.start(handle)
+
+    def _infra_handle(self, record: SandboxRecord) -> ContainerHandle:
+        bundle = Path(record.directory) / "infra"
+        return ContainerHandle(
+            id=record.infra_id, bundle=bundle, log_path=bundle / "infra.log", state_dir=bundle / "conmon",
+            pod_id=record.id,
+        )
+
+    def stop(self, pod_id: str) -> None:
+        """Stop every container, tear down network and namespaces; stopping twice is fine."""
+        try:
+            record = self.state.get_pod(pod_id)
+        except NotFound:
+            return
+        with self.state.locks.hold(record.id):
+            for container in self.state.containers_of(record.id):
+                self.containers.stop(container.id, 0)
+            self._teardown(record)
+            record.state = SANDBOX_NOTREADY
+            self.state.save_pod(record)
+            log.info("pod sandbox %s stopped", record.id)
+
+    def _teardown(self, record: SandboxRecord) -> None:
+        """Release what a pod holds on the host; each step tolerates having been done already."""
+        if record.infra_id:
+            try:
+                runtime = self.handlers.get(record.runtime_handler)
+                handle = self._infra_handle(record)
+                runtime.stop(handle, 0)
+                runtime.delete(handle)
+            except CRIError as exc:
+                log.warning("pod %s: removing infra process: %s", record.id, exc)
+            record.infra_pid = 0
+        net = record.namespaces.get("net")
+        if net or record.ips:
+            self.cni.delete(record.id, Path(net) if net and Path(net).exists() else None)
+            record.ips = []
+        directory = Path(record.directory)
+        if os.path.ismount(directory / "shm"):
+            _run(["umount", "-l", str(directory / "shm")])
+        if record.namespaces:
+            with step_span("remove_namespaces", **{"pod.id": record.id}):
+                unpin_namespaces(directory / "ns")
+            record.namespaces = {}
+        cgroups.remove_cgroup(cgroups.cgroups_path(record.cgroup_parent, record.id, None))
+
+    def remove(self, pod_id: str) -> None:
+        """Stop the pod, remove its containers and everything it made; removing twice is fine."""
+        try:
+            record = self.state.get_pod(pod_id)
+        except NotFound:
+            return
+        self.stop(record.id)
+        with self.state.locks.hold(record.id):
+            for container in self.state.containers_of(record.id):
+                self.containers.remove(container.id)
+            self._delete_files(record)
+            self.state.remove_pod(record.id)
+            self.state.release_name(sandbox_name(record.pod_config))
+            log.info("pod sandbox %s removed", record.id)
+
+    @staticmethod
+    def _delete_files(record: SandboxRecord) -> None:
+        shutil.rmtree(record.directory, ignore_errors=True)
+
+
+def _run(argv: list[str]) -> None:
+    log.debug("running: %s", " ".join(argv))
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CRIError(f"{' '.join(argv)} failed: {result.stderr.strip()}")

@@ -1,0 +1,249 @@
+"""Real pods and containers through the real crictl: runc + conmon, CNI bridge, busybox image."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pycrio.cri import api_pb2
+from tests.harness import PycrioDaemon, tracing_args
+from tests.otlp_receiver import OTLPReceiver
+from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
+
+TEST_BRIDGE = "pycriotest9"
+TEST_SUBNET = "10.129.0.0/24"
+
+
+def conflist(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "10-test.conflist").write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": "pycrio-test",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": TEST_BRIDGE,
+                        "isGateway": True,
+                        "ipMasq": True,
+                        "hairpinMode": True,
+                        "ipam": {"type": "host-local", "ranges": [[{"subnet": TEST_SUBNET}]],
+                                 "routes": [{"dst": "0.0.0.0/0"}]},
+                    },
+                    {"type": "portmap", "capabilities": {"portMappings": True}},
+                ],
+            }
+        )
+    )
+    return directory
+
+
+@pytest.fixture
+def busybox(image_builder: ImageBuilder) -> BuiltImage:
+    return image_builder.busybox("pods/busybox", "1")
+
+
+@pytest.fixture
+def pod_daemon(make_daemon, tmp_path: Path, registry: TestRegistry, receiver: OTLPReceiver, busybox) -> PycrioDaemon:
+    netdir = conflist(tmp_path / "net.d")
+    daemon = make_daemon(
+        config_text=(
+            f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
+            f'[pycrio.network]\nnetwork_dir = "{netdir}"\n'
+        ),
+        args=tracing_args(receiver.endpoint),
+    )
+    daemon.crictl("pull", busybox.reference)
+    yield daemon
+    # Whatever a test left behind goes, so the next test and the host start clean...
+    for pod in json.loads(daemon.crictl("pods", "-o", "json").stdout).get("items", []):
+        daemon.crictl("rmp", "-f", pod["id"], check=False)
+    # ...and then nothing of pycrio may remain on the host.
+    assert_nothing_left(daemon)
+
+
+def assert_nothing_left(daemon: PycrioDaemon) -> None:
+    base = str(daemon.base)
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if base in line]
+    assert mounts == [], mounts
+    procs = subprocess.run(["pgrep", "-af", "conmon"], capture_output=True, text=True).stdout
+    assert base not in procs, procs
+    cgroups = [p for p in Path("/sys/fs/cgroup/memory/pycrio").glob("*")] if Path("/sys/fs/cgroup/memory/pycrio").exists() else []
+    assert [p for p in cgroups if p.is_dir()] == []
+    links = subprocess.run(["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True).stdout
+    assert links.strip() == "", links
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+    assert TEST_SUBNET.split("/")[0].rsplit(".", 1)[0] not in rules
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_bridge():
+    yield
+    subprocess.run(["ip", "link", "delete", TEST_BRIDGE], capture_output=True)
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def pod_config(tmp_path: Path, name: str = "web", **linux: object) -> Path:
+    return write_json(
+        tmp_path / f"pod-{name}.json",
+        {
+            "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}", "attempt": 0},
+            "hostname": name,
+            "log_directory": str(tmp_path / "logs" / name),
+            "linux": linux or {},
+        },
+    )
+
+
+def container_config(tmp_path: Path, image: str, name: str, command: list[str], **extra: object) -> Path:
+    return write_json(
+        tmp_path / f"ctr-{name}.json",
+        {"metadata": {"name": name}, "image": {"image": image}, "command": command, "log_path": f"{name}.log", **extra},
+    )
+
+
+def wait_for_state(daemon: PycrioDaemon, container_id: str, state: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = json.loads(daemon.crictl("inspect", container_id).stdout)["status"]
+        if status["state"] == state or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def test_full_lifecycle_with_crictl(pod_daemon: PycrioDaemon, busybox: BuiltImage, tmp_path: Path) -> None:
+    d = pod_daemon
+    pod_id = d.crictl("runp", str(pod_config(tmp_path))).stdout.strip()
+    assert len(pod_id) == 64
+    pods = json.loads(d.crictl("pods", "-o", "json").stdout)["items"]
+    assert [(p["id"], p["state"]) for p in pods] == [(pod_id, "SANDBOX_READY")]
+    podstatus = json.loads(d.crictl("inspectp", pod_id).stdout)["status"]
+    ip = podstatus["network"]["ip"]
+    assert ip.startswith("10.129.0.")
+
+    script = "echo hello-out; echo hello-err >&2; exec sleep 1000"
+    ctr = container_config(tmp_path, busybox.reference, "app", ["/bin/sh", "-c", script])
+    cid = d.crictl("create", pod_id, str(ctr), str(pod_config(tmp_path))).stdout.strip()
+    assert json.loads(d.crictl("inspect", cid).stdout)["status"]["state"] == "CONTAINER_CREATED"
+    d.crictl("start", cid)
+    assert wait_for_state(d, cid, "CONTAINER_RUNNING")["state"] == "CONTAINER_RUNNING"
+    listed = json.loads(d.crictl("ps", "-a", "-o", "json").stdout)["containers"]
+    assert [(c["id"], c["state"], c["podSandboxId"]) for c in listed] == [(cid, "CONTAINER_RUNNING", pod_id)]
+
+    deadline = time.monotonic() + 10
+    logs = ""
+    while "hello-err" not in logs and time.monotonic() < deadline:
+        result = d.crictl("logs", cid)
+        logs = result.stdout + result.stderr
+        time.sleep(0.2)
+    assert "hello-out" in logs and "hello-err" in logs
+    raw = (tmp_path / "logs" / "web" / "app.log").read_text()
+    assert " stdout F hello-out" in raw and " stderr F hello-err" in raw
+
+    out = d.crictl("exec", "-s", cid, "/bin/sh", "-c", "hostname; echo in-exec")
+    assert out.stdout.split() == ["web", "in-exec"]
+    with d.channel() as ch:
+        result = d.runtime(ch).ExecSync(
+            api_pb2.ExecSyncRequest(container_id=cid, cmd=["/bin/sh", "-c", "echo o; echo e >&2; exit 7"], timeout=10),
+            timeout=30,
+        )
+    assert (result.stdout, result.stderr, result.exit_code) == (b"o\n", b"e\n", 7)
+    failing = d.crictl("exec", "-s", cid, "/bin/sh", "-c", "exit 7", check=False)
+    assert failing.returncode != 0 and "exited with 7" in failing.stderr
+
+    d.crictl("stop", "-t", "2", cid)
+    stopped = wait_for_state(d, cid, "CONTAINER_EXITED")
+    assert stopped["state"] == "CONTAINER_EXITED"
+    d.crictl("rm", cid)
+    assert json.loads(d.crictl("ps", "-a", "-o", "json").stdout)["containers"] == []
+    d.crictl("stopp", pod_id)
+    assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"][0]["state"] == "SANDBOX_NOTREADY"
+    d.crictl("rmp", pod_id)
+    assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"] == []
+
+
+def test_exit_code_of_a_finished_container(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    pod_id = d.crictl("runp", str(pod_config(tmp_path, "job"))).stdout.strip()
+    ctr = container_config(tmp_path, busybox.reference, "job", ["/bin/sh", "-c", "exit 3"])
+    cid = d.crictl("create", pod_id, str(ctr), str(pod_config(tmp_path, "job"))).stdout.strip()
+    d.crictl("start", cid)
+    status = wait_for_state(d, cid, "CONTAINER_EXITED")
+    assert status["exitCode"] == 3
+    assert status["reason"] == "Error"
+    d.crictl("rmp", "-f", pod_id)
+
+
+def test_pod_answers_on_its_ip(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    pod_id = d.crictl("runp", str(pod_config(tmp_path, "httpd"))).stdout.strip()
+    ip = json.loads(d.crictl("inspectp", pod_id).stdout)["status"]["network"]["ip"]
+    ctr = container_config(
+        tmp_path, busybox.reference, "httpd",
+        ["/bin/sh", "-c", "mkdir -p /www && echo pod-says-hi > /www/index.html && exec busybox httpd -f -p 8080 -h /www"],
+    )
+    cid = d.crictl("create", pod_id, str(ctr), str(pod_config(tmp_path, "httpd"))).stdout.strip()
+    d.crictl("start", cid)
+    deadline = time.monotonic() + 15
+    body = ""
+    while time.monotonic() < deadline:
+        result = subprocess.run(["busybox", "wget", "-qO-", f"http://{ip}:8080/"], capture_output=True, text=True)
+        body = result.stdout
+        if "pod-says-hi" in body:
+            break
+        time.sleep(0.3)
+    assert "pod-says-hi" in body
+    d.crictl("rmp", "-f", pod_id)
+
+
+def test_bad_requests(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    with d.channel() as ch:
+        rt = d.runtime(ch)
+        for call, request, code in [
+            (rt.RunPodSandbox, api_pb2.RunPodSandboxRequest(config=api_pb2.PodSandboxConfig()), grpc.StatusCode.INVALID_ARGUMENT),
+            (rt.RunPodSandbox, api_pb2.RunPodSandboxRequest(
+                config=api_pb2.PodSandboxConfig(metadata=api_pb2.PodSandboxMetadata(name="a", namespace="b", uid="c")),
+                runtime_handler="nosuch"), grpc.StatusCode.INVALID_ARGUMENT),
+            (rt.StartContainer, api_pb2.StartContainerRequest(container_id="0" * 64), grpc.StatusCode.NOT_FOUND),
+            (rt.CreateContainer, api_pb2.CreateContainerRequest(pod_sandbox_id="f" * 64, config=api_pb2.ContainerConfig(
+                metadata=api_pb2.ContainerMetadata(name="x"), image=api_pb2.ImageSpec(image="busybox"))),
+             grpc.StatusCode.NOT_FOUND),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, timeout=30)
+            assert err.value.code() == code, err.value.details()
+            assert err.value.details()
+    # Create in a stopped pod; double start; remove of a running container.
+    pod_id = d.crictl("runp", str(pod_config(tmp_path, "bad"))).stdout.strip()
+    ctr = container_config(tmp_path, busybox.reference, "sleeper", ["/bin/sleep", "1000"])
+    cid = d.crictl("create", pod_id, str(ctr), str(pod_config(tmp_path, "bad"))).stdout.strip()
+    d.crictl("start", cid)
+    again = d.crictl("start", cid, check=False)
+    assert again.returncode != 0 and "not created" in again.stderr
+    d.crictl("rm", "-f", cid)
+    d.crictl("stopp", pod_id)
+    late = d.crictl("create", pod_id, str(ctr), str(pod_config(tmp_path, "bad")), check=False)
+    assert late.returncode != 0 and "not ready" in late.stderr
+    d.crictl("rmp", pod_id)
+    assert d.version().runtime_name == "pycrio"
+
+
+def test_run_pod_sandbox_trace_shows_the_steps(pod_daemon, tmp_path, receiver) -> None:
+    d = pod_daemon
+    pod_id = d.crictl("runp", str(pod_config(tmp_path, "traced")), tracing_endpoint=receiver.endpoint).stdout.strip()
+    [root] = receiver.wait_for(lambda s: s.name == "/runtime.v1.RuntimeService/RunPodSandbox")
+    spans = receiver.settle(quiet=0.5)
+    children = {s.name for s in spans if s.parent_span_id == root.span_id}
+    assert {"create_namespaces", "cni_add"} <= children
+    d.crictl("rmp", "-f", pod_id)
