@@ -15,7 +15,7 @@ JAEGER_VERSION    := v1.76.0
 
 # Debian packages the daemon and tests need (later issues add runc, conmon, skopeo...).
 APT_PACKAGES := ca-certificates procps docker-registry umoci skopeo busybox-static apache2-utils \
-  runc conmon catatonit containernetworking-plugins iproute2 iptables
+  runc crun conmon catatonit containernetworking-plugins iproute2 iptables
 
 CRI_OUT   := src/pycrio/cri
 CRI_STUBS := $(CRI_OUT)/api_pb2.py $(CRI_OUT)/api_pb2_grpc.py

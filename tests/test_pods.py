@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from pycrio.cri import api_pb2
+from pycrio.oci import cgroups
 from tests.harness import PycrioDaemon, tracing_args
 from tests.otlp_receiver import OTLPReceiver
 from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
@@ -56,6 +57,7 @@ def pod_daemon(make_daemon, tmp_path: Path, registry: TestRegistry, receiver: OT
         config_text=(
             f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
             f'[pycrio.network]\nnetwork_dir = "{netdir}"\n'
+            f'[pycrio.runtime]\npod_cgroup_parent = "/pycrio-podtest-{tmp_path.name}"\n'
         ),
         args=tracing_args(receiver.endpoint),
     )
@@ -74,8 +76,9 @@ def assert_nothing_left(daemon: PycrioDaemon) -> None:
     assert mounts == [], mounts
     procs = subprocess.run(["pgrep", "-af", "conmon"], capture_output=True, text=True).stdout
     assert base not in procs, procs
-    cgroups = [p for p in Path("/sys/fs/cgroup/memory/pycrio").glob("*")] if Path("/sys/fs/cgroup/memory/pycrio").exists() else []
-    assert [p for p in cgroups if p.is_dir()] == []
+    parent = f"/pycrio-podtest-{daemon.base.parent.name}"
+    assert [p for p in Path(f"/sys/fs/cgroup/memory{parent}").glob("*") if p.is_dir()] == [], "pod cgroups left"
+    cgroups.remove_cgroup(parent)  # the per-test parent itself, in every hierarchy
     links = subprocess.run(["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True).stdout
     assert links.strip() == "", links
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
@@ -246,4 +249,106 @@ def test_run_pod_sandbox_trace_shows_the_steps(pod_daemon, tmp_path, receiver) -
     spans = receiver.settle(quiet=0.5)
     children = {s.name for s in spans if s.parent_span_id == root.span_id}
     assert {"create_namespaces", "cni_add"} <= children
+    d.crictl("rmp", "-f", pod_id)
+
+
+def run_container(d: PycrioDaemon, tmp_path: Path, image: str, pod: str, name: str, command: list[str],
+                  pod_linux: dict | None = None, **extra: object) -> tuple[str, str]:
+    """runp + create + start; returns (pod id, container id)."""
+    podfile = pod_config(tmp_path, pod, **(pod_linux or {}))
+    pod_id = d.crictl("runp", str(podfile)).stdout.strip()
+    cid = d.crictl("create", pod_id, str(container_config(tmp_path, image, name, command, **extra)), str(podfile)).stdout.strip()
+    d.crictl("start", cid)
+    return pod_id, cid
+
+
+def test_stats_from_the_cgroups(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    pod_id, cid = run_container(
+        d, tmp_path, busybox.reference, "stats", "eater",
+        ["/bin/sh", "-c", "head -c 20000000 /dev/zero > /dev/shm/fill 2>/dev/null || true; dd if=/dev/zero of=/big bs=1M count=3; exec sleep 1000"],
+    )
+    wait_for_state(d, cid, "CONTAINER_RUNNING")
+    time.sleep(1)
+    stats = json.loads(d.crictl("stats", "-o", "json", cid).stdout)["stats"][0]
+    assert int(stats["cpu"]["usageCoreNanoSeconds"]["value"]) > 0
+    assert int(stats["memory"]["workingSetBytes"]["value"]) > 0
+    assert int(stats["writableLayer"]["usedBytes"]["value"]) >= 3 * 1024 * 1024
+    podstats = json.loads(d.crictl("statsp", "-o", "json", pod_id).stdout)["stats"][0]
+    assert int(podstats["linux"]["memory"]["workingSetBytes"]["value"]) > 0
+    assert [c["attributes"]["id"] for c in podstats["linux"]["containers"]] == [cid]
+    d.crictl("rmp", "-f", pod_id)
+
+
+def test_container_survives_a_daemon_kill(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    pod_id, running = run_container(d, tmp_path, busybox.reference, "survivor", "long", ["/bin/sleep", "1000"])
+    short = d.crictl("create", pod_id, str(container_config(tmp_path, busybox.reference, "short",
+                                                            ["/bin/sh", "-c", "sleep 2; exit 5"])),
+                     str(pod_config(tmp_path, "survivor"))).stdout.strip()
+    d.crictl("start", short)
+    wait_for_state(d, running, "CONTAINER_RUNNING")
+    d.stop(sig=9)
+    time.sleep(3)  # `short` exits while no daemon watches
+    d.start()
+    assert wait_for_state(d, running, "CONTAINER_RUNNING")["state"] == "CONTAINER_RUNNING"
+    exited = wait_for_state(d, short, "CONTAINER_EXITED")
+    assert exited["exitCode"] == 5
+    assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"][0]["state"] == "SANDBOX_READY"
+    out = d.crictl("exec", "-s", running, "/bin/sh", "-c", "echo still-here").stdout
+    assert "still-here" in out
+    d.crictl("stop", "-t", "1", running)
+    assert wait_for_state(d, running, "CONTAINER_EXITED")["state"] == "CONTAINER_EXITED"
+    d.crictl("rmp", "-f", pod_id)
+
+
+def test_oom_killed_with_a_small_memory_limit(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    pod_id, cid = run_container(
+        d, tmp_path, busybox.reference, "oom", "hog",
+        ["/bin/sh", "-c", "x=a; while true; do x=$x$x; done"],
+        linux={"resources": {"memory_limit_in_bytes": 16 * 1024 * 1024}},
+    )
+    status = wait_for_state(d, cid, "CONTAINER_EXITED", timeout=60)
+    assert status["state"] == "CONTAINER_EXITED"
+    assert status["reason"] == "OOMKilled", status
+    d.crictl("rmp", "-f", pod_id)
+
+
+def test_shared_pid_namespace(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    shared = {"security_context": {"namespace_options": {"pid": 0}}}  # POD
+    pod_id, first = run_container(d, tmp_path, busybox.reference, "sharing", "first", ["/bin/sleep", "1000"],
+                                  pod_linux=shared)
+    second = d.crictl("create", pod_id, str(container_config(
+        tmp_path, busybox.reference, "second", ["/bin/sleep", "2000"],
+        linux={"security_context": {"namespace_options": {"pid": 0}}})),
+        str(pod_config(tmp_path, "sharing", **shared))).stdout.strip()
+    d.crictl("start", second)
+    wait_for_state(d, second, "CONTAINER_RUNNING")
+    ps = d.crictl("exec", "-s", second, "/bin/busybox", "ps").stdout
+    assert "sleep 1000" in ps and "sleep 2000" in ps
+    assert "catatonit" in ps  # the pod's infra process holds the namespace as PID 1
+    d.crictl("rmp", "-f", pod_id)
+
+
+def test_update_resources_and_reopen_log(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    pod_id, cid = run_container(d, tmp_path, busybox.reference, "upd", "app",
+                                ["/bin/sh", "-c", "while true; do echo tick; sleep 0.2; done"])
+    wait_for_state(d, cid, "CONTAINER_RUNNING")
+    d.crictl("update", "--memory", str(64 * 1024 * 1024), cid)
+    spec = json.loads(d.crictl("inspect", cid).stdout)["info"]["runtimeSpec"]
+    path = spec["linux"]["cgroupsPath"]
+    limit = Path(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes").read_text().strip()
+    assert int(limit) == 64 * 1024 * 1024
+    log = tmp_path / "logs" / "upd" / "app.log"
+    time.sleep(0.5)
+    log.rename(log.with_suffix(".1"))
+    with d.channel() as ch:
+        d.runtime(ch).ReopenContainerLog(api_pb2.ReopenContainerLogRequest(container_id=cid), timeout=10)
+    deadline = time.monotonic() + 5
+    while (not log.exists() or "tick" not in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "tick" in log.read_text()
     d.crictl("rmp", "-f", pod_id)

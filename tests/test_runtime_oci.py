@@ -74,9 +74,9 @@ class OCIEnv:
             terminal=terminal,
         )
 
-    def run(self, args: list[str], **kwargs: object) -> ContainerHandle:
+    def run(self, args: list[str], *, terminal: bool = False, memory_limit: int | None = None) -> ContainerHandle:
         """Create and start a container."""
-        handle = self.handle(args, **kwargs)  # type: ignore[arg-type]
+        handle = self.handle(args, terminal=terminal, memory_limit=memory_limit)
         self.runtime.create(handle)
         self.runtime.start(handle)
         return handle

@@ -94,7 +94,6 @@ def test_version_status_and_runtime_config(make_daemon) -> None:
         status = rt.Status(api_pb2.StatusRequest(verbose=True), timeout=5)
         ready = {c.type: c for c in status.status.conditions}
         assert ready["RuntimeReady"].status is True
-        assert ready["NetworkReady"].status is False and ready["NetworkReady"].reason == "NetworkPluginNotReady"
         assert json.loads(status.info["config"])["root"] == str(daemon.base / "root")
         assert rt.Status(api_pb2.StatusRequest(), timeout=5).info == {}
         cfg = rt.RuntimeConfig(api_pb2.RuntimeConfigRequest(), timeout=5)
@@ -213,3 +212,20 @@ def test_tracing_disabled_exports_nothing_even_for_sampled_callers(make_daemon, 
     assert daemon.stop() == 0
     spans = receiver.settle(quiet=0.5)
     assert spans and all(s.service == "cri-tools" for s in spans)
+
+
+def test_network_ready_follows_the_cni_configuration(make_daemon, tmp_path) -> None:
+    empty = tmp_path / "empty-net.d"
+    empty.mkdir()
+    daemon = make_daemon(config_text=f'[pycrio.network]\nnetwork_dir = "{empty}"\n', name="nonet")
+    with daemon.channel() as ch:
+        conditions = {c.type: c for c in daemon.runtime(ch).Status(api_pb2.StatusRequest(), timeout=5).status.conditions}
+    assert conditions["NetworkReady"].status is False
+    assert conditions["NetworkReady"].reason == "NetworkPluginNotReady"
+    assert str(empty) in conditions["NetworkReady"].message
+    (empty / "10-net.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "bridge", "bridge": "pycriotest8",
+                                                          "ipam": {"type": "host-local", "subnet": "10.130.0.0/24"}}]}))
+    with daemon.channel() as ch:
+        conditions = {c.type: c for c in daemon.runtime(ch).Status(api_pb2.StatusRequest(), timeout=5).status.conditions}
+    assert conditions["NetworkReady"].status is True

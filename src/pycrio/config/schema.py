@@ -179,6 +179,11 @@ class RuntimeConfig:
         metadata=_doc("The handler used when the CRI names none; must be a key of runtimes.", check_name),
     )
     conmon: str = field(default="conmon", metadata=_doc("The conmon binary used by \"oci\" handlers.", check_name))
+    pod_cgroup_parent: str = field(
+        default="/pycrio",
+        metadata=_doc("Cgroup under which pods without a CRI cgroup_parent get theirs (<parent>/<pod id>).",
+                      check_absolute_path),
+    )
     runtimes: dict[str, RuntimeHandler] = field(
         default_factory=default_runtimes,
         metadata={**_doc("Runtime handlers by name."), "table_of": RuntimeHandler},

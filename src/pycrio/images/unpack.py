@@ -161,7 +161,7 @@ def _extract(reader: _Readable, root: Path) -> int:
     """Apply every member of the tar stream under `root`; the number of members applied."""
     dir_times: list[tuple[Path, int, int]] = []
     count = 0
-    with tarfile.open(fileobj=cast(IO[bytes], reader), mode="r|") as tar:
+    with tarfile.open(fileobj=cast(IO[bytes], reader), mode="r|", bufsize=CHUNK) as tar:
         for member in tar:
             rel = _member_path(member.name)
             base = posixpath.basename(rel)

@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import grpc
 
@@ -160,7 +160,7 @@ class Runtime(abc.ABC):
         """Make the monitor reopen the container's log file (after rotation)."""
 
     @abc.abstractmethod
-    def update_resources(self, handle: ContainerHandle, linux_resources: dict) -> None:  # type: ignore[type-arg]
+    def update_resources(self, handle: ContainerHandle, linux_resources: dict[str, Any]) -> None:
         """Apply OCI LinuxResources (the spec's JSON form) to the container."""
 
     @abc.abstractmethod

@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from pycrio.errors import FailedPrecondition, InvalidArgument, NotFound
 from pycrio.oci.runtime import (
@@ -213,7 +214,7 @@ class OCIRuntime(Runtime):
             os.close(fd)
         _wait_for(handle.log_path.exists, _REOPEN_WAIT)
 
-    def update_resources(self, handle: ContainerHandle, linux_resources: dict) -> None:  # type: ignore[type-arg]
+    def update_resources(self, handle: ContainerHandle, linux_resources: dict[str, Any]) -> None:
         body = json.dumps(linux_resources).encode()
         self._runc("update", "--resources", "-", handle.id, input=body, what=f"update container {handle.id}")
 
@@ -283,8 +284,7 @@ class OCIRuntime(Runtime):
             os.close(start_r)
             sync_w = start_r = -1
             # conmon blocks on the start pipe until we have placed it in its cgroup
-            if self.conmon_cgroup:
-                join_cgroup(proc.pid, self.conmon_cgroup)
+            self._place_conmon(proc, argv)
             os.write(start_w, b"0")
             os.close(start_w)
             start_w = -1
@@ -300,11 +300,26 @@ class OCIRuntime(Runtime):
                     os.close(fd)
         return self._pid_from_sync(handle, paths, argv, message)
 
-    def _pid_from_sync(self, handle: ContainerHandle, paths: _Paths, argv: list[str], message: dict | None) -> int:  # type: ignore[type-arg]
+    def _place_conmon(self, proc: subprocess.Popen[bytes], argv: list[str]) -> None:
+        """Move the waiting conmon into `conmon_cgroup`; if that fails it must not go on."""
+        if not self.conmon_cgroup:
+            return
+        try:
+            join_cgroup(proc.pid, self.conmon_cgroup)
+        except OSError as exc:
+            proc.kill()  # before the start pipe closes: EOF there would let it proceed
+            proc.wait()
+            error = f"cannot move conmon into cgroup {self.conmon_cgroup}: {exc}"
+            raise RuntimeCommandError(argv, error) from exc
+
+    def _pid_from_sync(
+        self, handle: ContainerHandle, paths: _Paths, argv: list[str], message: dict[str, Any] | None
+    ) -> int:
         what = f"create container {handle.id}"
         if message is None:
-            raise RuntimeCommandError(argv, f"conmon exited without reporting a pid. {_tail(paths.conmon_log)}", what=what)
-        pid = int(message.get("data", message.get("pid", -1)))
+            error = f"conmon exited without reporting a pid. {_tail(paths.conmon_log)}"
+            raise RuntimeCommandError(argv, error, what=what)
+        pid = int(message.get("data", message.get("pid", -1)))  # api-version 1 says "data"
         if pid <= 0:
             raise RuntimeCommandError(argv, str(message.get("message") or _tail(paths.conmon_log)), what=what)
         return pid
@@ -321,15 +336,16 @@ class OCIRuntime(Runtime):
 
     # -- status ----------------------------------------------------------------------------
 
-    def _runc_state(self, cid: str) -> dict | None:  # type: ignore[type-arg]
+    def _runc_state(self, cid: str) -> dict[str, Any] | None:
         """`runc state` as a dict, or None when runc does not know the container."""
         try:
             result = self._runc("state", cid, what=f"state of container {cid}")
         except NotFound:
             return None
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+        state: dict[str, Any] = json.loads(result.stdout)
+        return state
 
-    def _status_from_state(self, handle: ContainerHandle, paths: _Paths, state: dict) -> RuntimeStatus:  # type: ignore[type-arg]
+    def _status_from_state(self, handle: ContainerHandle, paths: _Paths, state: dict[str, Any]) -> RuntimeStatus:
         runc_status = state.get("status", "")
         if runc_status == "stopped":
             # conmon writes the exit file right after reaping: give it a moment
@@ -413,7 +429,7 @@ class OCIRuntime(Runtime):
 # -- conmon sync pipe ----------------------------------------------------------------------
 
 
-def _read_sync_message(fd: int, deadline: float) -> dict | None:  # type: ignore[type-arg]
+def _read_sync_message(fd: int, deadline: float) -> dict[str, Any] | None:
     """conmon's first JSON line on the sync pipe ({"data": pid} or {"data": -1, "message": ...})."""
     data = b""
     while b"\n" not in data:
@@ -428,7 +444,10 @@ def _read_sync_message(fd: int, deadline: float) -> dict | None:  # type: ignore
             break
         data += chunk
     line = data.split(b"\n", 1)[0].strip()
-    return json.loads(line) if line else None  # type: ignore[no-any-return]
+    if not line:
+        return None
+    message: dict[str, Any] = json.loads(line)
+    return message
 
 
 # -- exec timeout --------------------------------------------------------------------------
@@ -558,7 +577,10 @@ def _tail(path: Path, limit: int = 1000) -> str:
     return text[-limit:]
 
 
-def _wait_for(check, timeout: float, interval: float = 0.02):  # type: ignore[no-untyped-def]
+_T = TypeVar("_T")
+
+
+def _wait_for(check: Callable[[], _T], timeout: float, interval: float = 0.02) -> _T:
     """Poll `check()` until it returns something truthy or `timeout` s pass; return its last value."""
     deadline = time.monotonic() + timeout
     while True:

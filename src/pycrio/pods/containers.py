@@ -16,7 +16,7 @@ from pycrio.cri import api_pb2
 from pycrio.errors import CRIError, FailedPrecondition, InvalidArgument, NotFound
 from pycrio.images import ImageManager
 from pycrio.oci import cgroups, spec
-from pycrio.oci.runtime import ContainerHandle, ExecResult, Runtime
+from pycrio.oci.runtime import ContainerHandle, ExecResult, Runtime, RuntimeStatus
 from pycrio.pods.runtimes import RuntimeHandlers
 from pycrio.state import ContainerRecord, SandboxRecord, StateStore
 from pycrio.state.records import (
@@ -187,10 +187,7 @@ class ContainerManager:
         self.refresh(record)
         if record.state in (CONTAINER_EXITED, CONTAINER_UNKNOWN):
             return
-        runtime = self.runtime(record)
-        stop_signal = self._stop_signal(record)
-        with step_span("runtime_stop", **{"container.id": record.id, "timeout": timeout}):
-            runtime.stop(self.handle(record), timeout, stop_signal)
+        self.runtime(record).stop(self.handle(record), timeout, self._stop_signal(record))
         self.refresh(record)
 
     def _stop_signal(self, record: ContainerRecord) -> int:
@@ -228,7 +225,12 @@ class ContainerManager:
         """Bring the record up to date with the runtime (exits happen while nobody asks)."""
         if record.state not in (CONTAINER_CREATED, CONTAINER_RUNNING):
             return record
-        status = self.runtime(record).status(self.handle(record))
+        try:
+            status = self.runtime(record).status(self.handle(record))
+        except NotFound:
+            status = RuntimeStatus(
+                state="stopped", exit_code=255, message="the runtime has no trace of this container any more"
+            )
         changed = False
         if status.state == "stopped" and record.state != CONTAINER_EXITED:
             record.state = CONTAINER_EXITED
@@ -262,6 +264,22 @@ class ContainerManager:
         if result.timed_out:
             raise DeadlineExceeded(f"command {cmd!r} in container {record.id} timed out after {timeout}s")
         return result
+
+    def update_resources(self, container_id: str, resources: api_pb2.LinuxContainerResources) -> None:
+        record = self.refresh(self.state.get_container(container_id))
+        if record.state not in (CONTAINER_CREATED, CONTAINER_RUNNING):
+            raise FailedPrecondition(f"container {record.id} is {record.state}: cannot update its resources")
+        warnings: list[str] = []
+        oci = spec.linux_resources(resources, cgroups.detect_support(), warnings, container=record.id)
+        for warning in warnings:
+            log.warning("container %s: %s", record.id, warning)
+        self.runtime(record).update_resources(self.handle(record), oci)
+
+    def reopen_log(self, container_id: str) -> None:
+        record = self.refresh(self.state.get_container(container_id))
+        if record.state != CONTAINER_RUNNING:
+            raise FailedPrecondition(f"container {record.id} is {record.state}, not running: no log to reopen")
+        self.runtime(record).reopen_log(self.handle(record))
 
     def stats(self, record: ContainerRecord) -> cgroups.CgroupStats | None:
         config = json.loads((Path(record.bundle) / "config.json").read_text())

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from pycrio.config import Config
 from pycrio.cri import api_pb2
@@ -57,6 +58,7 @@ class SandboxManager:
         self.cni = cni
         self.containers = containers
         self.directory = Path(config.runroot) / "pods"
+        self.pod_cgroup_parent = config.runtime.pod_cgroup_parent.rstrip("/")
 
     def run(self, config: api_pb2.PodSandboxConfig, runtime_handler: str) -> str:
         validate(config)
@@ -71,14 +73,18 @@ class SandboxManager:
             runtime_handler=handler,
             created_at=time.time_ns(),
             state=SANDBOX_NOTREADY,
-            cgroup_parent=config.linux.cgroup_parent,
+            cgroup_parent=config.linux.cgroup_parent or f"{self.pod_cgroup_parent}/{pod_id}",
+            owns_cgroup=not config.linux.cgroup_parent,
             directory=str(self.directory / pod_id),
         )
         try:
             with self.state.locks.hold(pod_id):
                 self._setup(record, config, runtime)
         except BaseException:
-            self._teardown(record)
+            try:
+                self._teardown(record)
+            except Exception:  # noqa: BLE001 - already logged; the original error matters more
+                pass
             self._delete_files(record)
             self.state.remove_pod(pod_id)
             self.state.release_name(name)
@@ -196,28 +202,41 @@ class SandboxManager:
             log.info("pod sandbox %s stopped", record.id)
 
     def _teardown(self, record: SandboxRecord) -> None:
-        """Release what a pod holds on the host; each step tolerates having been done already."""
-        if record.infra_id:
+        """Release what a pod holds on the host. Every step runs even if an earlier one failed
+        (and tolerates having been done already); the first failure is raised at the end."""
+        failures: list[Exception] = []
+
+        def step(what: str, action: Callable[[], None]) -> None:
             try:
-                runtime = self.handlers.get(record.runtime_handler)
-                handle = self._infra_handle(record)
-                runtime.stop(handle, 0)
-                runtime.delete(handle)
-            except CRIError as exc:
-                log.warning("pod %s: removing infra process: %s", record.id, exc)
-            record.infra_pid = 0
+                action()
+            except Exception as exc:  # noqa: BLE001 - keep releasing the rest
+                log.warning("pod %s: %s: %s", record.id, what, exc)
+                failures.append(exc)
+
+        if record.infra_id:
+            step("removing the infra process", lambda: self._remove_infra(record))
         net = record.namespaces.get("net")
         if net or record.ips:
-            self.cni.delete(record.id, Path(net) if net and Path(net).exists() else None)
+            step("CNI DEL", lambda: self.cni.delete(record.id, Path(net) if net and Path(net).exists() else None))
             record.ips = []
-        directory = Path(record.directory)
-        if os.path.ismount(directory / "shm"):
-            _run(["umount", "-l", str(directory / "shm")])
+        shm = Path(record.directory) / "shm"
+        if os.path.ismount(shm):
+            step("unmounting /dev/shm", lambda: _run(["umount", "-l", str(shm)]))
         if record.namespaces:
             with step_span("remove_namespaces", **{"pod.id": record.id}):
-                unpin_namespaces(directory / "ns")
+                step("unpinning namespaces", lambda: unpin_namespaces(Path(record.directory) / "ns"))
             record.namespaces = {}
-        cgroups.remove_cgroup(cgroups.cgroups_path(record.cgroup_parent, record.id, None))
+        if record.owns_cgroup:  # a kubelet-given parent is kubelet's to remove
+            step("removing the pod cgroup", lambda: cgroups.remove_cgroup(record.cgroup_parent))
+        if failures:
+            raise failures[0]
+
+    def _remove_infra(self, record: SandboxRecord) -> None:
+        runtime = self.handlers.get(record.runtime_handler)
+        handle = self._infra_handle(record)
+        runtime.stop(handle, 0)
+        runtime.delete(handle)
+        record.infra_pid = 0
 
     def remove(self, pod_id: str) -> None:
         """Stop the pod, remove its containers and everything it made; removing twice is fine."""

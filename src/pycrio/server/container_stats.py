@@ -1,7 +1,4 @@
-"""ContainerStats, ListContainerStats and StreamContainerStats.
-
-Usage numbers (cgroups) arrive with the runtime issue; the attributes come from the state store.
-"""
+"""ContainerStats, ListContainerStats and StreamContainerStats: cgroup counters and the writable layer."""
 
 from __future__ import annotations
 
@@ -9,28 +6,39 @@ from typing import Iterator
 
 from pycrio.cri import api_pb2
 from pycrio.server.daemon import Daemon
+from pycrio.server.stats_convert import cpu_usage, directory_usage, memory_usage, now
 from pycrio.server.streaming_list import chunks
-from pycrio.state.records import ContainerRecord
+from pycrio.state.records import CONTAINER_RUNNING, ContainerRecord
 
 
-def _stats(container: ContainerRecord) -> api_pb2.ContainerStats:
+def container_stats_of(daemon: Daemon, container: ContainerRecord) -> api_pb2.ContainerStats:
     config = container.container_config
-    return api_pb2.ContainerStats(
+    stats = api_pb2.ContainerStats(
         attributes=api_pb2.ContainerAttributes(
             id=container.id, metadata=config.metadata, labels=config.labels, annotations=config.annotations
         )
     )
+    timestamp = now()
+    counters = daemon.containers.stats(container) if container.state == CONTAINER_RUNNING else None
+    if counters is not None:
+        stats.cpu.CopyFrom(cpu_usage(counters, timestamp))
+        stats.memory.CopyFrom(memory_usage(counters, timestamp))
+    upper = daemon.images.containers_dir / container.id / "upper"
+    if upper.exists():
+        stats.writable_layer.CopyFrom(directory_usage(upper, str(daemon.images.directory), timestamp))
+    return stats
 
 
 def _matching(daemon: Daemon, flt: api_pb2.ContainerStatsFilter) -> list[api_pb2.ContainerStats]:
     containers = daemon.state.list_containers(
         id_prefix=flt.id, pod_id_prefix=flt.pod_sandbox_id, labels=dict(flt.label_selector)
     )
-    return [_stats(c) for c in containers]
+    return [container_stats_of(daemon, daemon.containers.refresh(c)) for c in containers]
 
 
 def container_stats(daemon: Daemon, request: api_pb2.ContainerStatsRequest) -> api_pb2.ContainerStatsResponse:
-    return api_pb2.ContainerStatsResponse(stats=_stats(daemon.state.get_container(request.container_id)))
+    container = daemon.containers.refresh(daemon.state.get_container(request.container_id))
+    return api_pb2.ContainerStatsResponse(stats=container_stats_of(daemon, container))
 
 
 def list_container_stats(

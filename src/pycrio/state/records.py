@@ -45,7 +45,8 @@ class SandboxRecord:
     state: str = SANDBOX_READY
     namespaces: dict[str, str] = field(default_factory=dict)  # kind -> pinned ns file
     ips: list[str] = field(default_factory=list)
-    cgroup_parent: str = ""
+    cgroup_parent: str = ""  # the pod's cgroup: kubelet's cgroup_parent, or one pycrio made
+    owns_cgroup: bool = False  # pycrio made cgroup_parent and removes it with the pod
     directory: str = ""  # <runroot>/pods/<id>
     infra_id: str = ""  # infra (catatonit) container when the pod shares its PID namespace
     infra_pid: int = 0
