@@ -30,6 +30,11 @@ class ImageManager:
         self.store.open()
         self.containers_dir.mkdir(parents=True, exist_ok=True)
 
+    def close(self) -> None:
+        """Stop background workers and connections (daemon shutdown)."""
+        self.puller.close()
+        self.client.close()
+
     def lookup(self, reference: str) -> ImageRecord | None:
         """The local image a CRI reference names: id, id prefix, or a (short) name with tag/digest."""
         names = [reference]

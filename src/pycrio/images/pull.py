@@ -10,33 +10,59 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import multiprocessing
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pycrio.config import ImageConfig
 from pycrio.errors import DataLoss, NotFound
 from pycrio.images.reference import ImageReference, resolve_candidates
 from pycrio.images.registry import Credentials, Descriptor, RegistryClient, ResolvedImage
 from pycrio.images.store import ImageRecord, ImageStore
-from pycrio.images.unpack import unpack_layer
+from pycrio.images.unpack import LayerStats, unpack_layer
 from pycrio.locks import KeyedLocks
 from pycrio.tracing import step_span
 
 log = logging.getLogger("pycrio.images")
-T = TypeVar("T")
 
 
 class ImagePuller:
-    """Pulls images from registries into an ImageStore."""
+    """Pulls images from registries into an ImageStore.
+
+    Layers are unpacked in worker processes: unpacking is CPU-bound Python (tar parsing,
+    decompression, hashing) and threads would serialise on the GIL with the downloads and the
+    CRI calls of the daemon.
+    """
 
     def __init__(self, store: ImageStore, client: RegistryClient, config: ImageConfig) -> None:
         self.store = store
         self.client = client
         self.config = config
         self._locks = KeyedLocks()
+        self._unpackers: ProcessPoolExecutor | None = None
+        self._unpackers_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the unpack worker processes (they start again on the next pull)."""
+        with self._unpackers_lock:
+            if self._unpackers is not None:
+                self._unpackers.shutdown(wait=True, cancel_futures=True)
+                self._unpackers = None
+
+    def _unpack(self, blob: Path, media_type: str, dest: Path) -> LayerStats:
+        with self._unpackers_lock:
+            if self._unpackers is None:
+                # forkserver: forking a process that runs gRPC threads is not safe.
+                self._unpackers = ProcessPoolExecutor(
+                    max_workers=max(1, min(self.config.max_parallel_downloads, os.cpu_count() or 1)),
+                    mp_context=multiprocessing.get_context("forkserver"),
+                )
+            pool = self._unpackers
+        return pool.submit(unpack_layer, blob, media_type, dest).result()
 
     def pull(self, image: str, credentials: Credentials | None = None) -> ImageRecord:
         """Pull `image` (short names tried against each search registry in order)."""
@@ -102,7 +128,7 @@ class ImagePuller:
             with step_span("unpack_layer", digest=desc.digest, diff_id=diff_id) as span:
                 staging = layer_dir.with_name(f".unverified-{layer_dir.name}")
                 shutil.rmtree(staging, ignore_errors=True)
-                stats = unpack_layer(self.store.blobs.path(desc.digest), desc.media_type, staging)
+                stats = self._unpack(self.store.blobs.path(desc.digest), desc.media_type, staging)
                 if stats.diff_id != diff_id:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise DataLoss(f"image {ref}: layer {desc.digest} unpacks to {stats.diff_id}, config says {diff_id}")
