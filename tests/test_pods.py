@@ -352,3 +352,45 @@ def test_update_resources_and_reopen_log(pod_daemon, busybox, tmp_path) -> None:
         time.sleep(0.2)
     assert "tick" in log.read_text()
     d.crictl("rmp", "-f", pod_id)
+
+
+def test_container_events_for_kubelets_evented_pleg(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    events: list[api_pb2.ContainerEventResponse] = []
+    channel = d.channel()
+    stream = d.runtime(channel).GetContainerEvents(api_pb2.GetEventsRequest())
+
+    def collect() -> None:
+        try:
+            for event in stream:
+                events.append(event)
+        except grpc.RpcError:
+            pass  # cancelled at the end of the test
+
+    import threading
+
+    reader = threading.Thread(target=collect)
+    reader.start()
+    time.sleep(0.5)
+    pod_id, cid = run_container(d, tmp_path, busybox.reference, "events", "short", ["/bin/sh", "-c", "sleep 1"])
+    wait_for_state(d, cid, "CONTAINER_EXITED")
+    deadline = time.monotonic() + 5  # the exit watcher notices within a second or two
+    while not any(e.container_id == cid and e.container_event_type == api_pb2.CONTAINER_STOPPED_EVENT for e in events):
+        assert time.monotonic() < deadline, [(e.container_id[:6], e.container_event_type) for e in events]
+        time.sleep(0.1)
+    d.crictl("rm", cid)
+    d.crictl("stopp", pod_id)
+    d.crictl("rmp", pod_id)
+    time.sleep(0.5)
+    stream.cancel()
+    reader.join(5)
+    channel.close()
+    by_container = [e.container_event_type for e in events if e.container_id == cid]
+    assert by_container == [api_pb2.CONTAINER_CREATED_EVENT, api_pb2.CONTAINER_STARTED_EVENT,
+                            api_pb2.CONTAINER_STOPPED_EVENT, api_pb2.CONTAINER_DELETED_EVENT]
+    by_pod = [e.container_event_type for e in events if e.container_id == pod_id]
+    assert by_pod == [api_pb2.CONTAINER_CREATED_EVENT, api_pb2.CONTAINER_STARTED_EVENT,
+                      api_pb2.CONTAINER_STOPPED_EVENT, api_pb2.CONTAINER_DELETED_EVENT]
+    started = next(e for e in events if e.container_id == cid and e.container_event_type == api_pb2.CONTAINER_STARTED_EVENT)
+    assert started.pod_sandbox_status.id == pod_id
+    assert [s.id for s in started.containers_statuses] == [cid]

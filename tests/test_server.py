@@ -25,7 +25,7 @@ def _raw_call(channel: grpc.Channel, service: str, method: str, streaming: bool)
     path = f"/{service}/{method}"
     try:
         if streaming:
-            list(channel.unary_stream(path)(b"", timeout=5))
+            list(channel.unary_stream(path)(b"", timeout=2))
         else:
             channel.unary_unary(path)(b"", timeout=5)
     except grpc.RpcError as err:
@@ -47,7 +47,9 @@ def test_every_cri_method_is_registered(make_daemon) -> None:
                 codes[f"{service}/{m.name}"] = _raw_call(ch, service, m.name, m.server_streaming)
     for name, code in codes.items():
         service, method = name.rsplit("/", 1)
-        if method in HANDLERS[service]:
+        if method == "GetContainerEvents":
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # an event stream stays open until the client leaves
+        elif method in HANDLERS[service]:
             # Implemented: answers for real (the empty store makes *Status/*Stats by id invalid).
             assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (name, code)
         else:

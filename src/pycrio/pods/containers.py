@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pycrio.errors import CRIError, FailedPrecondition, InvalidArgument, NotFoun
 from pycrio.images import ImageManager
 from pycrio.oci import cgroups, spec
 from pycrio.oci.runtime import ContainerHandle, ExecResult, Runtime, RuntimeStatus
+from pycrio.pods.events import CREATED, DELETED, STARTED, STOPPED, EventBus
 from pycrio.pods.runtimes import RuntimeHandlers
 from pycrio.state import ContainerRecord, SandboxRecord, StateStore
 from pycrio.state.records import (
@@ -47,11 +49,33 @@ def container_name(config: api_pb2.ContainerConfig, pod: SandboxRecord) -> str:
 class ContainerManager:
     """Runs containers of pods through their pod's runtime handler."""
 
-    def __init__(self, config: Config, state: StateStore, handlers: RuntimeHandlers, images: ImageManager) -> None:
+    def __init__(
+        self, config: Config, state: StateStore, handlers: RuntimeHandlers, images: ImageManager, events: EventBus
+    ) -> None:
         self.state = state
         self.handlers = handlers
         self.images = images
+        self.events = events
         self.directory = Path(config.runroot) / "containers"
+        self._watching = threading.Event()
+
+    def watch_exits(self, interval: float = 1.0) -> None:
+        """Notice exits of running containers while nobody asks, so events go out promptly."""
+        self._watching.set()
+
+        def loop() -> None:
+            while self._watching.wait(interval) and self._watching.is_set():
+                for record in self.state.list_containers(state=api_pb2.CONTAINER_RUNNING):
+                    try:
+                        with self.state.locks.hold(record.id):
+                            self.refresh(record)
+                    except Exception as exc:  # noqa: BLE001 - keep watching the others
+                        log.debug("exit check of %s: %s", record.id, exc)
+
+        threading.Thread(target=loop, name="exit-watcher", daemon=True).start()
+
+    def stop_watching(self) -> None:
+        self._watching.clear()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -136,6 +160,7 @@ class ContainerManager:
         )
         record.pid = self.runtime(record).create(self.handle(record))
         self.state.save_container(record)
+        self.events.publish(container_id, pod.id, CREATED)
         log.info("created container %s (%s) in pod %s", container_id, config.metadata.name, pod.id)
         return container_id
 
@@ -176,6 +201,7 @@ class ContainerManager:
             record.state = CONTAINER_RUNNING
             record.started_at = time.time_ns()
             self.state.save_container(record)
+            self.events.publish(record.id, record.pod_id, STARTED)
             log.info("started container %s", record.id)
 
     def stop(self, container_id: str, timeout: int) -> None:
@@ -213,6 +239,7 @@ class ContainerManager:
             if pod is not None:
                 self.state.release_name(container_name(record.container_config, pod))
             self.state.remove_container(record.id)
+            self.events.publish(record.id, record.pod_id, DELETED)
             log.info("removed container %s", record.id)
 
     def _pod_or_none(self, pod_id: str) -> SandboxRecord | None:
@@ -252,6 +279,8 @@ class ContainerManager:
             record.pid = status.pid
         if changed:
             self.state.save_container(record)
+            if record.state == CONTAINER_EXITED:
+                self.events.publish(record.id, record.pod_id, STOPPED)
         return record
 
     def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:

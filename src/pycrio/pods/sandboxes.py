@@ -19,6 +19,7 @@ from pycrio.network.cni import CNIManager, PodNetworkRequest, PortMapping
 from pycrio.network.namespaces import pin_namespaces, unpin_namespaces
 from pycrio.oci import cgroups, spec
 from pycrio.oci.runtime import ContainerHandle
+from pycrio.pods.events import CREATED, DELETED, STARTED, STOPPED
 from pycrio.pods.containers import ContainerManager, sandbox_info
 from pycrio.pods.runtimes import RuntimeHandlers
 from pycrio.state import SandboxRecord, StateStore
@@ -57,6 +58,7 @@ class SandboxManager:
         self.handlers = handlers
         self.cni = cni
         self.containers = containers
+        self.events = containers.events
         self.directory = Path(config.runroot) / "pods"
         self.pod_cgroup_parent = config.runtime.pod_cgroup_parent.rstrip("/")
 
@@ -89,6 +91,8 @@ class SandboxManager:
             self.state.remove_pod(pod_id)
             self.state.release_name(name)
             raise
+        self.events.publish(pod_id, pod_id, CREATED)
+        self.events.publish(pod_id, pod_id, STARTED)
         log.info("pod sandbox %s (%s/%s) ready, ip %s", pod_id, config.metadata.namespace, config.metadata.name,
                  ", ".join(record.ips) or "host network")
         return pod_id
@@ -197,8 +201,11 @@ class SandboxManager:
             for container in self.state.containers_of(record.id):
                 self.containers.stop(container.id, 0)
             self._teardown(record)
+            was_ready = record.state == SANDBOX_READY
             record.state = SANDBOX_NOTREADY
             self.state.save_pod(record)
+            if was_ready:
+                self.events.publish(record.id, record.id, STOPPED)
             log.info("pod sandbox %s stopped", record.id)
 
     def _teardown(self, record: SandboxRecord) -> None:
@@ -251,6 +258,7 @@ class SandboxManager:
             self._delete_files(record)
             self.state.remove_pod(record.id)
             self.state.release_name(sandbox_name(record.pod_config))
+            self.events.publish(record.id, record.id, DELETED)
             log.info("pod sandbox %s removed", record.id)
 
     @staticmethod

@@ -82,6 +82,7 @@ def serve(config: Config, tracing: Tracing | None) -> int:
         raise StartupError(f"cannot listen on {listen}: {exc}") from None
     server.start()
     os.chmod(listen, SOCKET_MODE)
+    daemon.start_background()
 
     stop = threading.Event()
     received: list[str] = []
@@ -98,7 +99,7 @@ def serve(config: Config, tracing: Tracing | None) -> int:
         pass
     log.info("received %s, shutting down (grace %.0fs)", received[0], SHUTDOWN_GRACE_SECONDS)
     server.stop(SHUTDOWN_GRACE_SECONDS).wait()
-    daemon.images.close()
+    daemon.close()
     if tracing is not None:
         tracing.shutdown(SPAN_FLUSH_TIMEOUT_SECONDS)
     listen.unlink(missing_ok=True)

@@ -7,31 +7,12 @@ from pathlib import Path
 
 from pycrio.cri import api_pb2
 from pycrio.server.daemon import Daemon
+from pycrio.state.records import ContainerRecord
 
 
 def container_status(daemon: Daemon, request: api_pb2.ContainerStatusRequest) -> api_pb2.ContainerStatusResponse:
     c = daemon.containers.refresh(daemon.state.get_container(request.container_id))
-    config = c.container_config
-    response = api_pb2.ContainerStatusResponse(
-        status=api_pb2.ContainerStatus(
-            id=c.id,
-            metadata=config.metadata,
-            state=c.cri_state,
-            created_at=c.created_at,
-            started_at=c.started_at,
-            finished_at=c.finished_at,
-            exit_code=c.exit_code,
-            image=api_pb2.ImageSpec(image=c.image_name or c.image),
-            image_ref=c.image_ref,
-            image_id=c.image_ref,
-            reason=c.reason,
-            message=c.message,
-            labels=config.labels,
-            annotations=config.annotations,
-            mounts=config.mounts,
-            log_path=c.log_path,
-        )
-    )
+    response = api_pb2.ContainerStatusResponse(status=container_status_of(c))
     if request.verbose:
         spec_path = Path(c.bundle) / "config.json"
         info = {"pid": c.pid, "sandboxID": c.pod_id, "runtimeHandler": c.runtime_handler}
@@ -39,3 +20,25 @@ def container_status(daemon: Daemon, request: api_pb2.ContainerStatusRequest) ->
             info["runtimeSpec"] = json.loads(spec_path.read_text())
         response.info["info"] = json.dumps(info)
     return response
+
+
+def container_status_of(c: ContainerRecord) -> api_pb2.ContainerStatus:
+    config = c.container_config
+    return api_pb2.ContainerStatus(
+        id=c.id,
+        metadata=config.metadata,
+        state=c.cri_state,
+        created_at=c.created_at,
+        started_at=c.started_at,
+        finished_at=c.finished_at,
+        exit_code=c.exit_code,
+        image=api_pb2.ImageSpec(image=c.image_name or c.image),
+        image_ref=c.image_ref,
+        image_id=c.image_ref,
+        reason=c.reason,
+        message=c.message,
+        labels=config.labels,
+        annotations=config.annotations,
+        mounts=config.mounts,
+        log_path=c.log_path,
+    )

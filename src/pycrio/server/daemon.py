@@ -10,6 +10,7 @@ from pycrio.config import Config
 from pycrio.images import ImageManager
 from pycrio.network.cni import CNIManager
 from pycrio.pods.containers import ContainerManager
+from pycrio.pods.events import EventBus
 from pycrio.pods.runtimes import RuntimeHandlers
 from pycrio.pods.sandboxes import SandboxManager
 from pycrio.state import StateStore
@@ -26,6 +27,7 @@ class Daemon:
     cni: CNIManager
     containers: ContainerManager
     sandboxes: SandboxManager
+    events: EventBus
     tracing_active: bool = False
     started_at: float = field(default_factory=time.time)
 
@@ -41,7 +43,8 @@ class Daemon:
         cni = CNIManager(
             Path(config.network.network_dir), [Path(p) for p in config.network.plugin_dirs], runroot / "cni"
         )
-        containers = ContainerManager(config, state, handlers, images)
+        events = EventBus()
+        containers = ContainerManager(config, state, handlers, images, events)
         sandboxes = SandboxManager(config, state, handlers, cni, containers)
         return cls(
             config=config,
@@ -51,5 +54,14 @@ class Daemon:
             cni=cni,
             containers=containers,
             sandboxes=sandboxes,
+            events=events,
             tracing_active=tracing_active,
         )
+
+    def start_background(self) -> None:
+        """Work that runs beside the CRI calls: noticing container exits."""
+        self.containers.watch_exits()
+
+    def close(self) -> None:
+        self.containers.stop_watching()
+        self.images.close()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pycrio.cri import api_pb2
 from pycrio.server.daemon import Daemon
+from pycrio.state.records import SandboxRecord
 
 
 def pod_sandbox_status(daemon: Daemon, request: api_pb2.PodSandboxStatusRequest) -> api_pb2.PodSandboxStatusResponse:
-    pod = daemon.state.get_pod(request.pod_sandbox_id)
+    return api_pb2.PodSandboxStatusResponse(status=sandbox_status_of(daemon.state.get_pod(request.pod_sandbox_id)))
+
+
+def sandbox_status_of(pod: SandboxRecord) -> api_pb2.PodSandboxStatus:
     config = pod.pod_config
     status = api_pb2.PodSandboxStatus(
         id=pod.id,
@@ -22,4 +26,4 @@ def pod_sandbox_status(daemon: Daemon, request: api_pb2.PodSandboxStatusRequest)
         status.network.ip = pod.ips[0]
         status.network.additional_ips.extend(api_pb2.PodIP(ip=ip) for ip in pod.ips[1:])
     status.linux.namespaces.options.CopyFrom(config.linux.security_context.namespace_options)
-    return api_pb2.PodSandboxStatusResponse(status=status)
+    return status

@@ -13,6 +13,7 @@ from pycrio.cri import api_pb2, api_pb2_grpc
 from pycrio.errors import Unimplemented
 from pycrio.server import (
     container_create,
+    container_events,
     container_exec,
     container_list,
     container_log,
@@ -65,6 +66,7 @@ HANDLERS: dict[str, dict[str, Handler]] = {
         "StopContainer": container_stop.stop_container,
         "RemoveContainer": container_remove.remove_container,
         "ExecSync": container_exec.exec_sync,
+        "GetContainerEvents": container_events.get_container_events,
         "UpdateContainerResources": container_update.update_container_resources,
         "ReopenContainerLog": container_log.reopen_container_log,
         "ListContainers": container_list.list_containers,
@@ -110,6 +112,13 @@ class _Servicer:
 
     @staticmethod
     def _bind(daemon: Daemon, handler: Handler) -> Callable[[Any, grpc.ServicerContext], Any]:
+        if getattr(handler, "needs_context", False):  # long streams watch for the client going away
+
+            def with_context(request: Any, context: grpc.ServicerContext) -> Any:
+                return handler(daemon, request, context)  # type: ignore[call-arg]
+
+            return with_context
+
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
             return handler(daemon, request)
 
