@@ -394,3 +394,70 @@ def test_container_events_for_kubelets_evented_pleg(pod_daemon, busybox, tmp_pat
     started = next(e for e in events if e.container_id == cid and e.container_event_type == api_pb2.CONTAINER_STARTED_EVENT)
     assert started.pod_sandbox_status.id == pod_id
     assert [s.id for s in started.containers_statuses] == [cid]
+
+
+def test_port_mapping_reaches_the_pod(pod_daemon, busybox, tmp_path) -> None:
+    from tests.otlp_receiver import free_port
+
+    d = pod_daemon
+    host_port = free_port()
+    podfile = write_json(tmp_path / "pod-ports.json", {
+        "metadata": {"name": "ports", "namespace": "default", "uid": "uid-ports"},
+        "hostname": "ports",
+        "log_directory": str(tmp_path / "logs" / "ports"),
+        "port_mappings": [{"container_port": 8080, "host_port": host_port, "host_ip": "127.0.0.1"}],
+    })
+    pod_id = d.crictl("runp", str(podfile)).stdout.strip()
+    ctr = container_config(
+        tmp_path, busybox.reference, "web",
+        ["/bin/sh", "-c", "mkdir -p /www && echo mapped > /www/index.html && exec busybox httpd -f -p 8080 -h /www"],
+    )
+    cid = d.crictl("create", pod_id, str(ctr), str(podfile)).stdout.strip()
+    d.crictl("start", cid)
+    deadline = time.monotonic() + 15
+    body = ""
+    while "mapped" not in body and time.monotonic() < deadline:
+        body = subprocess.run(["busybox", "wget", "-qO-", f"http://127.0.0.1:{host_port}/"],
+                              capture_output=True, text=True).stdout
+        time.sleep(0.3)
+    assert "mapped" in body
+    d.crictl("rmp", "-f", pod_id)
+    rules = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+    assert f"--dport {host_port}" not in rules  # the mapping went with the pod
+
+
+def test_parallel_clients_run_full_lifecycles(pod_daemon, busybox, tmp_path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = pod_daemon
+
+    def lifecycles(client: int) -> int:
+        done = 0
+        with d.channel() as ch:
+            rt = d.runtime(ch)
+            for round_ in range(5):
+                name = f"p{client}-{round_}"
+                pod = api_pb2.PodSandboxConfig(
+                    metadata=api_pb2.PodSandboxMetadata(name=name, namespace="par", uid=f"uid-{name}"),
+                    hostname=name, log_directory=str(tmp_path / "logs" / name),
+                )
+                pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=120).pod_sandbox_id
+                ctr = api_pb2.ContainerConfig(
+                    metadata=api_pb2.ContainerMetadata(name="c"), image=api_pb2.ImageSpec(image=busybox.reference),
+                    command=["/bin/sleep", "1000"], log_path="c.log",
+                )
+                cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=ctr, sandbox_config=pod), timeout=120).container_id
+                rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=120)
+                out = rt.ExecSync(api_pb2.ExecSyncRequest(container_id=cid, cmd=["/bin/echo", name], timeout=30), timeout=60)
+                assert out.stdout.strip() == name.encode()
+                rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=0), timeout=120)
+                rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=120)
+                rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+                rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+                done += 1
+        return done
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        assert sum(pool.map(lifecycles, range(10))) == 50
+    assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"] == []
