@@ -74,6 +74,7 @@ class PycrioDaemon:
         ]
 
     def start(self, timeout: float = 15.0) -> "PycrioDaemon":
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with self.log_file.open("ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
@@ -81,7 +82,7 @@ class PycrioDaemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pycrio exited with {self.proc.returncode}:\n{self.logs()}")
             # Our own process must say it serves: another daemon may answer on a shared socket.
-            if self.socket.exists() and "serving CRI v1 on" in self.logs():
+            if self.socket.exists() and "serving CRI v1 on" in self.logs()[offset:]:
                 try:
                     self.version(timeout=1.0)
                     return self

@@ -461,3 +461,27 @@ def test_parallel_clients_run_full_lifecycles(pod_daemon, busybox, tmp_path) -> 
     with ThreadPoolExecutor(max_workers=10) as pool:
         assert sum(pool.map(lifecycles, range(10))) == 50
     assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"] == []
+
+
+def test_restart_cleans_up_what_a_crash_left_half_made(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    pod_id = d.crictl("runp", str(pod_config(tmp_path, "half"))).stdout.strip()
+    kept_id = d.crictl("runp", str(pod_config(tmp_path, "whole"))).stdout.strip()
+    d.stop(sig=9)
+    # What a daemon killed inside RunPodSandbox / CreateContainer leaves: an unfinished pod
+    # record (its namespaces pinned, its IP taken) and a container bundle without a record.
+    record_path = d.base / "root" / "state" / "pods" / f"{pod_id}.json"
+    record = json.loads(record_path.read_text())
+    record["complete"] = False
+    record_path.write_text(json.dumps(record))
+    orphan = d.base / "run" / "containers" / ("e" * 64)
+    orphan.mkdir(parents=True)
+    d.start()
+    pods = json.loads(d.crictl("pods", "-o", "json").stdout)["items"]
+    assert [p["id"] for p in pods] == [kept_id]
+    assert not orphan.exists()
+    assert not (d.base / "run" / "pods" / pod_id).exists()
+    assert "left half-created" in d.logs()
+    # The surviving pod's name is still taken.
+    again = d.crictl("runp", str(pod_config(tmp_path, "whole")), check=False)
+    assert again.returncode != 0 and "reserved" in again.stderr

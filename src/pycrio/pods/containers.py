@@ -74,6 +74,32 @@ class ContainerManager:
 
         threading.Thread(target=loop, name="exit-watcher", daemon=True).start()
 
+    def reconcile(self) -> None:
+        """After a crash: drop bundles and root filesystems of containers that were never recorded,
+        and reserve the names of those that were."""
+        known = {c.id for c in self.state.list_containers()}
+        for record in self.state.list_containers():
+            pod = self._pod_or_none(record.pod_id)
+            if pod is not None:
+                self.state.reserve_name(container_name(record.container_config, pod), record.id)
+        for bundle in self.directory.glob("*") if self.directory.exists() else []:
+            if bundle.name not in known:
+                log.warning("container %s was left half-created by an earlier run: removing it", bundle.name)
+                for runtime_name in self.handlers.names():
+                    try:
+                        self.handlers.get(runtime_name).delete(self._orphan_handle(bundle))
+                    except CRIError:
+                        pass
+                self.images.release_rootfs(bundle.name)
+                shutil.rmtree(bundle, ignore_errors=True)
+        for rootfs in self.images.containers_dir.glob("*"):
+            if rootfs.name not in known:
+                self.images.release_rootfs(rootfs.name)
+
+    @staticmethod
+    def _orphan_handle(bundle: Path) -> ContainerHandle:
+        return ContainerHandle(id=bundle.name, bundle=bundle, log_path=bundle / "orphan.log", state_dir=bundle / "conmon")
+
     def stop_watching(self) -> None:
         self._watching.clear()
 
@@ -233,8 +259,9 @@ class ContainerManager:
         with self.state.locks.hold(record.id):
             self._stop(record, 0)
             self.runtime(record).delete(self.handle(record))
-            self.images.release_rootfs(record.id)
-            shutil.rmtree(record.bundle, ignore_errors=True)
+            with step_span("unmount_rootfs", **{"container.id": record.id}):
+                self.images.release_rootfs(record.id)
+                shutil.rmtree(record.bundle, ignore_errors=True)
             pod = self._pod_or_none(record.pod_id)
             if pod is not None:
                 self.state.release_name(container_name(record.container_config, pod))

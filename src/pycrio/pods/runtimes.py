@@ -41,6 +41,10 @@ class RuntimeHandlers:
             raise FailedPrecondition(f"runtime handler {key!r} cannot run here: {why}")
         return runtime
 
+    def names(self) -> list[str]:
+        """Handlers that can run here (usable runtimes only)."""
+        return [n for n, r in self._handlers.items() if r.available()[0]]
+
     def name_of(self, name: str) -> str:
         return name or self.default
 

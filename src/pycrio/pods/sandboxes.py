@@ -111,9 +111,10 @@ class SandboxManager:
                 directory / "ns", kinds, hostname=config.hostname or None, sysctls=dict(config.linux.sysctls)
             ) if kinds else {}
         record.namespaces = {k: str(v) for k, v in pinned.items()}
-        self._write_files(directory, config)
-        if opts.ipc != api_pb2.NODE:
-            self._mount_shm(directory / "shm")
+        with step_span("pod_files", **{"pod.id": record.id}):
+            self._write_files(directory, config)
+            if opts.ipc != api_pb2.NODE:
+                self._mount_shm(directory / "shm")
         self.state.save_pod(record)
         if not host_network:
             result = self.cni.add(
@@ -140,6 +141,7 @@ class SandboxManager:
         if opts.pid == api_pb2.POD:
             self._start_infra(record, runtime)
         record.state = SANDBOX_READY
+        record.complete = True
         self.state.save_pod(record)
 
     @staticmethod
@@ -234,7 +236,8 @@ class SandboxManager:
                 step("unpinning namespaces", lambda: unpin_namespaces(Path(record.directory) / "ns"))
             record.namespaces = {}
         if record.owns_cgroup:  # a kubelet-given parent is kubelet's to remove
-            step("removing the pod cgroup", lambda: cgroups.remove_cgroup(record.cgroup_parent))
+            with step_span("remove_cgroup", **{"pod.id": record.id}):
+                step("removing the pod cgroup", lambda: cgroups.remove_cgroup(record.cgroup_parent))
         if failures:
             raise failures[0]
 
@@ -255,11 +258,26 @@ class SandboxManager:
         with self.state.locks.hold(record.id):
             for container in self.state.containers_of(record.id):
                 self.containers.remove(container.id)
-            self._delete_files(record)
+            with step_span("remove_pod_files", **{"pod.id": record.id}):
+                self._delete_files(record)
             self.state.remove_pod(record.id)
             self.state.release_name(sandbox_name(record.pod_config))
             self.events.publish(record.id, record.id, DELETED)
             log.info("pod sandbox %s removed", record.id)
+
+    def reconcile(self) -> None:
+        """After a crash: remove pods whose RunPodSandbox never finished, with all they hold."""
+        for record in self.state.list_pods():
+            if record.complete:
+                self.state.reserve_name(sandbox_name(record.pod_config), record.id)
+                continue
+            log.warning("pod sandbox %s was left half-created by an earlier run: removing it", record.id)
+            try:
+                self._teardown(record)
+            except Exception as exc:  # noqa: BLE001 - logged by the teardown; remove the record anyway
+                log.debug("teardown of half-created pod %s: %s", record.id, exc)
+            self._delete_files(record)
+            self.state.remove_pod(record.id)
 
     @staticmethod
     def _delete_files(record: SandboxRecord) -> None:

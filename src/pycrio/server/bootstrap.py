@@ -63,6 +63,7 @@ def serve(config: Config, tracing: Tracing | None) -> int:
     listen = Path(config.api.listen)
     prepare_socket(listen)
     daemon = Daemon.create(config, tracing_active=tracing is not None)
+    daemon.reconcile()
     interceptor = CRIServerInterceptor(
         tracer=tracing.tracer if tracing else None,
         starts_root_traces=tracing.starts_root_traces if tracing else False,

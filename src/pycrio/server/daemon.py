@@ -58,8 +58,13 @@ class Daemon:
             tracing_active=tracing_active,
         )
 
+    def reconcile(self) -> None:
+        """Clean up what a crashed run left half-made (before any CRI call is served)."""
+        self.sandboxes.reconcile()
+        self.containers.reconcile()
+
     def start_background(self) -> None:
-        """Work that runs beside the CRI calls: noticing container exits."""
+        """Work beside the CRI calls: noticing container exits."""
         self.containers.watch_exits()
 
     def close(self) -> None:

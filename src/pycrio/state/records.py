@@ -50,6 +50,7 @@ class SandboxRecord:
     directory: str = ""  # <runroot>/pods/<id>
     infra_id: str = ""  # infra (catatonit) container when the pod shares its PID namespace
     infra_pid: int = 0
+    complete: bool = False  # RunPodSandbox finished; an incomplete record after a crash is debris
 
     @property
     def pod_config(self) -> api_pb2.PodSandboxConfig:
