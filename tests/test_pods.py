@@ -485,3 +485,77 @@ def test_restart_cleans_up_what_a_crash_left_half_made(pod_daemon, busybox, tmp_
     # The surviving pod's name is still taken.
     again = d.crictl("runp", str(pod_config(tmp_path, "whole")), check=False)
     assert again.returncode != 0 and "reserved" in again.stderr
+
+
+def test_list_filters(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    a_pod, a_ctr = run_container(d, tmp_path, busybox.reference, "fa", "one", ["/bin/sleep", "1000"],
+                                 labels={"tier": "front"})
+    b_podfile = write_json(tmp_path / "pod-fb.json", {
+        "metadata": {"name": "fb", "namespace": "default", "uid": "uid-fb"}, "labels": {"team": "b"},
+        "log_directory": str(tmp_path / "logs" / "fb")})
+    b_pod = d.crictl("runp", str(b_podfile)).stdout.strip()
+    b_ctr = d.crictl("create", b_pod, str(container_config(tmp_path, busybox.reference, "two", ["/bin/sleep", "1000"])),
+                     str(b_podfile)).stdout.strip()
+
+    def ps(*args: str) -> list[str]:
+        return sorted(c["id"] for c in json.loads(d.crictl("ps", "-a", "-o", "json", *args).stdout)["containers"])
+
+    def pods(*args: str) -> list[str]:
+        return sorted(p["id"] for p in json.loads(d.crictl("pods", "-o", "json", *args).stdout)["items"])
+
+    assert ps() == sorted([a_ctr, b_ctr])
+    assert ps("--label", "tier=front") == [a_ctr]
+    assert ps("--pod", b_pod[:12]) == [b_ctr]
+    assert ps("--state", "running") == [a_ctr]
+    assert ps("--state", "created") == [b_ctr]
+    assert ps("--id", a_ctr[:10]) == [a_ctr]
+    assert pods("--label", "team=b") == [b_pod]
+    assert pods("--id", a_pod[:10]) == [a_pod]
+    d.crictl("stopp", b_pod)
+    assert pods("--state", "ready") == [a_pod]
+    assert pods("--state", "notready") == [b_pod]
+    d.crictl("rmp", "-f", a_pod)
+    d.crictl("rmp", "-f", b_pod)
+
+
+def test_host_network_pod_and_dns_config(pod_daemon, busybox, tmp_path) -> None:
+    d = pod_daemon
+    podfile = write_json(tmp_path / "pod-hostnet.json", {
+        "metadata": {"name": "hostnet", "namespace": "default", "uid": "uid-hostnet"},
+        "log_directory": str(tmp_path / "logs" / "hostnet"),
+        "dns_config": {"servers": ["10.0.0.10"], "searches": ["svc.cluster.local"], "options": ["ndots:5"]},
+        "linux": {"security_context": {"namespace_options": {"network": 2}}},  # NODE
+    })
+    pod_id = d.crictl("runp", str(podfile)).stdout.strip()
+    status = json.loads(d.crictl("inspectp", pod_id).stdout)["status"]
+    assert not (status.get("network") or {}).get("ip")  # no CNI for host-network pods
+    cid = d.crictl("create", pod_id, str(container_config(tmp_path, busybox.reference, "c", ["/bin/sleep", "1000"])),
+                   str(podfile)).stdout.strip()
+    d.crictl("start", cid)
+    wait_for_state(d, cid, "CONTAINER_RUNNING")
+    resolv = d.crictl("exec", "-s", cid, "/bin/cat", "/etc/resolv.conf").stdout
+    assert "nameserver 10.0.0.10" in resolv and "search svc.cluster.local" in resolv and "ndots:5" in resolv
+    links = d.crictl("exec", "-s", cid, "/bin/cat", "/proc/net/dev").stdout
+    host_links = Path("/proc/net/dev").read_text()
+    def names(text: str) -> set[str]:
+        return {line.split(":")[0].strip() for line in text.splitlines() if ":" in line}
+
+    assert names(links) == names(host_links)  # the host's interfaces, not a pod's eth0 + lo
+    d.crictl("rmp", "-f", pod_id)
+
+
+def test_crun_is_refused_with_its_reason_on_this_host(pod_daemon, tmp_path) -> None:
+    from pycrio.oci.cgroups import cgroup_mode
+
+    if cgroup_mode() != "hybrid":
+        pytest.skip("crun only refuses cgroup v1 hybrid hosts")
+    d = pod_daemon
+    result = d.crictl("runp", "--runtime", "crun", str(pod_config(tmp_path, "crun")), check=False)
+    assert result.returncode != 0
+    assert "FailedPrecondition" in result.stderr and "hybrid" in result.stderr
+    info = json.loads(d.crictl("info").stdout)
+    handlers = info["runtimeHandlers"]
+    assert handlers["runc"]["available"] is True
+    assert handlers["crun"]["available"] is False and "hybrid" in handlers["crun"]["reason"]
+    assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"] == []
