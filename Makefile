@@ -34,7 +34,7 @@ apt:
 # A default pod network (bridge pycrio0, 10.85.0.0/16) only where the node has none yet.
 CNI_CONF_DIR := /etc/cni/net.d
 cni-config:
-	@if ! ls $(CNI_CONF_DIR)/*.conf $(CNI_CONF_DIR)/*.conflist $(CNI_CONF_DIR)/*.json >/dev/null 2>&1; then \
+	@if [ -z "$$(find $(CNI_CONF_DIR) -maxdepth 1 \( -name '*.conf' -o -name '*.conflist' -o -name '*.json' \) 2>/dev/null)" ]; then \
 	  install -D -m 0644 contrib/cni/10-pycrio-bridge.conflist $(CNI_CONF_DIR)/10-pycrio-bridge.conflist; \
 	  echo "cni: installed the default pycrio network in $(CNI_CONF_DIR)"; fi
 
