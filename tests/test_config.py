@@ -202,3 +202,24 @@ def test_invalid_runtime_and_image_tables(tmp_path: Path, text: str, expected: s
     result = run_pycrio(*_files(tmp_path, main=text), "config")
     assert result.returncode == 1
     assert f"pycrio: {tmp_path / 'pycrio.conf'}: {expected}" in result.stderr
+
+
+def test_sampling_overrides_round_trip_and_merge_per_key(tmp_path: Path) -> None:
+    args = _files(
+        tmp_path,
+        main='[pycrio.tracing]\ntracing_always_sample_errors = true\n[pycrio.tracing.sampling_overrides]\n'
+        'Version = 1000000\n"List*" = 10000\n',
+        **{"10-more.conf": '[pycrio.tracing.sampling_overrides]\n"List*" = 20000\n'
+                           '"/runtime.v1.RuntimeService/ListContainers" = 0\n'},
+    )
+    out = run_pycrio(*args, "config").stdout
+    assert "\n[pycrio.tracing.sampling_overrides]\n" in out
+    assert '\n"List*" = 20000\n' in out
+    config = _effective(tmp_path, *args)
+    assert config.tracing.tracing_always_sample_errors is True
+    assert config.tracing.sampling_overrides == {
+        "Version": 1000000, "List*": 20000, "/runtime.v1.RuntimeService/ListContainers": 0,
+    }
+    default = run_pycrio("config", "--default").stdout
+    assert "\n# [pycrio.tracing.sampling_overrides]\n" in default
+    assert "\n# tracing_always_sample_errors = false\n" in default

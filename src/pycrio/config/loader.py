@@ -13,7 +13,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from pycrio.config.schema import ROOT_TABLE, Config, default_of, is_table, table_of
+from pycrio.config.schema import ROOT_TABLE, Config, default_of, is_table, map_of, table_of
 
 
 class ConfigError(Exception):
@@ -114,8 +114,29 @@ def _merge_table(loaded: LoadedConfig, target: Any, table: dict[str, Any], prefi
                 if not isinstance(item, dict):
                     raise ConfigError(f"{path}: {dotted}.{name}: must be a table")
                 _merge_table(loaded, named.setdefault(name, item_type()), item, f"{dotted}.{name}", path)
+        elif (value_type := map_of(f)) is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {dotted}: must be a table")
+            _merge_map(getattr(target, key), f, value_type, value, str(path), dotted)
         else:
             _set_value(target, [key], value, str(path), dotted)
+
+
+def _merge_map(
+    target: dict[str, Any], f: dataclasses.Field[Any], value_type: type, table: dict[str, Any], source: str, dotted: str
+) -> None:
+    """Add or replace the entries of a table of plain values (later files win per key)."""
+    check, check_key = f.metadata.get("check"), f.metadata.get("check_key")
+    for name, item in table.items():
+        where = f"{dotted}.{name}"
+        if check_key and (problem := check_key(name)):
+            raise ConfigError(f"{source}: {where}: {problem}")
+        # bool is an int in Python, but `Version = true` is not a number in TOML.
+        if type(item) is not value_type:
+            raise ConfigError(f"{source}: {where}: must be {_type_name(value_type)}, got {_type_name(type(item))} {item!r}")
+        if check and (problem := check(item)):
+            raise ConfigError(f"{source}: {where}: {problem}")
+        target[name] = item
 
 
 def _set_value(target: Any, keys: list[str], value: Any, source: str, dotted: str) -> None:

@@ -37,6 +37,13 @@ def check_sampling_rate(value: int) -> str | None:
     return None
 
 
+def check_method_pattern(value: str) -> str | None:
+    """A key of sampling_overrides: a CRI method, short or full, or an fnmatch glob of either."""
+    if not value or value != value.strip():
+        return f"must be a CRI method name or glob (like Version, /runtime.v1.RuntimeService/Version or List*), got {value!r}"
+    return None
+
+
 def check_host_port(value: str) -> str | None:
     """An OTLP/gRPC endpoint is `host:port` (IPv6 hosts in brackets), without a scheme."""
     problem = f"must be host:port (like 127.0.0.1:4317), got {value!r}"
@@ -103,6 +110,27 @@ class TracingConfig:
             "0 starts none but still continues a trace whose caller (kubelet, crictl) sampled it,\n"
             "values between keep that share of trace ids (parent-based ratio).",
             check_sampling_rate,
+        ),
+    )
+    sampling_overrides: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            **_doc(
+                "Per-method rates per million for calls that start a trace of their own (no W3C parent),\n"
+                "overriding tracing_sampling_rate_per_million. Keys: short method (Version), full method\n"
+                "(\"/runtime.v1.RuntimeService/Version\") or a glob of either (\"List*\"). When several\n"
+                "match: exact full name, then exact short name, then the longest glob.",
+                check_sampling_rate,
+            ),
+            "map_of": int,
+            "check_key": check_method_pattern,
+        },
+    )
+    tracing_always_sample_errors: bool = field(
+        default=False,
+        metadata=_doc(
+            "Also export the span of a call that ends with a non-OK status when its trace was not\n"
+            "sampled. Every call then gets a (record-only) span, which costs time on every call."
         ),
     )
 
@@ -242,6 +270,13 @@ def default_of(f: dataclasses.Field[Any]) -> Any:
 def table_of(f: dataclasses.Field[Any]) -> type | None:
     """For a field holding named sub-tables (like runtimes.NAME), the dataclass of each."""
     return f.metadata.get("table_of")
+
+
+def map_of(f: dataclasses.Field[Any]) -> type | None:
+    """For a field that is a TOML table of plain values (like sampling_overrides), the value type.
+
+    Its `check` applies to each value and its `check_key` to each key."""
+    return f.metadata.get("map_of")
 
 
 def is_table(f: dataclasses.Field[Any]) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
-from pycrio.config.schema import ROOT_TABLE, Config, is_table, table_of
+from pycrio.config.schema import ROOT_TABLE, Config, is_table, map_of, table_of
 
 HEADER = """\
 # pycrio configuration file.
@@ -31,6 +32,14 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"no TOML rendering for {type(value).__name__}")
 
 
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_key(key: str) -> str:
+    """A TOML key: bare when it can be, else a quoted string (like "List*")."""
+    return key if BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+
+
 def render_toml(config: Config) -> str:
     """The configuration as a commented TOML template; defaults commented, changes live."""
     lines = [HEADER]
@@ -45,6 +54,7 @@ def _render_table(lines: list[str], table: Any, default: Any, name: str) -> None
     lines.append("")
     subtables = []
     named_tables = []
+    maps = []
     for f in dataclasses.fields(table):
         if is_table(f):
             subtables.append(f)
@@ -52,11 +62,25 @@ def _render_table(lines: list[str], table: Any, default: Any, name: str) -> None
         if (item_type := table_of(f)) is not None:
             named_tables.append((f, item_type))
             continue
+        if map_of(f) is not None:
+            maps.append(f)
+            continue
         value = getattr(table, f.name)
         for doc_line in f.metadata.get("doc", "").splitlines():
             lines.append(f"# {doc_line}")
         prefix = "# " if value == getattr(default, f.name) else ""
         lines.append(f"{prefix}{f.name} = {toml_value(value)}")
+        lines.append("")
+    for f in maps:
+        # A table of values comes after all plain keys of its table; empty (the default) it is
+        # shown commented out.
+        for doc_line in f.metadata.get("doc", "").splitlines():
+            lines.append(f"# {doc_line}")
+        entries = getattr(table, f.name)
+        prefix = "" if entries else "# "
+        lines.append(f"{prefix}[{name}.{f.name}]")
+        for key, value in entries.items():
+            lines.append(f"{toml_key(key)} = {toml_value(value)}")
         lines.append("")
     for f, item_type in named_tables:
         defaults = getattr(default, f.name)

@@ -66,7 +66,7 @@ def serve(config: Config, tracing: Tracing | None) -> int:
     daemon.reconcile()
     interceptor = CRIServerInterceptor(
         tracer=tracing.tracer if tracing else None,
-        starts_root_traces=tracing.starts_root_traces if tracing else False,
+        starts_root_traces=tracing.needs_root_span if tracing else False,
     )
     server = grpc.server(
         ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="cri"),

@@ -48,12 +48,17 @@ class _Call:
 class CRIServerInterceptor(grpc.ServerInterceptor):
     """Wraps every unary and server-streaming CRI handler.
 
-    With `tracer` None (tracing disabled) no span objects are made at all. With
-    `starts_root_traces` False (rate 0), a call without a W3C parent is not given a span either:
-    the parent-based sampler would make it a non-recording span, so the work is skipped.
+    With `tracer` None (tracing disabled) no span objects are made at all. For a method whose
+    calls without a W3C parent would never be recorded (effective root rate 0, errors not kept),
+    such a call is not given a span either: the parent-based sampler would make it a
+    non-recording span, so the work is skipped. `starts_root_traces` says which methods need a
+    root span: a bool for all, or a predicate on the full method name, asked once per method
+    (when its handler is first wrapped) and cached with it.
     """
 
-    def __init__(self, tracer: trace.Tracer | None = None, starts_root_traces: bool = True) -> None:
+    def __init__(
+        self, tracer: trace.Tracer | None = None, starts_root_traces: bool | Callable[[str], bool] = True
+    ) -> None:
         self._tracer = tracer
         self._starts_root_traces = starts_root_traces
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -72,12 +77,17 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             self._handlers[method] = wrapped
         return wrapped
 
+    def _root_spans(self, method: str) -> bool:
+        starts = self._starts_root_traces
+        return starts(method) if callable(starts) else bool(starts)
+
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        root_spans = self._root_spans(method)
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
             def unary(request: Message, context: grpc.ServicerContext) -> Message:
-                call = self._begin(method, request, context)
+                call = self._begin(method, root_spans, request, context)
                 try:
                     response = behavior(request, context)
                     if log.isEnabledFor(logging.DEBUG):
@@ -95,7 +105,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             stream_behavior = handler.unary_stream
 
             def unary_stream(request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
-                call = self._begin(method, request, context)
+                call = self._begin(method, root_spans, request, context)
                 try:
                     for response in stream_behavior(request, context):
                         if log.isEnabledFor(logging.DEBUG):
@@ -116,13 +126,13 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             )
         return handler  # CRI has no client-streaming methods
 
-    def _begin(self, method: str, request: Message, context: grpc.ServicerContext) -> _Call:
+    def _begin(self, method: str, root_spans: bool, request: Message, context: grpc.ServicerContext) -> _Call:
         call = _Call(method)
         info = CallInfo(str(uuid.uuid4()), method)
         span_token = None
         if self._tracer is not None:
             parent = self._parent_context(context)
-            if parent is not None or self._starts_root_traces:
+            if parent is not None or root_spans:
                 service, _, rpc_method = method[1:].rpartition("/")
                 span = self._tracer.start_span(
                     method,

@@ -14,12 +14,14 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pycrio import __version__
-from pycrio.config import MAX_SAMPLING_RATE, TracingConfig
+from pycrio.config import TracingConfig
 from pycrio.tracing.exporter import ExportHealth, ReportingSpanExporter
+from pycrio.tracing.sampling import ErrorKeepingSpanProcessor, SamplingRules
+from pycrio.tracing.sampling import make_sampler as _make_sampler
 
 log = logging.getLogger("pycrio.tracing")
 
@@ -32,13 +34,15 @@ CHANNEL_OPTIONS = (
 )
 
 
-def make_sampler(rate_per_million: int) -> Sampler:
-    """CRI-O's sampler: follow the caller's decision; for root calls keep rate/1e6 of trace ids.
+def make_sampler(
+    rate_per_million: int, overrides: dict[str, int] | None = None, always_sample_errors: bool = False
+) -> Sampler:
+    """CRI-O's sampler: follow the caller's decision; for root calls keep rate/1e6 of trace ids
+    (per method when `overrides` name it, see pycrio.tracing.sampling).
 
     At 0 no trace is started here, but a caller's sampled trace is still continued.
     """
-    root = ALWAYS_OFF if rate_per_million == 0 else TraceIdRatioBased(rate_per_million / MAX_SAMPLING_RATE)
-    return ParentBased(root)
+    return _make_sampler(SamplingRules(rate_per_million, overrides), always_sample_errors)
 
 
 def make_resource(service_name: str = SERVICE_NAME) -> Resource:
@@ -62,7 +66,10 @@ class Tracing:
 
     def __init__(self, config: TracingConfig, service_name: str = SERVICE_NAME) -> None:
         self.config = config
-        self.starts_root_traces = config.tracing_sampling_rate_per_million > 0
+        self.rules = SamplingRules(config.tracing_sampling_rate_per_million, config.sampling_overrides)
+        self.always_sample_errors = config.tracing_always_sample_errors
+        # Whether a call without a W3C parent needs a span, per method (see the interceptor).
+        self.starts_root_traces = self.always_sample_errors or self.rules.any_root_traces
         self.health = ExportHealth()
         self.health.install()
         otlp = OTLPSpanExporter(endpoint=config.tracing_endpoint, insecure=True, channel_options=CHANNEL_OPTIONS)
@@ -71,17 +78,31 @@ class Tracing:
         # full queue drops spans instead of blocking the CRI call that ended them.
         self.processor = BatchSpanProcessor(self.exporter)
         self.provider = TracerProvider(
-            sampler=make_sampler(config.tracing_sampling_rate_per_million),
+            sampler=_make_sampler(self.rules, self.always_sample_errors),
             resource=make_resource(service_name),
         )
-        self.provider.add_span_processor(self.processor)
+        # With errors kept, unsampled calls are recorded; only their ERROR spans go on to export.
+        self.provider.add_span_processor(
+            ErrorKeepingSpanProcessor(self.processor) if self.always_sample_errors else self.processor
+        )
         self.tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, __version__)
         trace.set_tracer_provider(self.provider)
         propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()]))
         log.info(
-            "tracing enabled: OTLP/gRPC to %s, sampling %d per million",
+            "tracing enabled: OTLP/gRPC to %s, sampling %d per million%s%s",
             config.tracing_endpoint, config.tracing_sampling_rate_per_million,
+            "".join(f", {k}={v}" for k, v in sorted(config.sampling_overrides.items())),
+            ", keeping error spans" if self.always_sample_errors else "",
         )
+
+    def root_rate(self, method: str) -> int:
+        """The effective rate per million for calls of `method` without a W3C parent."""
+        return self.rules.rate_for(method)
+
+    def needs_root_span(self, method: str) -> bool:
+        """Whether a call of `method` without a W3C parent must get a span: its rate is above 0,
+        or errors are kept (any call may end in an error)."""
+        return self.always_sample_errors or self.rules.rate_for(method) > 0
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Export what is queued and stop; gives up after `timeout` seconds (collector down)."""
