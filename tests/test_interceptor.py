@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from pycrio.cri import api_pb2, api_pb2_grpc
 from pycrio.errors import NotFound
-from pycrio.tracing import CRIServerInterceptor
+from pycrio.tracing import CRIServerInterceptor, FixedSpanPolicy
 from pycrio.tracing.logs import SpanEventHandler
 
 log = logging.getLogger("pycrio.test")
@@ -46,7 +46,7 @@ def traced() -> Iterator[tuple[api_pb2_grpc.RuntimeServiceStub, InMemorySpanExpo
     logging.getLogger().addHandler(handler)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2),
-        interceptors=[CRIServerInterceptor(provider.get_tracer("test"), starts_root_traces=True)],
+        interceptors=[CRIServerInterceptor(FixedSpanPolicy(provider.get_tracer("test")))],
     )
     api_pb2_grpc.add_RuntimeServiceServicer_to_server(Servicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 from click.core import ParameterSource
@@ -51,13 +51,17 @@ def _overrides(ctx: click.Context) -> list[Override]:
     return result
 
 
-def _load(ctx: click.Context) -> LoadedConfig:
+def _loader(ctx: click.Context) -> Callable[[], LoadedConfig]:
+    """Loads the configuration as this command line says; raises ConfigError (used again on SIGHUP)."""
     config_source = ctx.get_parameter_source("config")
     explicit = config_source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    config_file, config_dir, overrides = Path(ctx.params["config"]), Path(ctx.params["config_dir"]), _overrides(ctx)
+    return lambda: load_config(config_file, config_dir, overrides, require_file=explicit)
+
+
+def _load(ctx: click.Context) -> LoadedConfig:
     try:
-        return load_config(
-            Path(ctx.params["config"]), Path(ctx.params["config_dir"]), _overrides(ctx), require_file=explicit
-        )
+        return _loader(ctx)()
     except ConfigError as exc:
         click.echo(f"pycrio: {exc}", err=True)
         sys.exit(1)
@@ -89,35 +93,29 @@ def main(ctx: click.Context, **_: Any) -> None:
 
     Without a command, runs the daemon. Every option can also be set through the environment as
     PYCRIO_<OPTION> (for example PYCRIO_ENABLE_TRACING=true); options given on the command line or
-    in the environment override the configuration files.
+    in the environment override the configuration files. SIGHUP makes a running daemon re-read
+    its configuration files and apply log_level and [pycrio.tracing] at once.
     """
     if ctx.invoked_subcommand is not None:
         return
     loaded = _load(ctx)
-    run_daemon(loaded)
+    run_daemon(loaded, _loader(ctx))
 
 
-def run_daemon(loaded: LoadedConfig) -> None:
+def run_daemon(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig]) -> None:
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the configuration through `load_again`."""
     # Imported here so `pycrio config`/`version`/`--help` stay fast.
     from pycrio.log import setup_logging
     from pycrio.server import StartupError, serve
 
-    config = loaded.config
-    setup_logging(config.log_level, tracing=config.tracing.enable_tracing)
+    setup_logging(loaded.config.log_level)
     for warning in loaded.warnings:
         log.warning(warning)
     log.info("configuration loaded from %s", ", ".join(map(str, loaded.files)) or "built-in defaults")
-    tracing = None
-    if config.tracing.enable_tracing:
-        from pycrio.tracing import Tracing
-
-        tracing = Tracing(config.tracing)
     try:
-        code = serve(config, tracing)
+        code = serve(loaded, load_again)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
-        if tracing is not None:
-            tracing.shutdown(1.0)
         sys.exit(1)
     sys.exit(code)
 
@@ -145,3 +143,24 @@ def version() -> None:
     click.echo(f"pycrio version {__version__}")
     click.echo(f"CRI API: runtime.v1 ({CRI_API_MODULE})")
     click.echo(f"Python: {sys.version.split()[0]}, grpcio {grpc.__version__}, opentelemetry-sdk {otel_version.__version__}")
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+@click.option("--timeout", default=5.0, type=float, help="Seconds to wait for the daemon.")
+@click.pass_context
+def status(ctx: click.Context, output: str, timeout: float) -> None:
+    """Ask the running daemon (on --listen) for its conditions, tracing export health and metrics."""
+    from pycrio.status_client import StatusUnavailable, fetch_status, render_status
+
+    parent = ctx.parent
+    assert parent is not None
+    listen = parent.params["listen"]
+    if parent.get_parameter_source("listen") not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+        listen = _load(parent).config.api.listen
+    try:
+        report = fetch_status(listen, timeout)
+    except StatusUnavailable as exc:
+        click.echo(f"pycrio: {exc}", err=True)
+        sys.exit(1)
+    click.echo(render_status(report, output), nl=False)

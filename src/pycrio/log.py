@@ -50,17 +50,22 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-def setup_logging(level: str, tracing: bool, stream: TextIO | None = None) -> None:
-    """Configure the root logger once for the daemon: logfmt to stderr, span events if tracing."""
+def setup_logging(level: str, stream: TextIO | None = None) -> None:
+    """Configure the root logger once for the daemon: logfmt to stderr, and span events for the
+    log records of traced calls (tracing may be turned on by a reload, so always installed)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     out = logging.StreamHandler(stream or sys.stderr)
     out.setFormatter(LogfmtFormatter())
     root.addHandler(out)
-    if tracing:
-        root.addHandler(SpanEventHandler())
-    root.setLevel(LEVELS[level])
+    root.addHandler(SpanEventHandler())
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Change the daemon's log level (at start-up and on a configuration reload)."""
+    logging.getLogger().setLevel(LEVELS[level])
     # gRPC's and OpenTelemetry's own chatter below warning is not ours to print at debug.
     for name in ("grpc", "opentelemetry"):
         logging.getLogger(name).setLevel(max(LEVELS[level], logging.INFO))

@@ -57,6 +57,16 @@ def check_host_port(value: str) -> str | None:
     return None
 
 
+def check_host_port_or_empty(value: str) -> str | None:
+    return check_host_port(value) if value else None
+
+
+def check_port(value: int) -> str | None:
+    if not 0 <= value < 65536:
+        return f"must be a TCP port between 1 and 65535, or 0 for off, got {value}"
+    return None
+
+
 def check_absolute_or_empty(value: str) -> str | None:
     return check_absolute_path(value) if value else None
 
@@ -132,6 +142,36 @@ class TracingConfig:
             "Also export the span of a call that ends with a non-OK status when its trace was not\n"
             "sampled. Every call then gets a (record-only) span, which costs time on every call."
         ),
+    )
+
+
+@dataclass
+class MetricsConfig:
+    """Table [pycrio.metrics]: per CRI method operation counts, latencies and errors (like CRI-O's)."""
+
+    enable_metrics: bool = field(
+        default=False,
+        metadata=_doc("Collect per CRI method metrics: operations, errors and a latency histogram."),
+    )
+    metrics_endpoint: str = field(
+        default="127.0.0.1:4317",
+        metadata=_doc(
+            "host:port of the OTLP/gRPC receiver metrics are pushed to; empty pushes none\n"
+            "(the Prometheus endpoint alone).",
+            check_host_port_or_empty,
+        ),
+    )
+    metrics_export_interval: int = field(
+        default=15,
+        metadata=_doc("Seconds between two OTLP metric exports.", check_positive),
+    )
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata=_doc("Address the Prometheus endpoint listens on."),
+    )
+    metrics_port: int = field(
+        default=0,
+        metadata=_doc("TCP port of the Prometheus text endpoint (http://HOST:PORT/metrics); 0 is off.", check_port),
     )
 
 
@@ -255,6 +295,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata=_doc("Runtimes."))
     network: NetworkConfig = field(default_factory=NetworkConfig, metadata=_doc("Pod network."))
     tracing: TracingConfig = field(default_factory=TracingConfig, metadata=_doc("OpenTelemetry tracing."))
+    metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=_doc("Metrics."))
 
 
 ROOT_TABLE = "pycrio"

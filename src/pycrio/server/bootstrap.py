@@ -11,14 +11,19 @@ import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 
 from pycrio import __version__
-from pycrio.config import Config
+from pycrio.config import Config, LoadedConfig
 from pycrio.server.daemon import Daemon
+from pycrio.server.reload import Reloader
 from pycrio.server.services import add_cri_services
 from pycrio.tracing import CRIServerInterceptor, Tracing
+
+if TYPE_CHECKING:
+    from pycrio.metrics import CRIMetrics
 
 log = logging.getLogger("pycrio.server")
 
@@ -58,16 +63,49 @@ def prepare_socket(path: Path) -> None:
     raise StartupError(f"another daemon is already serving on {path}; stop it or choose another --listen")
 
 
-def serve(config: Config, tracing: Tracing | None) -> int:
-    """Run the daemon; returns the process exit code."""
-    listen = Path(config.api.listen)
-    prepare_socket(listen)
-    daemon = Daemon.create(config, tracing_active=tracing is not None)
-    daemon.reconcile()
-    interceptor = CRIServerInterceptor(
-        tracer=tracing.tracer if tracing else None,
-        starts_root_traces=tracing.needs_root_span if tracing else False,
+def start_metrics(config: Config, tracing: Tracing) -> CRIMetrics | None:
+    """Per-method metrics when enabled, with the span export counters beside them."""
+    if not config.metrics.enable_metrics:
+        return None
+    from pycrio.metrics import CRIMetrics, MetricsError
+
+    metrics = CRIMetrics(config.metrics, tracing.resource)
+    metrics.add_observer(
+        "pycrio.tracing.spans",
+        lambda: {k.removeprefix("spans_"): v for k, v in tracing.health.snapshot().items() if k.startswith("spans_")},
+        "Spans by fate: started, kept_for_error, exported, dropped_queue_full, dropped_export_failed.",
+        "{span}",
     )
+    try:
+        metrics.start()
+    except MetricsError as exc:
+        raise StartupError(str(exc)) from None
+    describe = metrics.describe()
+    log.info(
+        "metrics enabled: OTLP/gRPC to %s every %ds, Prometheus %s",
+        describe.get("otlp_endpoint") or "(none)", config.metrics.metrics_export_interval,
+        describe.get("prometheus") or "off",
+    )
+    return metrics
+
+
+def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = None) -> int:
+    """Run the daemon; returns the process exit code. SIGHUP reloads through `load_again`."""
+    config = loaded.config
+    tracing = Tracing(config.tracing)
+    metrics = None
+    try:
+        listen = Path(config.api.listen)
+        prepare_socket(listen)
+        metrics = start_metrics(config, tracing)
+        daemon = Daemon.create(config, tracing=tracing, metrics=metrics)
+    except BaseException:
+        if metrics is not None:
+            metrics.shutdown(1.0)
+        tracing.shutdown(1.0)
+        raise
+    daemon.reconcile()
+    interceptor = CRIServerInterceptor(spans=tracing, metrics=metrics)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="cri"),
         interceptors=[interceptor],
@@ -86,23 +124,39 @@ def serve(config: Config, tracing: Tracing | None) -> int:
     daemon.start_background()
 
     stop = threading.Event()
+    wake = threading.Event()
     received: list[str] = []
+    reloads: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signal.Signals(signum).name)
         stop.set()
+        wake.set()
+
+    def on_hangup(signum: int, frame: object) -> None:
+        reloads.append(signum)
+        wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    reloader = Reloader(config, tracing, load_again) if load_again is not None else None
+    if reloader is not None:
+        signal.signal(signal.SIGHUP, on_hangup)
     log.info("pycrio %s serving CRI v1 on %s (pid %d)", __version__, listen, os.getpid())
 
-    while not stop.wait(1.0):  # a timed wait keeps signal delivery prompt
-        pass
+    while not stop.is_set():
+        wake.wait(1.0)  # a timed wait keeps signal delivery prompt
+        wake.clear()
+        while reloads and not stop.is_set() and reloader is not None:
+            reloads.clear()
+            log.info("received SIGHUP, reloading the configuration")
+            reloader.reload()
     log.info("received %s, shutting down (grace %.0fs)", received[0], SHUTDOWN_GRACE_SECONDS)
     server.stop(SHUTDOWN_GRACE_SECONDS).wait()
     daemon.close()
-    if tracing is not None:
-        tracing.shutdown(SPAN_FLUSH_TIMEOUT_SECONDS)
+    if metrics is not None:
+        metrics.shutdown(SPAN_FLUSH_TIMEOUT_SECONDS)
+    tracing.shutdown(SPAN_FLUSH_TIMEOUT_SECONDS)
     listen.unlink(missing_ok=True)
     log.info("stopped")
     return 0

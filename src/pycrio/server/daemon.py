@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pycrio.config import Config
 from pycrio.images import ImageManager
@@ -14,6 +15,10 @@ from pycrio.pods.events import EventBus
 from pycrio.pods.runtimes import RuntimeHandlers
 from pycrio.pods.sandboxes import SandboxManager
 from pycrio.state import StateStore
+from pycrio.tracing import Tracing
+
+if TYPE_CHECKING:
+    from pycrio.metrics import CRIMetrics
 
 
 @dataclass
@@ -28,11 +33,12 @@ class Daemon:
     containers: ContainerManager
     sandboxes: SandboxManager
     events: EventBus
-    tracing_active: bool = False
+    tracing: Tracing | None = None
+    metrics: "CRIMetrics | None" = None
     started_at: float = field(default_factory=time.time)
 
     @classmethod
-    def create(cls, config: Config, tracing_active: bool = False) -> "Daemon":
+    def create(cls, config: Config, tracing: Tracing | None = None, metrics: "CRIMetrics | None" = None) -> "Daemon":
         images = ImageManager(config)
         images.open()
         runroot = Path(config.runroot)
@@ -55,7 +61,8 @@ class Daemon:
             containers=containers,
             sandboxes=sandboxes,
             events=events,
-            tracing_active=tracing_active,
+            tracing=tracing,
+            metrics=metrics,
         )
 
     def reconcile(self) -> None:

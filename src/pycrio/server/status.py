@@ -1,9 +1,11 @@
-"""Status: runtime and network readiness; `verbose` adds the effective config as JSON."""
+"""Status: runtime and network readiness; `verbose` adds the effective config, tracing export
+health and metrics endpoints as JSON."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 
 from pycrio import __version__
@@ -32,9 +34,15 @@ def status(daemon: Daemon, request: api_pb2.StatusRequest) -> api_pb2.StatusResp
         response.info["daemon"] = json.dumps(
             {
                 "uptime_seconds": round(time.time() - daemon.started_at, 3),
-                "tracing_active": daemon.tracing_active,
+                "pid": os.getpid(),
+                "tracing_active": daemon.tracing is not None and daemon.tracing.enabled,
                 "pod_cidr": daemon.state.pod_cidr,
             }
         )
         response.info["runtimeHandlers"] = json.dumps(daemon.handlers.report())
+        if daemon.tracing is not None:
+            response.info["tracing"] = json.dumps(daemon.tracing.describe(), sort_keys=True)
+        response.info["metrics"] = json.dumps(
+            daemon.metrics.describe() if daemon.metrics is not None else {"enabled": False}, sort_keys=True
+        )
     return response

@@ -11,7 +11,7 @@ from typing import Any
 from opentelemetry import trace
 
 from pycrio.tracing.call import CallInfo, current_call
-from pycrio.tracing.interceptor import CRIServerInterceptor
+from pycrio.tracing.interceptor import CallRecorder, CRIServerInterceptor, FixedSpanPolicy, SpanMode, SpanPolicy
 from pycrio.tracing.provider import Tracing, make_sampler
 
 _STEP_TRACER = trace.get_tracer("pycrio")
@@ -28,4 +28,15 @@ def step_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
     return _STEP_TRACER.start_as_current_span(name, attributes=attributes)
 
 
-__all__ = ["CRIServerInterceptor", "CallInfo", "Tracing", "current_call", "make_sampler", "step_span"]
+__all__ = [
+    "CRIServerInterceptor",
+    "CallInfo",
+    "CallRecorder",
+    "FixedSpanPolicy",
+    "SpanMode",
+    "SpanPolicy",
+    "Tracing",
+    "current_call",
+    "make_sampler",
+    "step_span",
+]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import logging
+import time
 import uuid
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn, Protocol
 
 import grpc
 from google.protobuf import text_format
@@ -32,10 +34,44 @@ def describe(message: Message) -> str:
     return text
 
 
+class SpanMode(enum.Enum):
+    """Which calls of a method get a span."""
+
+    NONE = 0  # tracing is off: no span objects at all
+    WITH_PARENT = 1  # only calls carrying a caller's W3C context (a root would never be recorded)
+    ALL = 2  # every call
+
+
+class SpanPolicy(Protocol):
+    """Where spans come from and which calls get one (pycrio.tracing.Tracing in the daemon)."""
+
+    @property
+    def tracer(self) -> trace.Tracer: ...
+
+    def span_mode(self, method: str) -> SpanMode: ...
+
+
+class CallRecorder(Protocol):
+    """Takes the outcome of every call (pycrio.metrics.CRIMetrics in the daemon)."""
+
+    def record_call(self, method: str, code: grpc.StatusCode, seconds: float) -> None: ...
+
+
+class FixedSpanPolicy:
+    """A tracer and one mode for every method."""
+
+    def __init__(self, tracer: trace.Tracer, mode: SpanMode = SpanMode.ALL) -> None:
+        self.tracer = tracer
+        self._mode = mode
+
+    def span_mode(self, method: str) -> SpanMode:
+        return self._mode
+
+
 class _Call:
     """Per-call bookkeeping shared by the unary and streaming wrappers."""
 
-    __slots__ = ("method", "span", "tokens", "code", "message")
+    __slots__ = ("method", "span", "tokens", "code", "message", "started")
 
     def __init__(self, method: str) -> None:
         self.method = method
@@ -43,24 +79,22 @@ class _Call:
         self.tokens: tuple[Any, Any] | None = None
         self.code = grpc.StatusCode.OK
         self.message = ""
+        self.started = time.perf_counter()
 
 
 class CRIServerInterceptor(grpc.ServerInterceptor):
     """Wraps every unary and server-streaming CRI handler.
 
-    With `tracer` None (tracing disabled) no span objects are made at all. For a method whose
-    calls without a W3C parent would never be recorded (effective root rate 0, errors not kept),
-    such a call is not given a span either: the parent-based sampler would make it a
-    non-recording span, so the work is skipped. `starts_root_traces` says which methods need a
-    root span: a bool for all, or a predicate on the full method name, asked once per method
-    (when its handler is first wrapped) and cached with it.
+    `spans` decides per call (its answer may change at run time, on a configuration reload):
+    with tracing off no span objects are made at all; for a method whose calls without a W3C
+    parent would never be recorded (effective root rate 0, errors not kept), such a call gets no
+    span either (the parent-based sampler would make it a non-recording span). `metrics`, when
+    given, is told every call's method, status code and duration.
     """
 
-    def __init__(
-        self, tracer: trace.Tracer | None = None, starts_root_traces: bool | Callable[[str], bool] = True
-    ) -> None:
-        self._tracer = tracer
-        self._starts_root_traces = starts_root_traces
+    def __init__(self, spans: SpanPolicy | None = None, metrics: CallRecorder | None = None) -> None:
+        self._spans = spans
+        self._metrics = metrics
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(
@@ -77,17 +111,12 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             self._handlers[method] = wrapped
         return wrapped
 
-    def _root_spans(self, method: str) -> bool:
-        starts = self._starts_root_traces
-        return starts(method) if callable(starts) else bool(starts)
-
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        root_spans = self._root_spans(method)
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
             def unary(request: Message, context: grpc.ServicerContext) -> Message:
-                call = self._begin(method, root_spans, request, context)
+                call = self._begin(method, request, context)
                 try:
                     response = behavior(request, context)
                     if log.isEnabledFor(logging.DEBUG):
@@ -105,7 +134,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             stream_behavior = handler.unary_stream
 
             def unary_stream(request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
-                call = self._begin(method, root_spans, request, context)
+                call = self._begin(method, request, context)
                 try:
                     for response in stream_behavior(request, context):
                         if log.isEnabledFor(logging.DEBUG):
@@ -126,15 +155,17 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             )
         return handler  # CRI has no client-streaming methods
 
-    def _begin(self, method: str, root_spans: bool, request: Message, context: grpc.ServicerContext) -> _Call:
+    def _begin(self, method: str, request: Message, context: grpc.ServicerContext) -> _Call:
         call = _Call(method)
         info = CallInfo(str(uuid.uuid4()), method)
         span_token = None
-        if self._tracer is not None:
+        mode = self._spans.span_mode(method) if self._spans is not None else SpanMode.NONE
+        if mode is not SpanMode.NONE:
+            assert self._spans is not None
             parent = self._parent_context(context)
-            if parent is not None or root_spans:
+            if parent is not None or mode is SpanMode.ALL:
                 service, _, rpc_method = method[1:].rpartition("/")
-                span = self._tracer.start_span(
+                span = self._spans.tracer.start_span(
                     method,
                     context=parent,
                     kind=SpanKind.SERVER,
@@ -180,8 +211,12 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
         context.abort(call.code, call.message)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
-    @staticmethod
-    def _end(call: _Call) -> None:
+    def _end(self, call: _Call) -> None:
+        if self._metrics is not None:
+            try:
+                self._metrics.record_call(call.method, call.code, time.perf_counter() - call.started)
+            except Exception:  # noqa: BLE001 - metrics never fail a call
+                log.exception("recording metrics of %s failed", call.method)
         span = call.span
         if span is not None:
             span.set_attribute("rpc.grpc.status_code", call.code.value[0])

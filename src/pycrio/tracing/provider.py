@@ -1,4 +1,4 @@
-"""The OpenTelemetry pipeline: resource, parent-based ratio sampler, batch OTLP/gRPC export."""
+"""The process's OpenTelemetry tracing: resource, propagators, a provider whose pipeline can be reloaded."""
 
 from __future__ import annotations
 
@@ -6,32 +6,28 @@ import logging
 import os
 import socket
 import threading
+from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pycrio import __version__
 from pycrio.config import TracingConfig
-from pycrio.tracing.exporter import ExportHealth, ReportingSpanExporter
-from pycrio.tracing.sampling import ErrorKeepingSpanProcessor, SamplingRules
+from pycrio.tracing.exporter import ExportHealth
+from pycrio.tracing.interceptor import SpanMode
+from pycrio.tracing.pipeline import Pipeline, SwitchableSampler, SwitchableSpanProcessor
+from pycrio.tracing.sampling import SamplingRules
 from pycrio.tracing.sampling import make_sampler as _make_sampler
 
 log = logging.getLogger("pycrio.tracing")
 
 SERVICE_NAME = "pycrio"
 INSTRUMENTATION_NAME = "pycrio"
-# The exporter reconnects quickly when a collector comes back, instead of gRPC's 2-minute ceiling.
-CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5000),
-)
 
 
 def make_sampler(
@@ -62,61 +58,84 @@ def make_resource(service_name: str = SERVICE_NAME) -> Resource:
 
 
 class Tracing:
-    """One process's tracing pipeline; `tracer` hands out spans, `shutdown` flushes within a bound."""
+    """The process's tracing: one SDK TracerProvider whose sampler and export pipeline follow
+    the configuration, also after a reload (`apply`). Spans come from `tracer`; `span_mode`
+    tells the CRI interceptor which calls need one; `health` counts what was exported."""
 
     def __init__(self, config: TracingConfig, service_name: str = SERVICE_NAME) -> None:
-        self.config = config
-        self.rules = SamplingRules(config.tracing_sampling_rate_per_million, config.sampling_overrides)
-        self.always_sample_errors = config.tracing_always_sample_errors
-        # Whether a call without a W3C parent needs a span, per method (see the interceptor).
-        self.starts_root_traces = self.always_sample_errors or self.rules.any_root_traces
         self.health = ExportHealth()
         self.health.install()
-        otlp = OTLPSpanExporter(endpoint=config.tracing_endpoint, insecure=True, channel_options=CHANNEL_OPTIONS)
-        self.exporter = ReportingSpanExporter(otlp, config.tracing_endpoint, self.health)
-        # Queue, batch size and delay follow OTEL_BSP_* (SDK defaults 2048/512/5s): bounded, and a
-        # full queue drops spans instead of blocking the CRI call that ended them.
-        self.processor = BatchSpanProcessor(self.exporter)
-        self.provider = TracerProvider(
-            sampler=_make_sampler(self.rules, self.always_sample_errors),
-            resource=make_resource(service_name),
-        )
-        # With errors kept, unsampled calls are recorded; only their ERROR spans go on to export.
-        self.provider.add_span_processor(
-            ErrorKeepingSpanProcessor(self.processor) if self.always_sample_errors else self.processor
-        )
+        self._sampler = SwitchableSampler()
+        self._processor = SwitchableSpanProcessor(self.health)
+        self.resource = make_resource(service_name)
+        self.provider = TracerProvider(sampler=self._sampler, resource=self.resource)
+        self.provider.add_span_processor(self._processor)
         self.tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, __version__)
         trace.set_tracer_provider(self.provider)
         propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()]))
-        log.info(
-            "tracing enabled: OTLP/gRPC to %s, sampling %d per million%s%s",
-            config.tracing_endpoint, config.tracing_sampling_rate_per_million,
-            "".join(f", {k}={v}" for k, v in sorted(config.sampling_overrides.items())),
-            ", keeping error spans" if self.always_sample_errors else "",
-        )
+        self.pipeline: Pipeline | None = None
+        self.config = TracingConfig()
+        self._apply_lock = threading.Lock()
+        self.apply(config)
+
+    @property
+    def enabled(self) -> bool:
+        return self.pipeline is not None
+
+    def apply(self, config: TracingConfig, retire_timeout: float = 5.0) -> None:
+        """Switch to `config`: spans started from now on follow it, spans in flight end in it.
+
+        The previous pipeline's queue is flushed in the background (bounded by `retire_timeout`).
+        """
+        with self._apply_lock:
+            new = Pipeline(config, self.health) if config.enable_tracing else None
+            old = self.pipeline
+            self._processor.current = new.processor if new else None
+            self._sampler.current = new.sampler if new else ALWAYS_OFF
+            self.pipeline = new
+            self.config = config
+        if new is not None:
+            log.info(
+                "tracing enabled: OTLP/gRPC to %s, sampling %d per million%s%s",
+                config.tracing_endpoint, config.tracing_sampling_rate_per_million,
+                "".join(f", {k}={v}" for k, v in sorted(config.sampling_overrides.items())),
+                ", keeping error spans" if config.tracing_always_sample_errors else "",
+            )
+        elif old is not None:
+            log.info("tracing disabled")
+        if old is not None:
+            threading.Thread(
+                target=old.shutdown, args=(retire_timeout,), name="pycrio-tracing-retire", daemon=True
+            ).start()
+
+    def span_mode(self, method: str) -> SpanMode:
+        """Which calls of `method` get a span under the current configuration."""
+        pipeline = self.pipeline
+        return pipeline.span_mode(method) if pipeline is not None else SpanMode.NONE
 
     def root_rate(self, method: str) -> int:
         """The effective rate per million for calls of `method` without a W3C parent."""
-        return self.rules.rate_for(method)
+        pipeline = self.pipeline
+        return pipeline.rules.rate_for(method) if pipeline is not None else 0
 
-    def needs_root_span(self, method: str) -> bool:
-        """Whether a call of `method` without a W3C parent must get a span: its rate is above 0,
-        or errors are kept (any call may end in an error)."""
-        return self.always_sample_errors or self.rules.rate_for(method) > 0
+    def describe(self) -> dict[str, Any]:
+        """The running tracing configuration and export health (Status(verbose), `pycrio status`)."""
+        config = self.config
+        return {
+            "enabled": self.enabled,
+            "endpoint": config.tracing_endpoint,
+            "sampling_rate_per_million": config.tracing_sampling_rate_per_million,
+            "sampling_overrides": dict(config.sampling_overrides),
+            "always_sample_errors": config.tracing_always_sample_errors,
+            "export": self.health.snapshot(),
+        }
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Export what is queued and stop; gives up after `timeout` seconds (collector down)."""
-        done = threading.Event()
-
-        def flush_and_stop() -> None:
-            try:
-                self.provider.shutdown()
-            finally:
-                done.set()
-
-        threading.Thread(target=flush_and_stop, name="pycrio-tracing-shutdown", daemon=True).start()
-        finished = done.wait(timeout)
-        if not finished:
-            log.warning("tracing shutdown: spans not flushed within %.1fs, dropping them", timeout)
+        with self._apply_lock:
+            pipeline, self.pipeline = self.pipeline, None
+            self._processor.current = None
+            self._sampler.current = ALWAYS_OFF
+        finished = pipeline.shutdown(timeout) if pipeline is not None else True
         self.health.uninstall()
         return finished

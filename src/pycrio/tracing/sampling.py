@@ -25,7 +25,7 @@ status is only known when it ends):
 from __future__ import annotations
 
 import fnmatch
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -176,8 +176,9 @@ class ErrorKeepingSpanProcessor(SpanProcessor):
     `pycrio.sampling.kept_for_error = true`; the copy is made only for error spans.
     """
 
-    def __init__(self, inner: SpanProcessor) -> None:
+    def __init__(self, inner: SpanProcessor, on_kept: Callable[[], None] | None = None) -> None:
         self.inner = inner
+        self._on_kept = on_kept
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         self.inner.on_start(span, parent_context)
@@ -189,6 +190,8 @@ class ErrorKeepingSpanProcessor(SpanProcessor):
         if ctx.trace_flags.sampled:
             self.inner.on_end(span)
         elif span.status.status_code is StatusCode.ERROR:
+            if self._on_kept is not None:
+                self._on_kept()
             self.inner.on_end(_as_kept(span))
 
     def shutdown(self) -> None:

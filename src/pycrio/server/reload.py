@@ -1,0 +1,76 @@
+"""Live reload (SIGHUP): re-read the configuration files and apply what can change while serving.
+
+What applies at once: `log_level` and the whole `[pycrio.tracing]` table (enable, endpoint,
+rates, overrides, error keeping). Anything else that changed is named in a warning and takes
+effect at the next restart. Flags and PYCRIO_* variables given at start-up still win over the
+files, as they did then. A configuration that does not load is rejected with its one-line
+error, and the running one stays in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+from pycrio.config import Config, ConfigError, LoadedConfig
+from pycrio.config.schema import ROOT_TABLE
+from pycrio.log import set_level
+from pycrio.tracing import Tracing
+
+log = logging.getLogger("pycrio.server")
+
+# Top-level fields of Config applied on reload.
+LIVE_KEYS = ("log_level", "tracing")
+
+
+def changed_keys(old: Any, new: Any, prefix: str = ROOT_TABLE) -> list[str]:
+    """Dotted keys whose values differ between two configuration (sub)tables."""
+    if not (dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new)):
+        return [prefix] if old != new else []
+    keys: list[str] = []
+    for f in dataclasses.fields(old):
+        keys += changed_keys(getattr(old, f.name), getattr(new, f.name), f"{prefix}.{f.name}")
+    return keys
+
+
+class Reloader:
+    """Applies a freshly loaded configuration to the running daemon; one reload at a time."""
+
+    def __init__(self, config: Config, tracing: Tracing, load: Callable[[], LoadedConfig]) -> None:
+        self.config = config  # the daemon's, updated in place so Status(verbose) shows the live values
+        self.tracing = tracing
+        self.load = load
+
+    def reload(self) -> bool:
+        """Re-read and apply; False when the new configuration was rejected."""
+        try:
+            loaded = self.load()
+        except ConfigError as exc:
+            log.error("configuration reload rejected, the running configuration stays in force: %s", exc)
+            return False
+        new = loaded.config
+        for warning in loaded.warnings:
+            log.warning(warning)
+        live = [k for key in LIVE_KEYS for k in changed_keys(getattr(self.config, key), getattr(new, key), f"{ROOT_TABLE}.{key}")]
+        later = [
+            k
+            for f in dataclasses.fields(Config)
+            if f.name not in LIVE_KEYS
+            for k in changed_keys(getattr(self.config, f.name), getattr(new, f.name), f"{ROOT_TABLE}.{f.name}")
+        ]
+        if new.tracing != self.config.tracing:
+            try:
+                self.tracing.apply(new.tracing)
+            except Exception as exc:  # noqa: BLE001 - a reload must not take the daemon down
+                log.error("configuration reload rejected, tracing stays as it was: %s: %s", type(exc).__name__, exc)
+                return False
+            self.config.tracing = new.tracing
+        if new.log_level != self.config.log_level:
+            set_level(new.log_level)
+            self.config.log_level = new.log_level
+        if later:
+            log.warning("configuration reload: %s changed; applied at the next restart", ", ".join(later))
+        files = ", ".join(map(str, loaded.files)) or "built-in defaults"
+        log.info("configuration reloaded from %s: %s", files, ", ".join(live) + " applied" if live else "no live change")
+        return True

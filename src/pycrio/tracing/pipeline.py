@@ -1,0 +1,134 @@
+"""One tracing configuration's sampler and export pipeline, and the seams that swap it live.
+
+The process has one SDK TracerProvider for its whole life (the global provider can be set only
+once, and step spans use it). Its sampler and its span processor are the two switches below;
+a configuration reload builds a new `Pipeline` and points both switches at it. A span started
+under the old pipeline ends in the new one's processor, so calls in flight during a reload keep
+their spans.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Sequence
+
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
+
+from pycrio.config import TracingConfig
+from pycrio.tracing.exporter import ExportHealth, ReportingSpanExporter
+from pycrio.tracing.interceptor import SpanMode
+from pycrio.tracing.sampling import ErrorKeepingSpanProcessor, SamplingRules, make_sampler
+
+log = logging.getLogger("pycrio.tracing")
+
+# The exporter reconnects quickly when a collector comes back, instead of gRPC's 2-minute ceiling.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+)
+
+
+class Pipeline:
+    """Sampler, batch processor and OTLP exporter of one (enabled) tracing configuration."""
+
+    def __init__(self, config: TracingConfig, health: ExportHealth) -> None:
+        self.config = config
+        self.rules = SamplingRules(config.tracing_sampling_rate_per_million, config.sampling_overrides)
+        self.always_sample_errors = config.tracing_always_sample_errors
+        self.sampler = make_sampler(self.rules, self.always_sample_errors)
+        otlp = OTLPSpanExporter(endpoint=config.tracing_endpoint, insecure=True, channel_options=CHANNEL_OPTIONS)
+        self.exporter = ReportingSpanExporter(otlp, config.tracing_endpoint, health)
+        self.batch = health.batch_processor(self.exporter)
+        # With errors kept, unsampled calls are recorded; only their ERROR spans go on to export.
+        self.processor: SpanProcessor = (
+            ErrorKeepingSpanProcessor(self.batch, on_kept=health.span_kept_for_error)
+            if self.always_sample_errors
+            else self.batch
+        )
+        self._modes: dict[str, SpanMode] = {}
+
+    def span_mode(self, method: str) -> SpanMode:
+        """ALL when a call without a W3C parent may be recorded (its rate is above 0, or errors
+        are kept: any call may end in an error), else WITH_PARENT. Cached per method."""
+        mode = self._modes.get(method)
+        if mode is None:
+            root = self.always_sample_errors or self.rules.rate_for(method) > 0
+            mode = self._modes[method] = SpanMode.ALL if root else SpanMode.WITH_PARENT
+        return mode
+
+    def shutdown(self, timeout: float) -> bool:
+        """Export what is queued and stop, giving up after `timeout` seconds (collector down)."""
+        done = threading.Event()
+
+        def flush_and_stop() -> None:
+            try:
+                self.processor.shutdown()
+            finally:
+                done.set()
+
+        threading.Thread(target=flush_and_stop, name="pycrio-tracing-shutdown", daemon=True).start()
+        finished = done.wait(timeout)
+        if not finished:
+            log.warning(
+                "tracing: spans for %s not flushed within %.1fs, dropping them", self.config.tracing_endpoint, timeout
+            )
+        return finished
+
+
+class SwitchableSampler(Sampler):
+    """The provider's sampler: asks the current pipeline's; drops everything while tracing is off."""
+
+    def __init__(self) -> None:
+        self.current: Sampler = ALWAYS_OFF
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        return self.current.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"Switchable{{{self.current.get_description()}}}"
+
+
+class SwitchableSpanProcessor(SpanProcessor):
+    """The provider's one processor: hands spans to the current pipeline (none while tracing is
+    off) and counts the sampled spans started."""
+
+    def __init__(self, health: ExportHealth) -> None:
+        self.current: SpanProcessor | None = None
+        self._health = health
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        processor = self.current
+        if processor is not None:
+            if span.context is not None and span.context.trace_flags.sampled:
+                self._health.span_started()
+            processor.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        processor = self.current
+        if processor is not None:
+            processor.on_end(span)
+
+    def shutdown(self) -> None:
+        processor, self.current = self.current, None
+        if processor is not None:
+            processor.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        processor = self.current
+        return processor.force_flush(timeout_millis) if processor is not None else True
