@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,3 +33,15 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., PycrioDaemon]]:
     for daemon in started:
         daemon.stop()
 
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers (a hung collector)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()

@@ -105,6 +105,16 @@ class PycrioDaemon:
         self.proc = None
         return code
 
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> str:
+        """The whole log once `text` appears in it; AssertionError with the log tail if it never does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            logs = self.logs()
+            if text in logs:
+                return logs
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.logs()[-3000:]}")
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -1,4 +1,5 @@
-"""A real OTLP/gRPC trace receiver for tests and benchmarks: collects what exporters send."""
+"""A real OTLP/gRPC receiver (traces and metrics, on one port like a collector) for tests and
+benchmarks: collects what exporters send."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
@@ -91,6 +93,90 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+@dataclass
+class ReceivedMetricPoint:
+    """One metric data point as a receiver saw it, flattened with its metric and resource.
+
+    kind is "sum", "gauge" or "histogram"; `value` is set for sums and gauges, `count`, `sum`,
+    `bucket_counts` and `explicit_bounds` for histograms.
+    """
+
+    name: str
+    unit: str
+    kind: str
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    scope: str
+    value: float | int | None = None
+    is_monotonic: bool = False
+    temporality: int = 0
+    count: int = 0
+    sum: float = 0.0
+    bucket_counts: list[int] = field(default_factory=list)
+    explicit_bounds: list[float] = field(default_factory=list)
+    time_ns: int = 0
+
+    @property
+    def service(self) -> str:
+        return str(self.resource.get("service.name", ""))
+
+
+def _metric_points(metric: Any, resource: dict[str, Any], scope: str) -> list[ReceivedMetricPoint]:
+    kind = metric.WhichOneof("data")
+    common = {"name": metric.name, "unit": metric.unit, "resource": resource, "scope": scope}
+    points: list[ReceivedMetricPoint] = []
+    if kind in ("sum", "gauge"):
+        data = getattr(metric, kind)
+        for p in data.data_points:
+            points.append(
+                ReceivedMetricPoint(
+                    kind=kind,
+                    attributes=_attrs(p.attributes),
+                    value=getattr(p, p.WhichOneof("value")) if p.WhichOneof("value") else None,
+                    is_monotonic=kind == "sum" and data.is_monotonic,
+                    temporality=data.aggregation_temporality if kind == "sum" else 0,
+                    time_ns=p.time_unix_nano,
+                    **common,
+                )
+            )
+    elif kind == "histogram":
+        for p in metric.histogram.data_points:
+            points.append(
+                ReceivedMetricPoint(
+                    kind=kind,
+                    attributes=_attrs(p.attributes),
+                    temporality=metric.histogram.aggregation_temporality,
+                    count=p.count,
+                    sum=p.sum,
+                    bucket_counts=list(p.bucket_counts),
+                    explicit_bounds=list(p.explicit_bounds),
+                    time_ns=p.time_unix_nano,
+                    **common,
+                )
+            )
+    return points
+
+
+@dataclass
+class _MetricsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
+    points: list[ReceivedMetricPoint] = field(default_factory=list)
+    requests: int = 0
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def Export(self, request: metrics_service_pb2.ExportMetricsServiceRequest, context: Any) -> Any:
+        received = []
+        for rm in request.resource_metrics:
+            resource = _attrs(rm.resource.attributes)
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    received.extend(_metric_points(m, resource, sm.scope.name))
+        with self.cond:
+            self.requests += 1
+            self.points.extend(received)
+            self.cond.notify_all()
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,11 +184,13 @@ def free_port() -> int:
 
 
 class OTLPReceiver:
-    """OTLP/gRPC TraceService on 127.0.0.1; can be stopped and restarted on the same port."""
+    """OTLP/gRPC TraceService and MetricsService on 127.0.0.1; can be stopped and restarted on
+    the same port."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self._collector = _Collector()
+        self._metrics = _MetricsCollector()
         self._server: grpc.Server | None = None
 
     @property
@@ -112,6 +200,7 @@ class OTLPReceiver:
     def start(self) -> "OTLPReceiver":
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self._collector, server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(self._metrics, server)
         if server.add_insecure_port(self.endpoint) == 0:
             raise RuntimeError(f"receiver cannot bind {self.endpoint}")
         server.start()
@@ -155,6 +244,38 @@ class OTLPReceiver:
                 if len(self._collector.spans) == before:
                     break
             return list(self._collector.spans)
+
+    # --- metrics ---------------------------------------------------------------------------
+
+    @property
+    def metric_requests(self) -> int:
+        """How many metric export requests arrived."""
+        with self._metrics.cond:
+            return self._metrics.requests
+
+    def metric_points(self, name: str | None = None) -> list[ReceivedMetricPoint]:
+        """Every metric data point received so far (of metric `name`), in arrival order; with
+        cumulative temporality the last point of a series holds its current total."""
+        with self._metrics.cond:
+            points = list(self._metrics.points)
+        return [p for p in points if name is None or p.name == name]
+
+    def clear_metrics(self) -> None:
+        with self._metrics.cond:
+            self._metrics.points.clear()
+
+    def wait_for_metric(
+        self, predicate: Callable[[ReceivedMetricPoint], bool], timeout: float = 20.0
+    ) -> ReceivedMetricPoint | None:
+        """The latest point matching `predicate`, once one has arrived (None after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        with self._metrics.cond:
+            while True:
+                found = [p for p in self._metrics.points if predicate(p)]
+                remaining = deadline - time.monotonic()
+                if found or remaining <= 0:
+                    return found[-1] if found else None
+                self._metrics.cond.wait(remaining)
 
     def __enter__(self) -> "OTLPReceiver":
         return self.start()

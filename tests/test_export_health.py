@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -54,18 +53,6 @@ def pending(c: dict[str, Any]) -> int:
     )
 
 
-@pytest.fixture
-def black_hole() -> Iterator[str]:
-    """A TCP port that accepts connections and never answers (a hung collector)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
-
-
 def test_counters_rise_while_collector_is_down_and_recover(make_daemon) -> None:
     receiver = OTLPReceiver(free_port())  # its port, not started yet: the collector is down
     try:
@@ -110,19 +97,9 @@ def test_queue_full_drops_are_counted_and_logged(make_daemon, black_hole) -> Non
     counters = wait_until(daemon, lambda c: c["spans_dropped_queue_full"] >= 250)
     assert counters["spans_started"] >= 300
     assert counters["spans_exported"] == 0
-    logs = wait_for_text(daemon, "span queue full")
+    logs = daemon.wait_for_log("span queue full")
     assert logs.count("span queue full") == 1  # once per streak, not per span
     assert daemon.alive()
-
-
-def wait_for_text(daemon: PycrioDaemon, text: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        logs = daemon.logs()
-        if text in logs:
-            return logs
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} not logged within {timeout}s:\n{daemon.logs()[-3000:]}")
 
 
 def test_crictl_info_shows_export_health(make_daemon, receiver) -> None:

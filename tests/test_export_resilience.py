@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Iterator
 
 import pytest
 
@@ -29,33 +28,11 @@ def _calls(daemon, n: int) -> int:
     return ok
 
 
-def _wait_for_log(daemon, text: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        logs = daemon.logs()
-        if text in logs:
-            return logs
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} not logged within {timeout}s:\n{daemon.logs()[-3000:]}")
-
-
-@pytest.fixture
-def black_hole() -> Iterator[str]:
-    """A TCP port that accepts connections and never answers (a hung collector)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
-
-
 def test_collector_down_at_start(make_daemon) -> None:
     endpoint = f"127.0.0.1:{free_port()}"
     daemon = make_daemon(args=tracing_args(endpoint), env=FAST_EXPORT)
     assert _calls(daemon, 500) == 500
-    logs = _wait_for_log(daemon, f"span export to {endpoint} failing")
+    logs = daemon.wait_for_log(f"span export to {endpoint} failing")
     assert _calls(daemon, 100) == 100
     assert daemon.alive()
     # Rate-limited: one report per failure streak and interval, not one per batch.
@@ -67,7 +44,7 @@ def test_collector_down_at_start(make_daemon) -> None:
 def test_black_holed_collector(make_daemon, black_hole) -> None:
     daemon = make_daemon(args=tracing_args(black_hole), env=FAST_EXPORT)
     assert _calls(daemon, 500) == 500
-    _wait_for_log(daemon, f"span export to {black_hole} failing")
+    daemon.wait_for_log(f"span export to {black_hole} failing")
     assert daemon.alive()
     assert daemon.stop() == 0  # the span flush on SIGTERM is bounded
     assert not daemon.socket.exists()
@@ -82,7 +59,7 @@ def test_collector_stopped_mid_run_then_back(make_daemon) -> None:
 
         receiver.stop()
         assert _calls(daemon, 500) == 500
-        _wait_for_log(daemon, f"span export to {receiver.endpoint} failing")
+        daemon.wait_for_log(f"span export to {receiver.endpoint} failing")
         assert daemon.alive()
 
         receiver.clear()
@@ -92,6 +69,6 @@ def test_collector_stopped_mid_run_then_back(make_daemon) -> None:
             _calls(daemon, 10)
             time.sleep(0.5)
         assert receiver.spans(lambda s: s.service == "pycrio"), "spans did not resume after the collector came back"
-        _wait_for_log(daemon, f"span export to {receiver.endpoint} recovered")
+        daemon.wait_for_log(f"span export to {receiver.endpoint} recovered")
     finally:
         receiver.stop()

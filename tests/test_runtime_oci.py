@@ -24,7 +24,7 @@ import pytest
 
 from pycrio.errors import CRIError, FailedPrecondition, NotFound
 from pycrio.oci import ContainerHandle, OCIRuntime, RuntimeCommandError
-from pycrio.oci.runtime_oci import cgroup_mode
+from pycrio.oci.cgroups import hybrid_with_v2_controllers
 
 RUNC = "/usr/sbin/runc"
 BUSYBOX = "/bin/busybox"
@@ -410,7 +410,7 @@ def test_available(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("crun") is None, reason="crun not installed")
-@pytest.mark.skipif(cgroup_mode() != "hybrid", reason="only meaningful on a cgroups v1 hybrid host")
+@pytest.mark.skipif(not hybrid_with_v2_controllers(), reason="only meaningful on a cgroups v1 hybrid host")
 def test_crun_unavailable_on_hybrid_host(tmp_path: Path) -> None:
     usable, why = OCIRuntime("crun", "crun", tmp_path).available()
     assert not usable

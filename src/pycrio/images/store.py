@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pycrio.cri import api_pb2
+from pycrio.disk import disk_usage
 from pycrio.images.blobs import BlobStore, digest_hex
 
 
@@ -160,22 +161,7 @@ class ImageStore:
 
     def usage(self) -> api_pb2.FilesystemUsage:
         """Bytes and inodes the store's directory really uses on disk (allocated blocks)."""
-        used_bytes = 0
-        inodes = 0
-        for dirpath, dirnames, filenames in os.walk(self.directory):
-            for name in dirnames + filenames:
-                try:
-                    st = os.lstat(os.path.join(dirpath, name))
-                except FileNotFoundError:  # removed while we walked
-                    continue
-                used_bytes += st.st_blocks * 512
-                inodes += 1
-        try:
-            st = os.lstat(self.directory)
-            used_bytes += st.st_blocks * 512
-            inodes += 1
-        except FileNotFoundError:
-            pass
+        used_bytes, inodes = disk_usage(self.directory)
         return api_pb2.FilesystemUsage(
             timestamp=time.time_ns(),
             fs_id=api_pb2.FilesystemIdentifier(mountpoint=str(self.directory)),

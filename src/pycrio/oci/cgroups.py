@@ -48,6 +48,16 @@ def cgroup_mode(root: Path = CGROUP_ROOT) -> str:
     return "v1"
 
 
+def hybrid_with_v2_controllers(root: Path = CGROUP_ROOT) -> bool:
+    """Hybrid layout whose cgroup2 tree has controllers enabled: the one crun refuses to run on."""
+    if cgroup_mode(root) != "hybrid":
+        return False
+    try:
+        return bool((root / "unified" / "cgroup.controllers").read_text().split())
+    except OSError:
+        return False
+
+
 def _v1_mounts(mountinfo: str | None = None) -> dict[str, Path]:
     """Controller (or `name=...`) -> mount point of every cgroup v1 hierarchy."""
     text = MOUNTINFO.read_text() if mountinfo is None else mountinfo

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from pycrio.errors import FailedPrecondition, InvalidArgument, NotFound
+from pycrio.oci import cgroups
 from pycrio.oci.runtime import (
     STATE_CREATED,
     STATE_RUNNING,
@@ -232,7 +233,7 @@ class OCIRuntime(Runtime):
             usable, why = _binary_runs(binary)
             if not usable:
                 return False, why
-        if Path(self.runtime_path).name.startswith("crun") and cgroup_mode() == "hybrid":
+        if Path(self.runtime_path).name.startswith("crun") and cgroups.hybrid_with_v2_controllers():
             return False, (
                 f"crun refuses cgroups in hybrid mode: this host mounts cgroups v1 controllers under "
                 f"{CGROUP_ROOT} and a cgroup v2 hierarchy with controllers at {CGROUP_ROOT}/unified; "
@@ -614,38 +615,10 @@ def _binary_runs(binary: str) -> tuple[bool, str]:
 # -- cgroups (only what the monitor needs; container cgroups are the runtime's business) ----
 
 
-def _mount_types() -> dict[str, str]:
-    """Mount point -> filesystem type, from /proc/self/mountinfo."""
-    types: dict[str, str] = {}
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        head, _, tail = line.partition(" - ")
-        fields = head.split()
-        if len(fields) > 4 and tail:
-            types[fields[4]] = tail.split()[0]
-    return types
-
-
-def cgroup_mode() -> str:
-    """"unified" (v2 only), "hybrid" (v1 controllers + a v2 tree with controllers) or "legacy"."""
-    types = _mount_types()
-    root = str(CGROUP_ROOT)
-    if types.get(root) == "cgroup2":
-        return "unified"
-    unified = f"{root}/unified"
-    if types.get(unified) == "cgroup2":
-        try:
-            controllers = Path(unified, "cgroup.controllers").read_text().split()
-        except OSError:
-            controllers = []
-        if controllers:
-            return "hybrid"
-    return "legacy"
-
-
 def join_cgroup(pid: int, cgroup: str) -> None:
     """Move `pid` into the cgroupfs path `cgroup` (absolute) in every hierarchy, creating it."""
     relative = cgroup.strip("/")
-    if cgroup_mode() == "unified":
+    if cgroups.cgroup_mode() == "v2":
         _join_one(CGROUP_ROOT, relative, pid)
         return
     for hierarchy in sorted(CGROUP_ROOT.iterdir()):

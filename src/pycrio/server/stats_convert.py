@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from pycrio.cri import api_pb2
+from pycrio.disk import disk_usage
 from pycrio.oci.cgroups import CgroupStats
 
 
@@ -25,14 +25,7 @@ def memory_usage(stats: CgroupStats, timestamp: int) -> api_pb2.MemoryUsage:
 
 def directory_usage(path: Path, mountpoint: str, timestamp: int) -> api_pb2.FilesystemUsage:
     """Bytes and inodes a directory tree really takes (a container's writable layer)."""
-    used = inodes = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            try:
-                used += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-                inodes += 1
-            except FileNotFoundError:
-                continue
+    used, inodes = disk_usage(path, include_root=False)
     return api_pb2.FilesystemUsage(
         timestamp=timestamp,
         fs_id=api_pb2.FilesystemIdentifier(mountpoint=mountpoint),

@@ -133,9 +133,11 @@ class ExportHealth(logging.Filter):
 
     # -- the SDK's log records ---------------------------------------------------------------
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and not record.getMessage().startswith("Queue full"):
+        # The OTLP metric exporter logs to the same logger: only span export errors are ours.
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING and " traces " in message:
             with self._lock:
-                self.last_error = record.getMessage()
+                self.last_error = message
                 self.last_error_time = time.time()
         return False
 
