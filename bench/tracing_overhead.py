@@ -1,13 +1,15 @@
-"""Tracing overhead of pycrio: per-call latency of cheap CRI calls under four tracing setups.
+"""Tracing and metrics overhead of pycrio: per-call latency of cheap CRI calls under five setups.
 
 What is measured: the client-side latency of sequential unary CRI calls (Version and
 ListContainers, both trivially cheap, so the per-call tracing work dominates any difference)
-against four pycrio daemons running side by side:
+against five pycrio daemons running side by side:
 
 1. "disabled"                      tracing off, no span objects made at all;
 2. "rate 0"                        tracing on, rate 0: calls without a W3C parent get no span;
 3. "rate 1000000, collector up"    every call is a sampled span exported to a live receiver;
-4. "rate 1000000, collector down"  every call is a span, exported to a closed port.
+4. "rate 1000000, collector down"  every call is a span, exported to a closed port;
+5. "metrics on, tracing off"       [pycrio.metrics]: per-method counters and latency histogram,
+                                   pushed over OTLP every 15 s and served to Prometheus.
 
 The daemons run with the SDK's default batch delay (OTEL_BSP_SCHEDULE_DELAY=5000), as in
 production. Per call we record time.perf_counter_ns() around one blocking unary call from a
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -50,7 +53,8 @@ DISABLED = "disabled"
 RATE0 = "rate 0"
 UP = "rate 1000000, collector up"
 DOWN = "rate 1000000, collector down"
-CONFIGS = (DISABLED, RATE0, UP, DOWN)
+METRICS = "metrics on, tracing off"
+CONFIGS = (DISABLED, RATE0, UP, DOWN, METRICS)
 METHODS = ("Version", "ListContainers")
 WARMUP = 200
 # The SDK default batch delay, so the export thread wakes as often as in production.
@@ -162,6 +166,7 @@ def checks(rows: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
         ("p50(rate 1000000 up) / p50(disabled)", rows[UP]["p50_us"] / rows[DISABLED]["p50_us"], 1.10),
         ("p50(rate 0) / p50(disabled)", rows[RATE0]["p50_us"] / rows[DISABLED]["p50_us"], 1.02),
         ("p99(collector down) / p99(collector up)", rows[DOWN]["p99_us"] / rows[UP]["p99_us"], 1.10),
+        ("p50(metrics on) / p50(disabled)", rows[METRICS]["p50_us"] / rows[DISABLED]["p50_us"], 1.05),
     ]
     return [{"check": name, "value": value, "limit": limit, "pass": value <= limit} for name, value, limit in targets]
 
@@ -186,6 +191,8 @@ def print_method(method: str, rows: dict[str, dict[str, float]], results: list[d
 def main(argv: list[str] | None = None) -> int:
     """Start the receiver and four daemons, measure, print; exit 0 whatever the numbers."""
     args = parse_args(argv)
+    # A SIGTERM (CI timeout, kill) unwinds like Ctrl-C, so the finally blocks stop the daemons.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     methods = list(METHODS) if args.method == "both" else [args.method]
     print(
         f"pycrio tracing overhead: {args.calls} calls x {args.rounds} rounds per configuration, "
@@ -205,10 +212,19 @@ def main(argv: list[str] | None = None) -> int:
                 RATE0: tracing_args(receiver.endpoint, rate=0),
                 UP: tracing_args(receiver.endpoint, rate=1_000_000),
                 DOWN: tracing_args(f"127.0.0.1:{free_port()}", rate=1_000_000),
+                METRICS: ["--log-level", "info"],
+            }
+            config_text = {
+                METRICS: (
+                    "[pycrio.metrics]\nenable_metrics = true\n"
+                    f'metrics_endpoint = "{receiver.endpoint}"\nmetrics_port = {free_port()}\n'
+                ),
             }
             try:
                 for i, config in enumerate(CONFIGS):
-                    daemon = PycrioDaemon(base / f"d{i}", args=daemon_args[config], env=DAEMON_ENV)
+                    daemon = PycrioDaemon(
+                        base / f"d{i}", args=daemon_args[config], env=DAEMON_ENV, config_text=config_text.get(config, "")
+                    )
                     daemons[config] = daemon
                     daemon.start()
                     assert daemon.proc is not None

@@ -252,6 +252,21 @@ def start_pycrio(workdir: Path, sock: Path) -> Proc:
     return start("pycrio", argv, workdir / "pycrio.log")
 
 
+def pycrio_status(sock: Path, output: str = "text") -> str:
+    """`pycrio status`: the daemon's conditions and span export counters, over its socket."""
+    argv = [require("pycrio"), "--listen", str(sock), "status", "-o", output]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=child_env())
+    if done.returncode != 0:
+        raise DemoError(f"pycrio status failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def spans_exported(sock: Path) -> bool | None:
+    """True once pycrio reports spans exported to the collector, else None (keep waiting)."""
+    export = json.loads(pycrio_status(sock, "json")).get("tracing", {}).get("export", {})
+    return True if export.get("spans_exported", 0) > 0 else None
+
+
 def crictl_version(workdir: Path, sock: Path) -> str | None:
     """`crictl version` output once pycrio answers on the socket, else None."""
     if not sock.exists():
@@ -410,6 +425,9 @@ class Demo:
         since_us = time.time_ns() // 1000
         say(f"==> crictl --enable-tracing --tracing-endpoint {TRACING_ENDPOINT} ps")
         say(crictl_ps(self.workdir, self.sock).rstrip("\n"))
+        say("==> pycrio status (export health, once the batch processor has sent the spans)")
+        wait_until("pycrio to report exported spans", lambda: spans_exported(self.sock), TRACE_TIMEOUT, pycrio)
+        say(pycrio_status(self.sock).rstrip("\n"))
         self.stop_pycrio()
         say(f"==> waiting for the trace of `crictl ps` in Jaeger ({QUERY_URL}/api/traces)")
         found = wait_until(f"a trace with crictl's spans and pycrio's {LIST_CONTAINERS} span in Jaeger",

@@ -270,18 +270,22 @@ def test_rootfs_for_a_container(tmp_path, registry, image_builder) -> None:
     manager = ImageManager(config)
     manager.open()
     manager.puller.pull(image.reference)
-    rootfs = manager.prepare_rootfs(image.reference, "c1")
     try:
-        assert os.path.islink(rootfs / "bin" / "sh") and (rootfs / "bin" / "busybox").is_file()
-        assert not (rootfs / "data" / "doomed.txt").exists()  # whiteout applied
-        assert sorted(p.name for p in (rootfs / "replaced").iterdir()) == ["c.txt"]  # opaque dir
-        (rootfs / "scratch").write_text("container writes stay in the container")
-        assert not any((layer / "scratch").exists() for layer in manager.store.layer_paths(manager.lookup(image.reference)))
+        rootfs = manager.prepare_rootfs(image.reference, "c1")
+        try:
+            assert os.path.islink(rootfs / "bin" / "sh") and (rootfs / "bin" / "busybox").is_file()
+            assert not (rootfs / "data" / "doomed.txt").exists()  # whiteout applied
+            assert sorted(p.name for p in (rootfs / "replaced").iterdir()) == ["c.txt"]  # opaque dir
+            (rootfs / "scratch").write_text("container writes stay in the container")
+            layers = manager.store.layer_paths(manager.lookup(image.reference))
+            assert not any((layer / "scratch").exists() for layer in layers)
+        finally:
+            manager.release_rootfs("c1")
+        assert not (manager.containers_dir / "c1").exists()
+        with pytest.raises(Exception, match="not present"):
+            manager.prepare_rootfs("nothere:1", "c2")
     finally:
-        manager.release_rootfs("c1")
-    assert not (manager.containers_dir / "c1").exists()
-    with pytest.raises(Exception, match="not present"):
-        manager.prepare_rootfs("nothere:1", "c2")
+        manager.close()  # stops the unpack worker processes
 
 
 def test_bearer_token_registry(make_daemon, token_registry, image_builder) -> None:

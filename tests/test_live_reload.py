@@ -176,3 +176,20 @@ def test_no_span_is_lost_across_reloads_under_load(make_daemon) -> None:
             time.sleep(0.2)
         assert received() == total
         assert second.spans(lambda s: s.name == LIST_CONTAINERS) and first.spans(lambda s: s.name == LIST_CONTAINERS)
+
+
+def test_flags_given_at_start_still_win_and_are_named(make_daemon) -> None:
+    with OTLPReceiver() as receiver:
+        daemon = make_daemon(
+            config_text=tracing_file(receiver.endpoint), args=["--tracing-sampling-rate-per-million", "1000000"]
+        )
+        assert receiver.wait_for(lambda s: s.name == VERSION)  # the start-up probe
+        (daemon.config_dir / "50-rate.conf").write_text("[pycrio.tracing]\ntracing_sampling_rate_per_million = 0\n")
+        logs = hup(daemon, "configuration reloaded from")
+        assert (
+            "still winning over the files: pycrio.tracing.tracing_sampling_rate_per_million "
+            "(--tracing-sampling-rate-per-million)" in logs
+        )
+        receiver.clear()
+        calls(daemon, 5)
+        assert len(receiver.wait_for(lambda s: s.name == VERSION, count=5)) == 5

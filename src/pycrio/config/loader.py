@@ -36,6 +36,7 @@ class LoadedConfig:
     config: Config
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    overrides: list[Override] = field(default_factory=list)
 
 
 def dropin_files(config_dir: Path) -> list[Path]:
@@ -56,6 +57,7 @@ def load_config(
     files = [config_file] if (require_file or config_file.exists()) else []
     for path in files + dropin_files(config_dir):
         _apply_file(loaded, path)
+    loaded.overrides = list(overrides or [])
     for override in overrides or []:
         _set_value(loaded.config, override.key.split("."), override.value, override.source, f"{ROOT_TABLE}.{override.key}")
     _check_consistency(loaded)

@@ -69,6 +69,12 @@ class Reloader:
         if new.log_level != self.config.log_level:
             set_level(new.log_level)
             self.config.log_level = new.log_level
+        pinned = [o for o in loaded.overrides if o.key.split(".")[0] in LIVE_KEYS]
+        if pinned:
+            log.info(
+                "configuration reload: set at start-up and still winning over the files: %s",
+                ", ".join(f"{ROOT_TABLE}.{o.key} ({o.source})" for o in pinned),
+            )
         if later:
             log.warning("configuration reload: %s changed; applied at the next restart", ", ".join(later))
         files = ", ".join(map(str, loaded.files)) or "built-in defaults"
