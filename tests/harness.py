@@ -115,6 +115,22 @@ class PycrioDaemon:
             time.sleep(0.2)
         raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.logs()[-3000:]}")
 
+    def worker_processes(self) -> list[int]:
+        """Pids of this daemon's multiprocessing helpers (forkserver, unpack workers): the
+        processes running multiprocessing code whose stderr is this daemon's log file."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if b"multiprocessing" not in (entry / "cmdline").read_bytes():
+                    continue
+                if os.readlink(entry / "fd" / "2") == str(self.log_file):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

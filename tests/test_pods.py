@@ -467,7 +467,13 @@ def test_restart_cleans_up_what_a_crash_left_half_made(pod_daemon, busybox, tmp_
     d = pod_daemon
     pod_id = d.crictl("runp", str(pod_config(tmp_path, "half"))).stdout.strip()
     kept_id = d.crictl("runp", str(pod_config(tmp_path, "whole"))).stdout.strip()
+    assert d.worker_processes()  # the image pull started the unpack workers
     d.stop(sig=9)
+    # They follow the killed daemon instead of waiting forever for work.
+    deadline = time.monotonic() + 10
+    while d.worker_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert d.worker_processes() == []
     # What a daemon killed inside RunPodSandbox / CreateContainer leaves: an unfinished pod
     # record (its namespaces pinned, its IP taken) and a container bundle without a record.
     record_path = d.base / "root" / "state" / "pods" / f"{pod_id}.json"

@@ -168,7 +168,7 @@ def conmon_pid(handle: ContainerHandle) -> int:
 # -- lifecycle -------------------------------------------------------------------------------
 
 
-def test_create_then_start(oci: OCIEnv) -> None:
+def test_create_then_start(oci: OCIEnv, caplog: pytest.LogCaptureFixture) -> None:
     handle = oci.handle(["sleep", "1000"])
     pid = oci.runtime.create(handle)
     assert pid > 0
@@ -180,9 +180,12 @@ def test_create_then_start(oci: OCIEnv) -> None:
 
     before = time.time_ns()
     oci.runtime.start(handle)
-    running = oci.runtime.status(handle)
+    with caplog.at_level(logging.DEBUG, logger="pycrio"):
+        running = oci.runtime.status(handle)
     assert (running.state, running.pid) == ("running", pid)
     assert before <= running.started_at <= time.time_ns()
+    # A running container's status comes from conmon's files and /proc, without `runc state`.
+    assert not [r for r in caplog.records if r.getMessage().startswith("running: ") and " state " in r.getMessage()]
 
     oci.runtime.delete(handle)
     assert runc_list(oci.runtime.runtime_root) == []

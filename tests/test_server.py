@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import stat
+import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -231,3 +233,20 @@ def test_network_ready_follows_the_cni_configuration(make_daemon, tmp_path) -> N
     with daemon.channel() as ch:
         conditions = {c.type: c for c in daemon.runtime(ch).Status(api_pb2.StatusRequest(), timeout=5).status.conditions}
     assert conditions["NetworkReady"].status is True
+
+
+def test_an_idle_daemon_does_not_burn_cpu(make_daemon) -> None:
+    """Background work (the exit watcher, span and metric exporters) sleeps between rounds: over 3 s
+    of idling the daemon uses a small fraction of the CPU time a spinning thread would (3 s)."""
+    daemon = make_daemon(args=["--enable-tracing", "--tracing-sampling-rate-per-million", "1000000"])
+    assert daemon.proc is not None
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds() -> float:
+        fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+    time.sleep(1.0)  # start-up is over
+    before = cpu_seconds()
+    time.sleep(3.0)
+    assert cpu_seconds() - before < 0.3

@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import os
+import select
 import shutil
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -28,6 +29,24 @@ from pycrio.locks import KeyedLocks
 from pycrio.tracing import step_span
 
 log = logging.getLogger("pycrio.images")
+
+
+def exit_with_daemon(daemon_pid: int) -> None:
+    """Pool worker initializer: exit as soon as the daemon process is gone.
+
+    Workers are children of the forkserver, not of the daemon, and hold both ends of their task
+    pipe, so a SIGKILLed daemon would leave them (and the forkserver) waiting forever.
+    """
+    try:
+        pidfd = os.pidfd_open(daemon_pid)
+    except OSError:  # already gone
+        os._exit(0)
+
+    def watch() -> None:
+        select.select([pidfd], [], [])  # readable once the process has exited
+        os._exit(0)
+
+    threading.Thread(target=watch, name="pycrio-daemon-watch", daemon=True).start()
 
 
 class ImagePuller:
@@ -60,6 +79,8 @@ class ImagePuller:
                 self._unpackers = ProcessPoolExecutor(
                     max_workers=max(1, min(self.config.max_parallel_downloads, os.cpu_count() or 1)),
                     mp_context=multiprocessing.get_context("forkserver"),
+                    initializer=exit_with_daemon,
+                    initargs=(os.getpid(),),
                 )
             pool = self._unpackers
         return pool.submit(unpack_layer, blob, media_type, dest).result()

@@ -57,14 +57,15 @@ class ContainerManager:
         self.images = images
         self.events = events
         self.directory = Path(config.runroot) / "containers"
-        self._watching = threading.Event()
+        self._stop_watching = threading.Event()
 
     def watch_exits(self, interval: float = 1.0) -> None:
         """Notice exits of running containers while nobody asks, so events go out promptly."""
-        self._watching.set()
+        self._stop_watching.clear()
 
         def loop() -> None:
-            while self._watching.wait(interval) and self._watching.is_set():
+            # wait() returns False after each `interval`, True once stop_watching() is called.
+            while not self._stop_watching.wait(interval):
                 for record in self.state.list_containers(state=api_pb2.CONTAINER_RUNNING):
                     try:
                         with self.state.locks.hold(record.id):
@@ -101,7 +102,7 @@ class ContainerManager:
         return ContainerHandle(id=bundle.name, bundle=bundle, log_path=bundle / "orphan.log", state_dir=bundle / "conmon")
 
     def stop_watching(self) -> None:
-        self._watching.clear()
+        self._stop_watching.set()
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -92,6 +92,15 @@ def start_metrics(config: Config, tracing: Tracing) -> CRIMetrics | None:
 def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = None) -> int:
     """Run the daemon; returns the process exit code. SIGHUP reloads through `load_again`."""
     config = loaded.config
+    # SIGHUP's default action kills the process: until serving, a reload request is only noted.
+    reloads: list[int] = []
+    wake = threading.Event()
+
+    def on_hangup(signum: int, frame: object) -> None:
+        reloads.append(signum)
+        wake.set()
+
+    signal.signal(signal.SIGHUP, on_hangup)
     tracing = Tracing(config.tracing)
     metrics = None
     try:
@@ -124,24 +133,16 @@ def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = 
     daemon.start_background()
 
     stop = threading.Event()
-    wake = threading.Event()
     received: list[str] = []
-    reloads: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signal.Signals(signum).name)
         stop.set()
         wake.set()
 
-    def on_hangup(signum: int, frame: object) -> None:
-        reloads.append(signum)
-        wake.set()
-
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     reloader = Reloader(config, tracing, load_again) if load_again is not None else None
-    if reloader is not None:
-        signal.signal(signal.SIGHUP, on_hangup)
     log.info("pycrio %s serving CRI v1 on %s (pid %d)", __version__, listen, os.getpid())
 
     while not stop.is_set():
