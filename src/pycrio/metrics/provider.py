@@ -115,7 +115,9 @@ class CRIMetrics:
         self._provider: MeterProvider | None = None
         self._observers: set[str] = set()
         self._attributes: dict[str, Attributes] = {}
-        self._error_attributes: dict[tuple[str, str], Attributes] = {}
+        self._operation_counts: dict[str, int] = {}
+        self._error_counts: dict[tuple[str, str], int] = {}
+        self._counts_lock = threading.Lock()
         self._shutdown_lock = threading.Lock()
         self._shut_down = False
         if not self.enabled:
@@ -138,11 +140,17 @@ class CRIMetrics:
             shutdown_on_exit=False,
         )
         self._meter = self._provider.get_meter(METER_NAME, __version__)
-        self._operations = self._meter.create_counter(
-            OPERATIONS, unit="{operation}", description="CRI calls, per method."
+        # The two counters are kept here (a dict increment per call) and read by the SDK at each
+        # export or scrape: an SDK add() costs ~5 us per reader on the call path, and the
+        # histogram already pays that once.
+        self._meter.create_observable_counter(
+            OPERATIONS, callbacks=[self._observe_operations], unit="{operation}", description="CRI calls, per method."
         )
-        self._errors = self._meter.create_counter(
-            ERRORS, unit="{error}", description="CRI calls that ended with a non-OK gRPC status, per method and code."
+        self._meter.create_observable_counter(
+            ERRORS,
+            callbacks=[self._observe_errors],
+            unit="{error}",
+            description="CRI calls that ended with a non-OK gRPC status, per method and code.",
         )
         self._latency = self._meter.create_histogram(
             LATENCY,
@@ -164,17 +172,28 @@ class CRIMetrics:
             attributes = self._attributes.get(method)
             if attributes is None:
                 attributes = self._cache_attributes(method)
-            self._operations.add(1, attributes)
             self._latency.record(seconds, attributes)
-            if code is not grpc.StatusCode.OK and (name := _code_name(code)) != "OK":
-                errors = self._error_attributes.get((method, name))
-                if errors is None:
-                    errors = {**attributes, "code": name}
-                    if len(self._error_attributes) < _MAX_CACHED_ATTRIBUTES:
-                        self._error_attributes[(method, name)] = errors
-                self._errors.add(1, errors)
+            name = "OK" if code is grpc.StatusCode.OK else _code_name(code)
+            with self._counts_lock:
+                self._operation_counts[method] = self._operation_counts.get(method, 0) + 1
+                if name != "OK":
+                    key = (method, name)
+                    self._error_counts[key] = self._error_counts.get(key, 0) + 1
         except Exception:  # noqa: BLE001 - metrics must never fail a CRI call
             log.debug("cannot record metrics for %s", method, exc_info=True)
+
+    def _observe_operations(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._counts_lock:
+            counts = list(self._operation_counts.items())
+        return [Observation(count, self._attributes.get(method) or self._cache_attributes(method)) for method, count in counts]
+
+    def _observe_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._counts_lock:
+            counts = list(self._error_counts.items())
+        return [
+            Observation(count, {**(self._attributes.get(method) or self._cache_attributes(method)), "code": code})
+            for (method, code), count in counts
+        ]
 
     def _cache_attributes(self, method: str) -> Attributes:
         service, operation = split_method(method)
