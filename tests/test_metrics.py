@@ -19,6 +19,7 @@ from pycrio.config import MetricsConfig
 from pycrio.metrics import CRIMetrics, MetricsError
 from pycrio.metrics.provider import LATENCY_BUCKETS
 from pycrio.tracing.provider import make_resource
+from tests.harness import run_pycrio
 from tests.otlp_receiver import OTLPReceiver, ReceivedMetricPoint, free_port
 
 RUNTIME = "runtime.v1.RuntimeService"
@@ -258,6 +259,8 @@ def test_describe(make_metrics) -> None:
         "otlp_endpoint": "127.0.0.1:4317",
         "export_interval_seconds": 7,
         "prometheus": f"http://127.0.0.1:{port}/metrics",
+        "otlp_last_success": None,
+        "otlp_failed_exports": 0,
     }
     push_only = make_metrics(start=False, metrics_endpoint="127.0.0.1:4317")
     assert push_only.describe()["prometheus"] == ""
@@ -390,6 +393,12 @@ def test_daemon_serves_metrics_of_crictl_calls(make_daemon, receiver: OTLPReceiv
     assert point is not None and point.value == 1 and point.service == "pycrio"
     listed = {"operation": "ListContainers", "service": RUNTIME}
     assert receiver.wait_for_metric(lambda p: p.name == "pycrio.operations" and p.attributes == listed)
+    # `pycrio status` names both endpoints and the last successful push.
+    shown = run_pycrio("--listen", str(daemon.socket), "status")
+    assert shown.returncode == 0, shown.stderr
+    assert f"metrics: enabled, OTLP/gRPC to {receiver.endpoint}, Prometheus {url}" in shown.stdout
+    pushed = next(line for line in shown.stdout.splitlines() if "last successful push" in line)
+    assert "never" not in pushed and "s ago" in pushed
     assert daemon.stop() == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(url, timeout=2.0)

@@ -63,6 +63,8 @@ def pod_daemon(make_daemon, tmp_path: Path, registry: TestRegistry, receiver: OT
     )
     daemon.crictl("pull", busybox.reference)
     yield daemon
+    if not daemon.alive():  # a test that killed the daemon failed before starting it again
+        daemon.start()
     # Whatever a test left behind goes, so the next test and the host start clean...
     for pod in json.loads(daemon.crictl("pods", "-o", "json").stdout).get("items", []):
         daemon.crictl("rmp", "-f", pod["id"], check=False)

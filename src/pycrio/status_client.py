@@ -100,6 +100,10 @@ def render_status(report: dict[str, Any], output: str = "text") -> str:
             f"metrics: enabled, OTLP/gRPC to {metrics.get('otlp_endpoint') or '(none)'}"
             f", Prometheus {metrics.get('prometheus') or 'off'}"
         )
+        if metrics.get("otlp_endpoint"):
+            lines.append(f"  {'last successful push':<32}{_when(metrics.get('otlp_last_success'), now)}")
+            if metrics.get("otlp_failed_exports"):
+                lines.append(f"  {'failed pushes in a row':<32}{metrics['otlp_failed_exports']}")
     else:
         lines.append("metrics: disabled")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -88,10 +89,12 @@ class ReportingMetricExporter(OTLPMetricExporter):
         self.endpoint = endpoint
         self.interval = interval
         self.failed_exports = 0  # in the current failure streak
+        self.last_success: float | None = None
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
         result = super().export(metrics_data, timeout_millis, **kwargs)
         if result is MetricExportResult.SUCCESS:
+            self.last_success = time.time()
             if self.failed_exports:
                 log.info("metric export to %s recovered after %d failed exports", self.endpoint, self.failed_exports)
             self.failed_exports = 0
@@ -123,8 +126,9 @@ class CRIMetrics:
         if not self.enabled:
             return
         readers: list[MetricReader] = []
+        self._exporter: ReportingMetricExporter | None = None
         if config.metrics_endpoint:
-            exporter = ReportingMetricExporter(config.metrics_endpoint, config.metrics_export_interval)
+            exporter = self._exporter = ReportingMetricExporter(config.metrics_endpoint, config.metrics_export_interval)
             readers.append(
                 PeriodicExportingMetricReader(exporter, export_interval_millis=config.metrics_export_interval * 1000)
             )
@@ -232,6 +236,8 @@ class CRIMetrics:
             "otlp_endpoint": self.config.metrics_endpoint,
             "export_interval_seconds": self.config.metrics_export_interval,
             "prometheus": self.prometheus.url if self.prometheus is not None else "",
+            "otlp_last_success": self._exporter.last_success if self._exporter is not None else None,
+            "otlp_failed_exports": self._exporter.failed_exports if self._exporter is not None else 0,
         }
 
     def shutdown(self, timeout: float = 5.0) -> bool:
