@@ -74,7 +74,8 @@ class TokenServer:
         self.users = users
         self.token_field = token_field
         self.allow_anonymous = False
-        self.requests: list[dict[str, object]] = []  # what was asked: user, scopes
+        self.requests: list[dict[str, object]] = []  # what was asked: user, scopes (and grant)
+        self.refresh_tokens: dict[str, str] = {}  # OAuth2 refresh (identity) token -> user
         self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
         self.key = directory / "token.key"
@@ -169,6 +170,26 @@ class TokenServer:
                     return
                 token = server.issue(user, query.get("scope", []))
                 body = json.dumps({server.token_field: token, "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802 - OAuth2 refresh-token grant (docker identity tokens)
+                length = int(self.headers.get("Content-Length") or 0)
+                form = parse_qs(self.rfile.read(length).decode())
+                grant = form.get("grant_type", [""])[0]
+                user = server.refresh_tokens.get(form.get("refresh_token", [""])[0])
+                with server._lock:
+                    server.requests.append({"user": user, "scopes": form.get("scope", []), "grant": grant})
+                if urlparse(self.path).path != "/token" or grant != "refresh_token" or user is None:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                token = server.issue(user, form.get("scope", []))
+                body = json.dumps({"access_token": token, "expires_in": 300}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

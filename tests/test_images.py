@@ -297,6 +297,49 @@ def test_bearer_token_registry(make_daemon, token_registry, image_builder) -> No
     assert image.config_digest in daemon.crictl("images", "-q", "--no-trunc").stdout
 
 
+def _pull(daemon: PycrioDaemon, reference: str, auth: api_pb2.AuthConfig) -> api_pb2.PullImageResponse:
+    """PullImage over gRPC: crictl has no flags for identity or registry tokens (kubelet sends them)."""
+    with daemon.channel() as ch:
+        request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=reference), auth=auth)
+        return daemon.images(ch).PullImage(request, timeout=60)
+
+
+def test_registry_token_is_sent_as_bearer(make_daemon, token_registry, image_builder) -> None:
+    image = image_builder.busybox("token/regtoken", "1", registry=token_registry)
+    daemon = make_daemon(config_text=image_config(token_registry))
+    server = token_registry.token
+    assert server is not None
+    scope = "repository:token/regtoken:pull"
+    token = server.issue(AUTH_USER[0], [scope])  # what a credential provider hands kubelet
+    asked = len(server.requests)
+    assert _pull(daemon, image.reference, api_pb2.AuthConfig(registry_token=token)).image_ref == image.config_digest
+    assert len(server.requests) == asked  # used as it is: the token server was not asked
+
+    with pytest.raises(grpc.RpcError) as denied:
+        _pull(daemon, image.reference, api_pb2.AuthConfig(registry_token="not-a-token"))
+    assert denied.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "(registry token)" in (denied.value.details() or "")
+    assert "not-a-token" not in (denied.value.details() or "")
+
+
+def test_identity_token_is_traded_at_the_token_server(make_daemon, token_registry, image_builder) -> None:
+    image = image_builder.busybox("token/identity", "1", registry=token_registry)
+    daemon = make_daemon(config_text=image_config(token_registry))
+    server = token_registry.token
+    assert server is not None
+    server.refresh_tokens["refresh-alice"] = AUTH_USER[0]
+    response = _pull(daemon, image.reference, api_pb2.AuthConfig(identity_token="refresh-alice"))
+    assert response.image_ref == image.config_digest
+    grants = [r for r in server.requests if r.get("grant") == "refresh_token"]
+    assert grants and grants[-1]["user"] == AUTH_USER[0]
+    assert "repository:token/identity:pull" in grants[-1]["scopes"]
+
+    with pytest.raises(grpc.RpcError) as denied:
+        _pull(daemon, image.reference, api_pb2.AuthConfig(identity_token="revoked"))
+    assert denied.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "identity token" in (denied.value.details() or "")
+
+
 def test_pinned_images_follow_the_configuration(make_daemon, registry, image_builder) -> None:
     kept = image_builder.busybox("pinned/pause", "3.10")
     other = image_builder.multi_arch("unpinned/thing", "1")

@@ -149,6 +149,13 @@ def test_credentials_from_cri() -> None:
     with pytest.raises(InvalidArgument, match="no ':'"):
         credentials_from_cri("", "", "YWxpY2U=")
     assert "s3cret" not in repr(ALICE)
+    # Tokens win over a password; they never show in repr or in error descriptions.
+    by_token = credentials_from_cri("alice", "s3cret", "", registry_token="rt-1", identity_token="it-1")
+    assert by_token == Credentials("alice", "", identity_token="it-1", registry_token="rt-1")
+    assert by_token.describe() == "registry token"
+    identity = credentials_from_cri("", "", "YWxpY2U6czNjcmV0", identity_token="it-1")
+    assert identity is not None and identity.describe() == "identity token"
+    assert "it-1" not in repr(identity) and "rt-1" not in repr(by_token)
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ CONFIG_TYPES = (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG)
 ACCEPT = ", ".join((MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST))
 
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
+# client_id sent with OAuth2 token requests (the distribution spec asks for one).
+OAUTH_CLIENT_ID = "pycrio"
 MANIFEST_MAX_BYTES = 4 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
 RETRY_AFTER_MAX = 10.0  # a longer Retry-After is ignored in favour of our own backoff
@@ -117,14 +119,31 @@ class ResolvedImage:
 
 @dataclass(frozen=True)
 class Credentials:
-    """Username and password (or token) for a registry."""
+    """What proves who we are to a registry: username and password; or an identity token (an
+    OAuth2 refresh token traded at the token server); or a registry token (a bearer token sent
+    as it is)."""
 
     username: str
     password: str = field(repr=False)
+    identity_token: str = field(default="", repr=False)
+    registry_token: str = field(default="", repr=False)
+
+    def describe(self) -> str:
+        """How these credentials identify the caller, for error messages (no secrets)."""
+        if self.registry_token:
+            return "registry token"
+        if self.identity_token:
+            return f"identity token{f' of user {self.username!r}' if self.username else ''}"
+        return f"user {self.username!r}"
 
 
-def credentials_from_cri(username: str, password: str, auth: str) -> Credentials | None:
-    """Credentials from a CRI AuthConfig: explicit username/password, else `auth` (base64 user:pass)."""
+def credentials_from_cri(
+    username: str, password: str, auth: str, identity_token: str = "", registry_token: str = ""
+) -> Credentials | None:
+    """Credentials from a CRI AuthConfig: a registry token, an identity token, explicit
+    username/password, else `auth` (base64 user:pass), in that order."""
+    if registry_token or identity_token:
+        return Credentials(username, "", identity_token=identity_token, registry_token=registry_token)
     if username or password:
         return Credentials(username, password)
     if not auth:
@@ -382,6 +401,14 @@ class RegistryClient:
     ) -> httpx.Response:
         """Send with a cached Authorization if we have one; on 401 answer the challenge once."""
         key = (ref.registry, f"repository:{ref.repository}:pull", credentials)
+        if credentials is not None and credentials.registry_token:
+            # A bearer token the caller already got for this registry: no challenge to answer.
+            response = self._stream(url, headers, f"Bearer {credentials.registry_token}")
+            if response.status_code == 401:
+                detail = _error_detail(response)
+                response.close()
+                raise self._unauthenticated(ref, credentials, detail)
+            return response
         cached = self._cached_token(key)
         response = self._stream(url, headers, cached)
         if response.status_code != 401:
@@ -427,8 +454,14 @@ class RegistryClient:
         """GET a bearer token from the challenge's realm (basic auth when we have credentials)."""
         query = {k: params[k] for k in ("service", "scope") if params.get(k)}
         query.setdefault("scope", f"repository:{ref.repository}:pull")
-        auth = (credentials.username, credentials.password) if credentials else None
-        response = self._client.get(params["realm"], params=query, auth=auth)
+        if credentials is not None and credentials.identity_token:
+            # OAuth2 refresh-token grant, as docker does with an identity token.
+            form = {**query, "grant_type": "refresh_token", "refresh_token": credentials.identity_token,
+                    "client_id": OAUTH_CLIENT_ID}
+            response = self._client.post(params["realm"], data=form)
+        else:
+            auth = (credentials.username, credentials.password) if credentials else None
+            response = self._client.get(params["realm"], params=query, auth=auth)
         if response.status_code in RETRY_STATUSES:
             raise _TransientError(
                 f"token server {params['realm']}: HTTP {response.status_code}", _retry_after(response)
@@ -463,8 +496,7 @@ class RegistryClient:
                 f"(or the repository does not exist){detail}"
             )
         return UnauthenticatedError(
-            f"credentials rejected by registry {ref.registry} for image {ref} "
-            f"(user {credentials.username!r}){detail}"
+            f"credentials rejected by registry {ref.registry} for image {ref} ({credentials.describe()}){detail}"
         )
 
     @staticmethod

@@ -17,7 +17,9 @@ def pull_image(daemon: Daemon, request: api_pb2.PullImageRequest) -> api_pb2.Pul
     if not image:
         raise InvalidArgument("image reference must not be empty")
     auth = request.auth
-    credentials = credentials_from_cri(auth.username, auth.password, auth.auth)
+    credentials = credentials_from_cri(
+        auth.username, auth.password, auth.auth, identity_token=auth.identity_token, registry_token=auth.registry_token
+    )
     record = daemon.images.puller.pull(image, credentials)
     log.info("pulled image %s: %s", image, record.id)
     return api_pb2.PullImageResponse(image_ref=record.id)
