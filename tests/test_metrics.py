@@ -413,3 +413,24 @@ def test_daemon_refuses_to_start_when_the_metrics_port_is_taken(make_daemon) -> 
         with pytest.raises(RuntimeError, match="pycrio exited"):
             daemon.start()
     assert f"cannot serve Prometheus metrics on 127.0.0.1:{port}: Address already in use" in daemon.logs()
+
+
+def test_daemon_counts_pulls_and_layer_reuse(make_daemon, registry, image_builder) -> None:
+    first = image_builder.busybox("metrics/first", "1")
+    second = image_builder.busybox("metrics/second", "1")  # the same busybox layer, another config
+    assert first.layers == second.layers
+    port = free_port()
+    daemon = make_daemon(
+        config_text=_metrics_config(port) + f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    daemon.crictl("pull", first.reference)
+    daemon.crictl("pull", second.reference)
+    assert daemon.crictl("pull", f"{registry.address}/metrics/absent:1", check=False).returncode != 0
+
+    series = scrape(url)
+    assert series[("pycrio_image_pulls_total", labels(kind="succeeded"))] == 2
+    assert series[("pycrio_image_pulls_total", labels(kind="failed"))] == 1
+    assert series[("pycrio_image_layers_total", labels(kind="fetched"))] == 1
+    assert series[("pycrio_image_layers_total", labels(kind="reused"))] == 1
+    assert series[("pycrio_image_pulled_bytes_total", labels(kind="fetched"))] == first.layer_sizes[0]

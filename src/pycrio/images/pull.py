@@ -49,6 +49,23 @@ def exit_with_daemon(daemon_pid: int) -> None:
     threading.Thread(target=watch, name="pycrio-daemon-watch", daemon=True).start()
 
 
+class PullStats:
+    """Cumulative pull counters for metrics (CRI-O's image_pulls_* and image_layer_reuse_*)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {"pulls_succeeded": 0, "pulls_failed": 0, "layers_fetched": 0, "layers_reused": 0,
+                        "bytes_fetched": 0}
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += amount
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 class ImagePuller:
     """Pulls images from registries into an ImageStore.
 
@@ -64,6 +81,7 @@ class ImagePuller:
         self._locks = KeyedLocks()
         self._unpackers: ProcessPoolExecutor | None = None
         self._unpackers_lock = threading.Lock()
+        self.stats = PullStats()
 
     def close(self) -> None:
         """Stop the unpack worker processes (they start again on the next pull)."""
@@ -87,6 +105,15 @@ class ImagePuller:
 
     def pull(self, image: str, credentials: Credentials | None = None) -> ImageRecord:
         """Pull `image` (short names tried against each search registry in order)."""
+        try:
+            record = self._pull_candidates(image, credentials)
+        except Exception:
+            self.stats.add("pulls_failed")
+            raise
+        self.stats.add("pulls_succeeded")
+        return record
+
+    def _pull_candidates(self, image: str, credentials: Credentials | None) -> ImageRecord:
         candidates = resolve_candidates(image, self.config.unqualified_search_registries)
         missing: list[NotFound] = []
         for reference in candidates:
@@ -144,6 +171,11 @@ class ImagePuller:
                 fetched = self._fetch(ref, desc, credentials, need_blob=not layer_dir.exists())
                 span.set_attribute("bytes_fetched", fetched)
                 span.set_attribute("cached", fetched == 0)
+            if fetched:
+                self.stats.add("layers_fetched")
+                self.stats.add("bytes_fetched", fetched)
+            else:
+                self.stats.add("layers_reused")
             if layer_dir.exists():
                 return
             with step_span("unpack_layer", digest=desc.digest, diff_id=diff_id) as span:

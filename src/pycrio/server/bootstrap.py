@@ -89,6 +89,29 @@ def start_metrics(config: Config, tracing: Tracing) -> CRIMetrics | None:
     return metrics
 
 
+def publish_image_metrics(metrics: CRIMetrics, daemon: Daemon) -> None:
+    """Pull counters beside the per-method ones (like CRI-O's image_pulls_* and layer reuse)."""
+    stats = daemon.images.puller.stats
+    metrics.add_observer(
+        "pycrio.image.pulls",
+        lambda: {k.removeprefix("pulls_"): v for k, v in stats.snapshot().items() if k.startswith("pulls_")},
+        "PullImage outcomes: succeeded, failed.",
+        "{pull}",
+    )
+    metrics.add_observer(
+        "pycrio.image.layers",
+        lambda: {k.removeprefix("layers_"): v for k, v in stats.snapshot().items() if k.startswith("layers_")},
+        "Layers of pulled images: fetched from the registry, or reused from the store.",
+        "{layer}",
+    )
+    metrics.add_observer(
+        "pycrio.image.pulled",
+        lambda: {"fetched": stats.snapshot()["bytes_fetched"]},
+        "Bytes of layers fetched from registries.",
+        "By",
+    )
+
+
 def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = None) -> int:
     """Run the daemon; returns the process exit code. SIGHUP reloads through `load_again`."""
     config = loaded.config
@@ -108,6 +131,8 @@ def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = 
         prepare_socket(listen)
         metrics = start_metrics(config, tracing)
         daemon = Daemon.create(config, tracing=tracing, metrics=metrics)
+        if metrics is not None:
+            publish_image_metrics(metrics, daemon)
     except BaseException:
         if metrics is not None:
             metrics.shutdown(1.0)
