@@ -75,7 +75,7 @@ import grpc  # noqa: E402
 from pycrio.cri import api_pb2, api_pb2_grpc  # noqa: E402
 from pycrio.oci import cgroups  # noqa: E402
 from tests.harness import PycrioDaemon, tracing_args  # noqa: E402
-from tests.otlp_receiver import OTLPReceiver, ReceivedSpan  # noqa: E402
+from tests.otlp_receiver import OTLPReceiver, ReceivedSpan, union_ns  # noqa: E402
 from tests.registry_fixture import ImageBuilder, TestRegistry  # noqa: E402
 
 OFF = "tracing off"
@@ -429,18 +429,6 @@ class RuncFloor:
 
 def children_of(span: ReceivedSpan, spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
     return sorted((s for s in spans if s.parent_span_id == span.span_id), key=lambda s: s.start_ns)
-
-
-def union_ns(intervals: list[tuple[int, int]]) -> int:
-    total, end = 0, None
-    for a, b in sorted(intervals):
-        if end is None or a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total
 
 
 def span_tree(root: ReceivedSpan, spans: list[ReceivedSpan]) -> list[dict[str, Any]]:

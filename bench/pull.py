@@ -53,7 +53,7 @@ import grpc  # noqa: E402
 
 from pycrio.cri import api_pb2  # noqa: E402
 from tests.harness import PycrioDaemon, tracing_args  # noqa: E402
-from tests.otlp_receiver import OTLPReceiver, ReceivedSpan  # noqa: E402
+from tests.otlp_receiver import OTLPReceiver, ReceivedSpan, union_ns  # noqa: E402
 from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry  # noqa: E402
 
 PULL = "/runtime.v1.ImageService/PullImage"
@@ -326,23 +326,10 @@ def traced_cold_pull(base: Path, config_text: str, image: BuiltImage) -> dict[st
     return breakdown(root, children, image, wall)
 
 
-def _union_ns(intervals: list[tuple[int, int]]) -> int:
-    """Total length covered by at least one interval."""
-    total, end = 0, None
-    for a, b in sorted(intervals):
-        if end is None or a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total
-
-
 def _overlap_ns(first: list[tuple[int, int]], second: list[tuple[int, int]]) -> int:
     """Time covered by at least one interval of each list."""
     both = [(max(a, c), min(b, d)) for a, b in first for c, d in second if min(b, d) > max(a, c)]
-    return _union_ns(both)
+    return union_ns(both)
 
 
 def breakdown(root: ReceivedSpan, children: list[ReceivedSpan], image: BuiltImage, wall_s: float) -> dict[str, Any]:
@@ -381,8 +368,8 @@ def breakdown(root: ReceivedSpan, children: list[ReceivedSpan], image: BuiltImag
         "resolve_ms": sum(s["duration_ms"] for s in resolve),
         "resolve_end_to_first_fetch_ms": (first_fetch - root.start_ns) / 1e6
         - sum(s["start_ms"] + s["duration_ms"] for s in resolve[-1:]),
-        "fetch_busy_ms": _union_ns(fetches) / 1e6,
-        "unpack_busy_ms": _union_ns(unpacks) / 1e6,
+        "fetch_busy_ms": union_ns(fetches) / 1e6,
+        "unpack_busy_ms": union_ns(unpacks) / 1e6,
         "fetch_and_unpack_at_once_ms": _overlap_ns(fetches, unpacks) / 1e6,
         "fetch_sum_ms": sum(b - a for a, b in fetches) / 1e6,
         "unpack_sum_ms": sum(b - a for a, b in unpacks) / 1e6,

@@ -177,6 +177,19 @@ class _MetricsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
+def union_ns(intervals: list[tuple[int, int]]) -> int:
+    """Total length covered by at least one (start, end) interval, e.g. of spans running in parallel."""
+    total, end = 0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -403,12 +403,7 @@ class RegistryClient:
         key = (ref.registry, f"repository:{ref.repository}:pull", credentials)
         if credentials is not None and credentials.registry_token:
             # A bearer token the caller already got for this registry: no challenge to answer.
-            response = self._stream(url, headers, f"Bearer {credentials.registry_token}")
-            if response.status_code == 401:
-                detail = _error_detail(response)
-                response.close()
-                raise self._unauthenticated(ref, credentials, detail)
-            return response
+            return self._accepted(ref, credentials, self._stream(url, headers, f"Bearer {credentials.registry_token}"))
         cached = self._cached_token(key)
         response = self._stream(url, headers, cached)
         if response.status_code != 401:
@@ -418,13 +413,19 @@ class RegistryClient:
         response.close()
         self._drop_token(key)
         token = self._authenticate(ref, challenge, credentials, detail)
-        response = self._stream(url, headers, token.header)
-        if response.status_code == 401:
-            detail = _error_detail(response)
-            response.close()
-            raise self._unauthenticated(ref, credentials, detail)
+        response = self._accepted(ref, credentials, self._stream(url, headers, token.header))
         self._store_token(key, token)
         return response
+
+    def _accepted(
+        self, ref: ImageReference, credentials: Credentials | None, response: httpx.Response
+    ) -> httpx.Response:
+        """`response`, unless the registry still answered 401 to our final Authorization."""
+        if response.status_code != 401:
+            return response
+        detail = _error_detail(response)
+        response.close()
+        raise self._unauthenticated(ref, credentials, detail)
 
     def _stream(self, url: str, headers: dict[str, str], authorization: str | None) -> httpx.Response:
         all_headers = dict(headers)

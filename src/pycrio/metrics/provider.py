@@ -44,6 +44,7 @@ from opentelemetry.sdk.resources import Resource
 from pycrio import __version__
 from pycrio.config import MetricsConfig
 from pycrio.metrics.prometheus import PrometheusEndpoint
+from pycrio.tracing.pipeline import CHANNEL_OPTIONS
 
 log = logging.getLogger("pycrio.metrics")
 
@@ -55,11 +56,6 @@ LATENCY = "pycrio.operations.latency"
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-)
-# Reconnect quickly when a collector comes back (as the span exporter does).
-CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5000),
 )
 # Methods are a small fixed set; this only bounds memory against anything unexpected.
 _MAX_CACHED_ATTRIBUTES = 1024

@@ -516,16 +516,21 @@ def _ppid(pid: int) -> int:
 # -- processes -----------------------------------------------------------------------------
 
 
-def _conmon_alive(paths: _Paths) -> bool:
-    """Whether this container's conmon still runs (zombies and recycled pids do not count)."""
+def _conmon_pid(paths: _Paths) -> int:
+    """The pid of this container's conmon while it runs, else 0 (zombies and recycled pids do not count)."""
     pid = _read_int(paths.conmon_pidfile)
     if not pid or not _alive(pid):
-        return False
+        return 0
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return False
-    return b"conmon" in cmdline and paths.handle.id.encode() in cmdline
+        return 0
+    return pid if b"conmon" in cmdline and paths.handle.id.encode() in cmdline else 0
+
+
+def _conmon_alive(paths: _Paths) -> bool:
+    """Whether this container's conmon still runs."""
+    return _conmon_pid(paths) != 0
 
 
 def _running_under_conmon(paths: _Paths) -> int:
@@ -536,11 +541,11 @@ def _running_under_conmon(paths: _Paths) -> int:
     """
     if not paths.started_file.exists():
         return 0
-    conmon = _read_int(paths.conmon_pidfile)
     pid = _read_int(paths.pidfile)
-    if not conmon or not pid or not _alive(pid) or _ppid(pid) != conmon or not _conmon_alive(paths):
+    if not pid or not _alive(pid):
         return 0
-    return pid
+    conmon = _conmon_pid(paths)
+    return pid if conmon and _ppid(pid) == conmon else 0
 
 
 def _signal_pid(pid: int, sig: int) -> None:

@@ -11,7 +11,7 @@ import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import grpc
 
@@ -63,6 +63,11 @@ def prepare_socket(path: Path) -> None:
     raise StartupError(f"another daemon is already serving on {path}; stop it or choose another --listen")
 
 
+def with_prefix(counts: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The counters named `prefix`*, by the rest of their name (an observer's `kind` values)."""
+    return {name.removeprefix(prefix): value for name, value in counts.items() if name.startswith(prefix)}
+
+
 def start_metrics(config: Config, tracing: Tracing) -> CRIMetrics | None:
     """Per-method metrics when enabled, with the span export counters beside them."""
     if not config.metrics.enable_metrics:
@@ -72,7 +77,7 @@ def start_metrics(config: Config, tracing: Tracing) -> CRIMetrics | None:
     metrics = CRIMetrics(config.metrics, tracing.resource)
     metrics.add_observer(
         "pycrio.tracing.spans",
-        lambda: {k.removeprefix("spans_"): v for k, v in tracing.health.snapshot().items() if k.startswith("spans_")},
+        lambda: with_prefix(tracing.health.snapshot(), "spans_"),
         "Spans by fate: started, kept_for_error, exported, dropped_queue_full, dropped_export_failed.",
         "{span}",
     )
@@ -94,13 +99,13 @@ def publish_image_metrics(metrics: CRIMetrics, daemon: Daemon) -> None:
     stats = daemon.images.puller.stats
     metrics.add_observer(
         "pycrio.image.pulls",
-        lambda: {k.removeprefix("pulls_"): v for k, v in stats.snapshot().items() if k.startswith("pulls_")},
+        lambda: with_prefix(stats.snapshot(), "pulls_"),
         "PullImage outcomes: succeeded, failed.",
         "{pull}",
     )
     metrics.add_observer(
         "pycrio.image.layers",
-        lambda: {k.removeprefix("layers_"): v for k, v in stats.snapshot().items() if k.startswith("layers_")},
+        lambda: with_prefix(stats.snapshot(), "layers_"),
         "Layers of pulled images: fetched from the registry, or reused from the store.",
         "{layer}",
     )

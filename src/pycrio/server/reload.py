@@ -52,13 +52,9 @@ class Reloader:
         new = loaded.config
         for warning in loaded.warnings:
             log.warning(warning)
-        live = [k for key in LIVE_KEYS for k in changed_keys(getattr(self.config, key), getattr(new, key), f"{ROOT_TABLE}.{key}")]
-        later = [
-            k
-            for f in dataclasses.fields(Config)
-            if f.name not in LIVE_KEYS
-            for k in changed_keys(getattr(self.config, f.name), getattr(new, f.name), f"{ROOT_TABLE}.{f.name}")
-        ]
+        changed = changed_keys(self.config, new)
+        live = [k for k in changed if k.split(".")[1] in LIVE_KEYS]
+        later = [k for k in changed if k not in live]
         if new.tracing != self.config.tracing:
             try:
                 self.tracing.apply(new.tracing)

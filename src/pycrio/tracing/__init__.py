@@ -12,7 +12,7 @@ from opentelemetry import trace
 
 from pycrio.tracing.call import CallInfo, current_call
 from pycrio.tracing.interceptor import CallRecorder, CRIServerInterceptor, FixedSpanPolicy, SpanMode, SpanPolicy
-from pycrio.tracing.provider import Tracing, make_sampler
+from pycrio.tracing.provider import Tracing
 
 _STEP_TRACER = trace.get_tracer("pycrio")
 
@@ -37,6 +37,5 @@ __all__ = [
     "SpanPolicy",
     "Tracing",
     "current_call",
-    "make_sampler",
     "step_span",
 ]

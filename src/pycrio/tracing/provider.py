@@ -13,7 +13,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pycrio import __version__
@@ -21,24 +21,11 @@ from pycrio.config import TracingConfig
 from pycrio.tracing.exporter import ExportHealth
 from pycrio.tracing.interceptor import SpanMode
 from pycrio.tracing.pipeline import Pipeline, SwitchableSampler, SwitchableSpanProcessor
-from pycrio.tracing.sampling import SamplingRules
-from pycrio.tracing.sampling import make_sampler as _make_sampler
 
 log = logging.getLogger("pycrio.tracing")
 
 SERVICE_NAME = "pycrio"
 INSTRUMENTATION_NAME = "pycrio"
-
-
-def make_sampler(
-    rate_per_million: int, overrides: dict[str, int] | None = None, always_sample_errors: bool = False
-) -> Sampler:
-    """CRI-O's sampler: follow the caller's decision; for root calls keep rate/1e6 of trace ids
-    (per method when `overrides` name it, see pycrio.tracing.sampling).
-
-    At 0 no trace is started here, but a caller's sampled trace is still continued.
-    """
-    return _make_sampler(SamplingRules(rate_per_million, overrides), always_sample_errors)
 
 
 def make_resource(service_name: str = SERVICE_NAME) -> Resource:
@@ -112,11 +99,6 @@ class Tracing:
         """Which calls of `method` get a span under the current configuration."""
         pipeline = self.pipeline
         return pipeline.span_mode(method) if pipeline is not None else SpanMode.NONE
-
-    def root_rate(self, method: str) -> int:
-        """The effective rate per million for calls of `method` without a W3C parent."""
-        pipeline = self.pipeline
-        return pipeline.rules.rate_for(method) if pipeline is not None else 0
 
     def describe(self) -> dict[str, Any]:
         """The running tracing configuration and export health (Status(verbose), `pycrio status`)."""
