@@ -20,7 +20,7 @@ APT_PACKAGES := ca-certificates procps docker-registry umoci skopeo busybox-stat
 CRI_OUT   := src/pycrio/cri
 CRI_STUBS := $(CRI_OUT)/api_pb2.py $(CRI_OUT)/api_pb2_grpc.py
 
-.PHONY: install apt cni-config stubs test demo bench jaeger clean
+.PHONY: install apt cni-config stubs test demo bench jaeger jaeger-ui browser clean
 
 install: apt cni-config $(VENV)/.installed stubs $(VENV)/.crictl-$(CRI_TOOLS_VERSION)
 
@@ -61,17 +61,39 @@ $(VENV)/.crictl-$(CRI_TOOLS_VERSION): | $(PY)
 	GOBIN=$(BIN) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION)
 	touch $@
 
-# Jaeger only serves the demo; `go install` refuses its module (replace directives), so it is a
-# tool of the small module in contrib/tools/jaeger.
-jaeger: $(VENV)/.jaeger-$(JAEGER_VERSION)
+# Jaeger serves the demo and the trace tests; `go install` refuses its module (replace
+# directives), so it is a tool of the small module in contrib/tools/jaeger. A Go-built Jaeger has
+# no web UI of its own: `jaeger-ui` brings the production build of jaeger-ui (pinned, checksummed
+# by contrib/tools/jaeger-ui/Cargo.lock, fetched by cargo from crates.io, nothing compiled) to
+# build/jaeger-ui, which contrib/jaeger.yaml serves.
+jaeger: $(VENV)/.jaeger-$(JAEGER_VERSION) jaeger-ui
 $(VENV)/.jaeger-$(JAEGER_VERSION): contrib/tools/jaeger/go.mod | $(PY)
 	cd contrib/tools/jaeger && GOBIN=$(BIN) go install tool
 	touch $@
 
+CARGO         ?= $(shell command -v cargo || echo $(HOME)/.cargo/bin/cargo)
+JAEGER_UI_DIR := build/jaeger-ui
+JAEGER_UI_PIN := otlp-embedded-0.0.2
+jaeger-ui: $(JAEGER_UI_DIR)/.$(JAEGER_UI_PIN)
+$(JAEGER_UI_DIR)/.$(JAEGER_UI_PIN): contrib/tools/jaeger-ui/Cargo.lock contrib/tools/jaeger-ui/Cargo.toml | $(PY)
+	@manifest=$$(cd contrib/tools/jaeger-ui && $(CARGO) metadata --locked --format-version 1 | \
+	  $(abspath $(PY)) -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "otlp-embedded"))') && \
+	ui=$$(dirname "$$manifest")/jaeger-ui/build && test -f "$$ui/index.html" && \
+	rm -rf $(JAEGER_UI_DIR) $(JAEGER_UI_DIR).tmp && mkdir -p build && cp -r "$$ui" $(JAEGER_UI_DIR).tmp && \
+	mv $(JAEGER_UI_DIR).tmp $(JAEGER_UI_DIR) && touch $@ && \
+	echo "jaeger-ui: $$(du -sh $(JAEGER_UI_DIR) | cut -f1) from crates.io $(JAEGER_UI_PIN) in $(JAEGER_UI_DIR)"
+
+# Headless Chromium takes the demo's screenshot and runs the browser tests.
+browser:
+	@command -v chromium >/dev/null || { echo "apt: installing chromium"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core; }
+
 test: install
 	$(PY) -m pytest -q tests
 
+# Without Chromium the demo still runs (it says how to get the picture).
 demo: install jaeger
+	@$(MAKE) --no-print-directory browser || echo "demo: could not install chromium; going on without the screenshot"
 	$(PY) contrib/demo.py $(DEMO_ARGS)
 
 bench: install

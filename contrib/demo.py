@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""End-to-end tracing demo: `crictl ps` -> pycrio -> Jaeger, then print the joined trace.
+"""End-to-end tracing demo: crictl -> pycrio -> Jaeger, seen in the real Jaeger UI.
 
-`make demo` runs this with the project's virtualenv. It starts (or reuses) a Jaeger all-in-one
-with in-memory storage, runs pycrio with every call traced on a throwaway socket, runs a traced
-`crictl ps` against it, stops pycrio (which flushes its spans) and reads the trace back from
-Jaeger's HTTP query API: one trace holding crictl's spans (service cri-tools) and, below them,
-pycrio's (pycrio continues crictl's W3C trace context). Standard library only.
+`make demo` runs this with the project's virtualenv. It starts Jaeger with contrib/jaeger.yaml
+(OTLP in, the Collector's debug exporter printing every span, in-memory store, the real Jaeger UI
+from build/jaeger-ui), a loopback docker-registry with a busybox image, and pycrio tracing every
+call at log level debug. Then, each as a traced crictl command: `ps`, `pull`, `run` (a pod start:
+RunPodSandbox + CreateContainer + StartContainer in one trace), `exec -s`, `stopp`, `rmp`. It
+stops pycrio (which flushes its spans), reads the traces back from Jaeger's query API, prints the
+debug exporter's block of the ListContainers span (as CRI-O's tracing tutorial shows it), the span
+trees, the Jaeger links, and saves a headless-Chromium screenshot of the pod-start trace's timeline
+to build/demo/trace.png (and docs/demo-trace.png, the README's picture).
 
     make demo                              # Jaeger is stopped at the end
-    make demo DEMO_ARGS=--keep-jaeger      # Jaeger stays up so the printed link can be opened
+    make demo DEMO_ARGS=--keep-jaeger      # Jaeger stays up so the printed links can be opened
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ from typing import Any, Callable, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
+sys.path.insert(0, str(ROOT))
+
+from pycrio.oci.cgroups import remove_cgroup  # noqa: E402 (after the path set-up)
+from tests.jaeger_fixture import (  # noqa: E402
+    JAEGER_CONFIG, UI_ASSETS, UI_PLACEHOLDER_MARK, chromium, debug_span_block, find_chromium,
+)
+from tests.registry_fixture import ImageBuilder, TestRegistry  # noqa: E402
+
+DEMO_PICTURE = ROOT / "build" / "demo" / "trace.png"
+README_PICTURE = ROOT / "docs" / "demo-trace.png"
 
 OTLP_GRPC = ("127.0.0.1", 4317)
 QUERY_PORT = 16686
@@ -43,19 +57,20 @@ CRICTL_SERVICE = "cri-tools"
 PYCRIO_SERVICE = "pycrio"
 LIST_CONTAINERS = "/runtime.v1.RuntimeService/ListContainers"
 
+DEMO_IMAGE = "demo/busybox"
+POD_CGROUP_PARENT = "/pycrio-demo"
+# The traced crictl commands, in the order the demo runs them (each is one trace).
+DEMO_COMMANDS = ("ps", "pull", "run", "exec", "stopp", "rmp")
+
 JAEGER_READY_TIMEOUT = 30.0
 PYCRIO_READY_TIMEOUT = 20.0
 PYCRIO_STOP_TIMEOUT = 20.0
 TRACE_TIMEOUT = 30.0
-# Without --config the jaeger (v2) binary runs its built-in all-in-one configuration: memory
-# storage, OTLP on 127.0.0.1:4317 (gRPC) and 127.0.0.1:4318 (HTTP), query API/UI on :16686 (plus
-# Jaeger/Zipkin receivers, health, metrics and sampling ports). --set still applies on top of it:
-# the query service traces itself by default and, on SIGTERM, spends 10 s failing to export those
-# spans to its own, already closed, OTLP receiver; turning that off makes it stop at once.
-JAEGER_ARGS = ["--set=extensions.jaeger_query.enable_tracing=false"]
 KEEP_HINT = "run `make demo DEMO_ARGS=--keep-jaeger` to keep the UI up"
-# What Jaeger serves on / when its binary was built without the UI (plain `go install`).
-UI_PLACEHOLDER_MARK = "This is not the Jaeger UI you are looking for"
+SCREENSHOT_WIDTH = 1400
+SCREENSHOT_BASE_HEIGHT = 240
+SCREENSHOT_ROW_HEIGHT = 29
+SCREENSHOT_MAX_HEIGHT = 2400
 
 T = TypeVar("T")
 
@@ -153,13 +168,13 @@ def require(tool: str) -> str:
     return str(path)
 
 
-def start(name: str, argv: list[str], log: Path) -> Proc:
+def start(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
     """Start a background process in its own session (Ctrl-C reaches only the demo, which cleans up)."""
     with log.open("wb") as out:
         try:
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=child_env(), start_new_session=True,
+                env={**child_env(), **(env or {})}, start_new_session=True,
             )
         except OSError as exc:
             raise DemoError(f"cannot start {name}: {exc}") from None
@@ -199,31 +214,46 @@ def jaeger_ready() -> bool | None:
 
 
 def ensure_jaeger(logdir: Path) -> Proc | None:
-    """Reuse a running Jaeger or start `.venv/bin/jaeger` (all-in-one, in-memory); None if reused."""
+    """Reuse a running Jaeger or start `.venv/bin/jaeger --config contrib/jaeger.yaml`; None if reused."""
     state = query_port_state()
     if state == "jaeger":
         if not port_open(OTLP_GRPC[1]):
             raise DemoError(f"a Jaeger answers on :{QUERY_PORT} but nothing accepts OTLP/gRPC on {TRACING_ENDPOINT}")
-        say(f"==> reusing the Jaeger already answering on {UI_URL}")
+        say(f"==> reusing the Jaeger already answering on {UI_URL} (its span printout is in its own log)")
         return None
     if state == "other":
         raise DemoError(f"port {QUERY_PORT} is taken by something that is not Jaeger (GET /api/services failed); stop it first")
     if port_open(OTLP_GRPC[1]):
         raise DemoError(f"port {OTLP_GRPC[1]} (OTLP/gRPC) is taken by another process (a Collector?) while no Jaeger "
                         f"answers on :{QUERY_PORT}; stop it first")
-    jaeger = start("jaeger", [require("jaeger"), *JAEGER_ARGS], logdir / "jaeger.log")
-    say(f"==> starting Jaeger (pid {jaeger.popen.pid}, log {jaeger.log})")
+    if not (UI_ASSETS / "index.html").is_file():
+        raise DemoError(f"{UI_ASSETS}/index.html not found; run `make jaeger` first (it fetches the Jaeger UI)")
+    argv = [require("jaeger"), "--config", str(JAEGER_CONFIG)]
+    jaeger = start("jaeger", argv, logdir / "jaeger.log", {"PYCRIO_JAEGER_UI_ASSETS": str(UI_ASSETS)})
+    say(f"==> starting Jaeger with {JAEGER_CONFIG.relative_to(ROOT)} (pid {jaeger.popen.pid}, log {jaeger.log}):")
+    say(f"    OTLP on {TRACING_ENDPOINT}, debug exporter, in-memory store, the Jaeger UI on {UI_URL}")
     wait_until(f"Jaeger's query API on :{QUERY_PORT} and OTLP/gRPC on {TRACING_ENDPOINT}",
                jaeger_ready, JAEGER_READY_TIMEOUT, jaeger)
     return jaeger
 
 
 def ui_is_placeholder() -> bool:
-    """Whether this Jaeger was built without its web UI (it then serves a placeholder page)."""
+    """Whether this Jaeger serves a placeholder page instead of the web UI."""
     try:
         return UI_PLACEHOLDER_MARK in get_text("/")
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------- a registry with an image
+
+
+def start_registry(workdir: Path) -> tuple[TestRegistry, str]:
+    """A docker-registry on loopback with a busybox image built by umoci; (registry, image reference)."""
+    registry = TestRegistry(workdir / "registry").start()
+    image = ImageBuilder(workdir / "images", registry).busybox(DEMO_IMAGE, "1.0")
+    say(f"==> registry {registry.url} (docker-registry) with {image.reference} (busybox, built with umoci, pushed with skopeo)")
+    return registry, image.reference
 
 
 # ---------------------------------------------------------------- pycrio and crictl
@@ -233,15 +263,18 @@ def crictl_base(workdir: Path, sock: Path) -> list[str]:
     """crictl with its own (empty-ish) config file so /etc/crictl.yaml does not interfere."""
     config = workdir / "crictl.yaml"
     if not config.exists():
-        config.write_text(f"runtime-endpoint: unix://{sock}\nimage-endpoint: unix://{sock}\ntimeout: 2\n")
+        config.write_text(f"runtime-endpoint: unix://{sock}\nimage-endpoint: unix://{sock}\ntimeout: 30\n")
     return [require("crictl"), "--config", str(config),
             "--runtime-endpoint", f"unix://{sock}", "--image-endpoint", f"unix://{sock}"]
 
 
-def start_pycrio(workdir: Path, sock: Path) -> Proc:
+def start_pycrio(workdir: Path, sock: Path, registry: str) -> Proc:
     """pycrio with every call traced, all its paths inside `workdir`, at debug so calls carry log events."""
     config = workdir / "pycrio.conf"
-    config.touch()
+    config.write_text(
+        f'[pycrio.image]\ninsecure_registries = ["{registry}"]\n'
+        f'[pycrio.runtime]\npod_cgroup_parent = "{POD_CGROUP_PARENT}"\n'
+    )
     (workdir / "conf.d").mkdir(exist_ok=True)
     argv = [
         require("pycrio"), "--config", str(config), "--config-dir", str(workdir / "conf.d"),
@@ -279,20 +312,45 @@ def crictl_version(workdir: Path, sock: Path) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def crictl_ps(workdir: Path, sock: Path) -> str:
-    """Run a traced `crictl ps` (spans to Jaeger, W3C context to pycrio) and return its output."""
-    argv = crictl_base(workdir, sock) + ["--enable-tracing", "--tracing-endpoint", TRACING_ENDPOINT, "ps"]
+def crictl_traced(workdir: Path, sock: Path, *args: str) -> str:
+    """Run `crictl --enable-tracing ARGS` (spans to Jaeger, W3C context to pycrio); its stdout."""
+    say(f"==> crictl --enable-tracing {' '.join(args)}")
+    argv = crictl_base(workdir, sock) + ["--enable-tracing", "--tracing-endpoint", TRACING_ENDPOINT, *args]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=child_env())
     except subprocess.TimeoutExpired:
-        raise DemoError("crictl ps did not finish within 60s") from None
+        raise DemoError(f"crictl {args[0]} did not finish within 120s") from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DemoError(f"crictl ps failed with code {done.returncode}: {last}")
-    return done.stdout
+        raise DemoError(f"crictl {args[0]} failed with code {done.returncode}: {last}")
+    for line in done.stdout.rstrip("\n").splitlines():
+        say(f"    {line}")
+    return done.stdout.strip()
 
 
-# ---------------------------------------------------------------- the trace
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def pod_files(workdir: Path, image: str) -> tuple[Path, Path]:
+    """The CRI pod and container configs `crictl run` takes (a busybox that stops on SIGTERM)."""
+    pod = write_json(workdir / "pod.json", {
+        "metadata": {"name": "demo", "namespace": "default", "uid": "pycrio-demo-pod", "attempt": 0},
+        "hostname": "demo",
+        "log_directory": str(workdir / "logs"),
+        "linux": {},
+    })
+    container = write_json(workdir / "container.json", {
+        "metadata": {"name": "shell"},
+        "image": {"image": image},
+        "command": ["sh", "-c", "trap 'exit 0' TERM; echo started; while true; do sleep 1; done"],
+        "log_path": "shell.log",
+    })
+    return pod, container
+
+
+# ---------------------------------------------------------------- the traces
 
 
 def spans_of(trace: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -301,45 +359,34 @@ def spans_of(trace: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(services.get(s["processID"], "?"), s) for s in trace.get("spans", [])]
 
 
-def fetch_traces() -> dict[str, dict[str, Any]]:
-    """Recent traces of pycrio and of crictl from Jaeger, by trace id (the fuller copy wins)."""
-    traces: dict[str, dict[str, Any]] = {}
-    for service in (PYCRIO_SERVICE, CRICTL_SERVICE):
-        query = urllib.parse.urlencode({"service": service, "limit": 20, "lookback": "1h"})
-        for trace in get_json(f"/api/traces?{query}").get("data") or []:
-            known = traces.get(trace["traceID"])
-            if known is None or len(trace["spans"]) > len(known["spans"]):
-                traces[trace["traceID"]] = trace
-    return traces
-
-
-def list_containers_start(trace: dict[str, Any], since_us: int) -> int | None:
-    """Start time of this run's pycrio ListContainers span if the trace also has crictl's spans."""
-    services = {service for service, _ in spans_of(trace)}
-    if CRICTL_SERVICE not in services:
-        return None
-    starts = [s["startTime"] for service, s in spans_of(trace)
-              if service == PYCRIO_SERVICE and s["operationName"] == LIST_CONTAINERS and s["startTime"] >= since_us]
-    return max(starts, default=None)
-
-
-def find_trace(since_us: int) -> dict[str, Any] | None:
-    """The newest trace joining crictl's and pycrio's spans of this run's `crictl ps`, if stored yet."""
+def find_command_trace(command: str, since_us: int) -> dict[str, Any] | None:
+    """The newest trace, started after `since_us`, of crictl subcommand `command` that holds pycrio spans."""
+    query = urllib.parse.urlencode({"service": CRICTL_SERVICE, "operation": command, "start": since_us,
+                                    "limit": 20, "lookback": "1h"})
     best: tuple[int, dict[str, Any]] | None = None
-    for trace in fetch_traces().values():
-        started = list_containers_start(trace, since_us)
-        if started is not None and (best is None or started > best[0]):
+    for trace in get_json(f"/api/traces?{query}").get("data") or []:
+        spans = spans_of(trace)
+        if not any(service == PYCRIO_SERVICE for service, _ in spans):
+            continue
+        started = min(s["startTime"] for _, s in spans)
+        if best is None or started > best[0]:
             best = (started, trace)
     return best[1] if best else None
 
 
-def reread(trace: dict[str, Any]) -> dict[str, Any]:
-    """The same trace read again by id half a second later, so any straggling span is in it."""
-    time.sleep(0.5)
-    try:
-        return (get_json(f"/api/traces/{trace['traceID']}").get("data") or [trace])[0]
-    except (OSError, ValueError):
-        return trace
+def settled(trace: dict[str, Any]) -> dict[str, Any]:
+    """The trace read again by id until its span count stops growing (batches arrive apart)."""
+    count = -1
+    for _ in range(8):
+        time.sleep(0.5)
+        try:
+            trace = (get_json(f"/api/traces/{trace['traceID']}").get("data") or [trace])[0]
+        except (OSError, ValueError):
+            return trace
+        if len(trace["spans"]) == count:
+            break
+        count = len(trace["spans"])
+    return trace
 
 
 def tag(span: dict[str, Any], key: str) -> Any:
@@ -375,21 +422,50 @@ def span_tree(trace: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
     return ordered
 
 
-def print_trace(trace: dict[str, Any]) -> None:
-    """Print the trace id and an indented span tree with durations, pycrio's ids and log events."""
+def summary_line(trace: dict[str, Any]) -> str:
+    """`<N> spans (a from cri-tools, b from pycrio), <root> <ms> ms`."""
     rows = span_tree(trace)
     counts: dict[str, int] = {}
     for _, service, _ in rows:
         counts[service] = counts.get(service, 0) + 1
-    summary = ", ".join(f"{n} from {service}" for service, n in sorted(counts.items()))
-    say(f"trace {trace['traceID']}: {len(rows)} spans ({summary})")
+    services = ", ".join(f"{n} from {service}" for service, n in sorted(counts.items()))
+    root = rows[0][2] if rows else {"operationName": "?", "duration": 0}
+    return f"{len(rows)} spans ({services}), {root['operationName']} {root['duration'] / 1000:.1f} ms"
+
+
+def print_tree(trace: dict[str, Any]) -> None:
+    """Print the trace id and an indented span tree with durations, pycrio's ids and log events."""
+    rows = span_tree(trace)
+    say(f"trace {trace['traceID']}: {summary_line(trace)}")
     labels = [f"{'  ' * depth}{service}: {span['operationName']}" for depth, service, span in rows]
     width = max(map(len, labels), default=0)
     for label, (_, service, span) in zip(labels, rows):
         line = f"  {label:<{width}}  {span['duration'] / 1000:9.3f} ms"
-        if service == PYCRIO_SERVICE:
+        if service == PYCRIO_SERVICE and tag(span, "id") is not None:
             line += f"  id={tag(span, 'id')}  log events={log_events(span)}"
         say(line)
+
+
+def where_time_goes(trace: dict[str, Any]) -> list[str]:
+    """For each pycrio CRI call of the trace that has steps, its longest one: `RunPodSandbox 41 ms: cni_add 33 ms (80%)`."""
+    rows = span_tree(trace)
+    lines = []
+    for index, (depth, service, span) in enumerate(rows):
+        if service != PYCRIO_SERVICE or not span["operationName"].startswith("/runtime.v1."):
+            continue
+        steps = []
+        for later_depth, later_service, step in rows[index + 1:]:
+            if later_depth <= depth:
+                break
+            if later_depth == depth + 1 and later_service == PYCRIO_SERVICE:
+                steps.append(step)
+        if not steps or not span["duration"]:
+            continue
+        method = span["operationName"].rsplit("/", 1)[-1]
+        top = max(steps, key=lambda s: s["duration"])
+        lines.append(f"{method} {span['duration'] / 1000:.1f} ms: {top['operationName']} "
+                     f"{top['duration'] / 1000:.1f} ms ({100 * top['duration'] / span['duration']:.0f}%)")
+    return lines
 
 
 # ---------------------------------------------------------------- the demo
@@ -398,11 +474,13 @@ def print_trace(trace: dict[str, Any]) -> None:
 class Demo:
     """The demo's steps and the processes and directories it must clean up."""
 
-    def __init__(self, keep_jaeger: bool) -> None:
+    def __init__(self, keep_jaeger: bool, picture: Path | None) -> None:
         self.keep_jaeger = keep_jaeger
+        self.picture = picture
         self.jaeger: Proc | None = None
         self.reused_jaeger = False
         self.pycrio: Proc | None = None
+        self.registry: TestRegistry | None = None
         self.workdir = Path(tempfile.mkdtemp(prefix="pycrio-demo-"))
         if len(str(self.workdir / "pycrio.sock")) > 100:  # unix socket paths are short
             shutil.rmtree(self.workdir)
@@ -410,36 +488,113 @@ class Demo:
         self.jaeger_dir = Path(tempfile.mkdtemp(prefix="pycrio-demo-jaeger-"))
         self.sock = self.workdir / "pycrio.sock"
 
+    def crictl(self, *args: str) -> str:
+        return crictl_traced(self.workdir, self.sock, *args)
+
     def run(self) -> None:
         """All steps; raises DemoError on the first failure."""
         require("pycrio"), require("crictl")
         self.jaeger = ensure_jaeger(self.jaeger_dir)
         self.reused_jaeger = self.jaeger is None
-        self.pycrio = pycrio = start_pycrio(self.workdir, self.sock)
-        say(f"==> starting pycrio (pid {pycrio.popen.pid}) on {self.sock}, tracing every call to {TRACING_ENDPOINT}")
+        self.registry, image = start_registry(self.workdir)
+        self.pycrio = pycrio = start_pycrio(self.workdir, self.sock, self.registry.address)
+        say(f"==> starting pycrio (pid {pycrio.popen.pid}) on {self.sock}, tracing every call to {TRACING_ENDPOINT}, "
+            "log level debug")
         version = wait_until(f"pycrio to answer on {self.sock}", lambda: crictl_version(self.workdir, self.sock),
                              PYCRIO_READY_TIMEOUT, pycrio)
         runtime = next((line.split(":", 1)[1].strip() for line in version.splitlines()
                         if line.startswith("RuntimeVersion")), "?")
         say(f"    pycrio {runtime} answers")
         since_us = time.time_ns() // 1000
-        say(f"==> crictl --enable-tracing --tracing-endpoint {TRACING_ENDPOINT} ps")
-        say(crictl_ps(self.workdir, self.sock).rstrip("\n"))
+
+        self.crictl("ps")
+        self.crictl("pull", image)
+        pod_file, container_file = pod_files(self.workdir, image)
+        # `crictl run` is runp + create + start in one command, so one trace holds the whole pod start.
+        container_id = self.crictl("run", str(container_file), str(pod_file))
+        pod_id = json.loads(self.crictl_quiet("inspect", container_id))["info"]["sandboxID"]
+        self.crictl("exec", "-s", container_id, "sh", "-c", "echo hello from pid $$ in the demo pod")
+        self.crictl("stopp", pod_id)
+        self.crictl("rmp", pod_id)
+
         say("==> pycrio status (export health, once the batch processor has sent the spans)")
         wait_until("pycrio to report exported spans", lambda: spans_exported(self.sock), TRACE_TIMEOUT, pycrio)
-        say(pycrio_status(self.sock).rstrip("\n"))
+        for line in pycrio_status(self.sock).rstrip("\n").splitlines():
+            say(f"    {line}")
         self.stop_pycrio()
-        say(f"==> waiting for the trace of `crictl ps` in Jaeger ({QUERY_URL}/api/traces)")
-        found = wait_until(f"a trace with crictl's spans and pycrio's {LIST_CONTAINERS} span in Jaeger",
-                           lambda: find_trace(since_us), TRACE_TIMEOUT, self.jaeger, pycrio.log)
-        trace = reread(found)
+
+        say(f"==> reading the traces back from Jaeger ({QUERY_URL}/api/traces)")
+        traces: dict[str, dict[str, Any]] = {}
+        for command in DEMO_COMMANDS:
+            found = wait_until(f"the trace of `crictl {command}` with pycrio's spans in Jaeger",
+                               lambda c=command: find_command_trace(c, since_us), TRACE_TIMEOUT,
+                               self.jaeger, pycrio.log)
+            traces[command] = settled(found)
+        self.show(traces)
+
+    def crictl_quiet(self, *args: str) -> str:
+        """An untraced crictl call whose output the demo reads (not printed)."""
+        argv = crictl_base(self.workdir, self.sock) + list(args)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
+        if done.returncode != 0:
+            raise DemoError(f"crictl {args[0]} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def show(self, traces: dict[str, dict[str, Any]]) -> None:
+        """The collector's printout of ListContainers, the span trees, the links and the screenshot."""
+        ps, pod_start = traces["ps"], traces["run"]
         say()
-        print_trace(trace)
+        if self.jaeger is not None:
+            block = wait_until("the debug exporter's printout of the ListContainers span",
+                               lambda: debug_span_block(self.jaeger.log.read_text(errors="replace"),
+                                                        ps["traceID"], LIST_CONTAINERS),
+                               TRACE_TIMEOUT, self.jaeger)
+            say(f"==> the collector's debug exporter printed the ListContainers span of `crictl ps` (from {self.jaeger.log}):")
+            for line in block.splitlines():
+                say(f"    {line}")
+            say()
+        say("==> `crictl ps`, one trace from crictl through pycrio:")
+        print_tree(ps)
         say()
-        say(f"open it in Jaeger: {UI_URL}/trace/{trace['traceID']}")
+        say("==> the pod start, `crictl run` (RunPodSandbox + CreateContainer + StartContainer):")
+        print_tree(pod_start)
+        say("    where the time goes: " + "; ".join(where_time_goes(pod_start)))
+        say()
+        say("==> the other commands:")
+        for command in DEMO_COMMANDS:
+            if command not in ("ps", "run"):
+                say(f"  crictl {command:<6} trace {traces[command]['traceID']}: {summary_line(traces[command])}")
+        say()
+        say("open them in the Jaeger UI:")
+        say(f"  pod start (crictl run):  {UI_URL}/trace/{pod_start['traceID']}")
+        say(f"  crictl ps:               {UI_URL}/trace/{ps['traceID']}")
+        say(f"  all of pycrio's traces:  {UI_URL}/search?service={PYCRIO_SERVICE}")
         if ui_is_placeholder():
-            say("note: this jaeger binary was built without the web UI assets (plain `go install`), so the link "
-                f"shows a placeholder page; the trace as JSON: {UI_URL}/api/traces/{trace['traceID']}")
+            say("note: this Jaeger serves a placeholder page instead of the UI; run it with contrib/jaeger.yaml "
+                "after `make jaeger` (it fetches the UI assets)")
+        self.take_picture(pod_start)
+
+    def take_picture(self, trace: dict[str, Any]) -> None:
+        """Screenshot of the pod-start trace's timeline page, saved to build/demo/trace.png (and the README's copy)."""
+        if find_chromium() is None:
+            say("no Chromium found, so no screenshot: `make browser` (apt-get install chromium) and run "
+                "`make demo` again to get build/demo/trace.png")
+            return
+        height = min(SCREENSHOT_MAX_HEIGHT, SCREENSHOT_BASE_HEIGHT + SCREENSHOT_ROW_HEIGHT * len(trace["spans"]))
+        url = f"{QUERY_URL}/trace/{trace['traceID']}"
+        DEMO_PICTURE.parent.mkdir(parents=True, exist_ok=True)
+        DEMO_PICTURE.unlink(missing_ok=True)
+        try:
+            chromium(url, f"--screenshot={DEMO_PICTURE}", width=SCREENSHOT_WIDTH, height=height)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            raise DemoError(f"no screenshot: {exc}") from None
+        if not DEMO_PICTURE.is_file():
+            raise DemoError(f"no screenshot: chromium wrote no {DEMO_PICTURE}")
+        say(f"==> screenshot of {url} (headless Chromium): {DEMO_PICTURE}")
+        if self.picture is not None:
+            self.picture.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(DEMO_PICTURE, self.picture)
+            say(f"    and copied to {self.picture} (the README's picture)")
 
     def stop_pycrio(self) -> None:
         """SIGTERM pycrio, which flushes its spans to Jaeger before it exits."""
@@ -453,7 +608,13 @@ class Demo:
     def cleanup(self) -> None:
         """Stop what the demo started (Jaeger unless kept) and remove its temporary files."""
         if self.pycrio is not None and self.pycrio.popen.poll() is None:
+            # A failed step may have left the demo pod: remove it (unmounts, CNI, cgroups) first.
+            subprocess.run(crictl_base(self.workdir, self.sock) + ["rmp", "-a", "-f"],
+                           capture_output=True, timeout=120, env=child_env())
             stop(self.pycrio, PYCRIO_STOP_TIMEOUT)
+        if self.registry is not None:
+            self.registry.stop()
+        remove_cgroup(POD_CGROUP_PARENT)
         shutil.rmtree(self.workdir, ignore_errors=True)
         if self.jaeger is None:
             if self.reused_jaeger:
@@ -477,14 +638,18 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep-jaeger", action="store_true",
-                        help="leave the Jaeger this demo started running, so the printed trace link can be opened")
+                        help="leave the Jaeger this demo started running, so the printed links can be opened")
+    parser.add_argument("--no-readme-picture", action="store_true",
+                        help=f"save the screenshot only to {DEMO_PICTURE.relative_to(ROOT)}, "
+                             f"not also to {README_PICTURE.relative_to(ROOT)}")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    demo = Demo(args.keep_jaeger)
+    demo = Demo(args.keep_jaeger, None if args.no_readme_picture else README_PICTURE)
+    started = time.monotonic()
     try:
         demo.run()
         return 0
@@ -498,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         demo.cleanup()
+        say(f"demo took {time.monotonic() - started:.1f}s")
 
 
 if __name__ == "__main__":
