@@ -48,6 +48,7 @@ _CONMON_EXIT_WAIT = 5.0
 _REOPEN_WAIT = 5.0
 _EXEC_DRAIN_WAIT = 2.0
 _EXEC_PIDFILE_WAIT = 1.0
+_EXEC_REAP_WAIT = 0.5
 _REOPEN_LOGS_EVENT = b"2 0 0\n"  # conmon's ctl fifo: "<type> <height> <width>", type 2 = reopen logs
 
 # runc error texts that mean "no such container" / "not in a state for this"
@@ -459,41 +460,62 @@ def _read_sync_message(fd: int, deadline: float) -> dict[str, Any] | None:
 
 
 def _abort_exec(proc: subprocess.Popen[bytes], pidfile: Path) -> ExecResult:
-    """Kill a timed-out exec (the process in the container and runc exec) and keep its output."""
+    """Kill a timed-out exec and return only once its processes are gone, not left as zombies.
+
+    The command is runc exec's child (runc clones it with CLONE_PARENT), so runc reaps it and then
+    exits on its own: killing runc at the same time would orphan the command and leave it a zombie
+    of whatever init adopts it, still seen by the container's next `pgrep`. So the command's
+    descendants go first (their parent, still alive, can reap them), then the command, and runc
+    is killed only if it does not finish by itself.
+    """
     # runc writes the pid file just after starting the process: a very short timeout can beat it
     exec_pid = _wait_for(lambda: _read_int(pidfile), _EXEC_PIDFILE_WAIT if proc.poll() is None else 0.0)
-    killed = _kill_tree(exec_pid) if exec_pid else []
-    _signal_group(proc.pid, signal.SIGKILL)
-    # SIGKILL lands asynchronously: return only once the command's processes are gone
-    _wait_for(lambda: not any(_alive(pid) for pid in killed), _EXEC_DRAIN_WAIT)
+    tree = _process_tree(exec_pid) if exec_pid else []
+    descendants = tree[1:]
+    for pid in descendants:
+        _signal_pid(pid, signal.SIGKILL)
+    _wait_for(lambda: not any(_exists(pid) for pid in descendants), _EXEC_REAP_WAIT if descendants else 0.0)
+    if exec_pid:
+        _signal_pid(exec_pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=_EXEC_DRAIN_WAIT)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # orphans the command's parent could not reap are now the container init's: give it a moment
+    _wait_for(lambda: not any(_exists(pid) for pid in tree), _EXEC_REAP_WAIT if tree else 0.0)
     try:
-        stdout, stderr = proc.communicate(timeout=_EXEC_DRAIN_WAIT)
+        stdout, stderr = proc.communicate(timeout=_EXEC_REAP_WAIT)
     except subprocess.TimeoutExpired as exc:
         # something in the container still holds the pipes: give up on the rest
         stdout, stderr = exc.stdout or b"", exc.stderr or b""
         for pipe in (proc.stdout, proc.stderr):
             if pipe:
                 pipe.close()
-        proc.wait()
     return ExecResult(-1, stdout or b"", stderr or b"", timed_out=True)
 
 
-def _kill_tree(pid: int) -> list[int]:
-    """SIGKILL a process and all its descendants (collected first: killed parents lose them)."""
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, parents before children (collected before any is killed:
+    killed parents lose their children to another reaper)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             ppid = _ppid(int(entry.name))
             if ppid:
                 children.setdefault(ppid, []).append(int(entry.name))
-    todo, tree = [pid], []
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    for member in tree:
-        _signal_pid(member, signal.SIGKILL)
+    tree, index = [pid], 0
+    while index < len(tree):
+        tree.extend(children.get(tree[index], []))
+        index += 1
     return tree
+
+
+def _exists(pid: int) -> bool:
+    """Whether `pid` is still in the process table (zombies included)."""
+    return Path(f"/proc/{pid}").exists()
 
 
 def _alive(pid: int) -> bool:

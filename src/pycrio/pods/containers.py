@@ -232,7 +232,11 @@ class ContainerManager:
             log.info("started container %s", record.id)
 
     def stop(self, container_id: str, timeout: int) -> None:
-        record = self.state.get_container(container_id)
+        """Stop a container; stopping one that is stopped or gone is fine (CRI idempotence)."""
+        try:
+            record = self.state.get_container(container_id)
+        except NotFound:
+            return
         with self.state.locks.hold(record.id):
             self._stop(record, timeout)
 
