@@ -20,7 +20,7 @@ APT_PACKAGES := ca-certificates procps docker-registry umoci skopeo busybox-stat
 CRI_OUT   := src/pycrio/cri
 CRI_STUBS := $(CRI_OUT)/api_pb2.py $(CRI_OUT)/api_pb2_grpc.py
 
-.PHONY: install apt cni-config stubs test demo bench jaeger jaeger-ui browser clean
+.PHONY: install apt cni-config stubs test demo bench jaeger jaeger-ui browser critest conformance clean-test-state clean
 
 install: apt cni-config $(VENV)/.installed stubs $(VENV)/.crictl-$(CRI_TOOLS_VERSION)
 
@@ -87,6 +87,27 @@ $(JAEGER_UI_DIR)/.$(JAEGER_UI_PIN): contrib/tools/jaeger-ui/Cargo.lock contrib/t
 browser:
 	@command -v chromium >/dev/null || { echo "apt: installing chromium"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core; }
+
+# critest, the CRI validation suite, is a Go *test* binary (`go install` refuses it): compiled with
+# `go test -c` in a writable copy of the pinned cri-tools module.
+critest: $(VENV)/.critest-$(CRI_TOOLS_VERSION)
+$(VENV)/.critest-$(CRI_TOOLS_VERSION): | $(PY)
+	@dir=$$(go mod download -json sigs.k8s.io/cri-tools@$(CRI_TOOLS_VERSION) | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["Dir"])') && \
+	rm -rf build/cri-tools && mkdir -p build && cp -r "$$dir" build/cri-tools && chmod -R u+w build/cri-tools && \
+	echo "critest: compiling sigs.k8s.io/cri-tools/cmd/critest@$(CRI_TOOLS_VERSION) (a few minutes)" && \
+	cd build/cri-tools && go test -c -o $(BIN)/critest \
+	  -ldflags '-X sigs.k8s.io/cri-tools/pkg/version.Version=$(CRI_TOOLS_VERSION)' ./cmd/critest && \
+	cd ../.. && rm -rf build/cri-tools && touch $@
+
+# critest against pycrio (or PEER=containerd), offline: stand-in images in a loopback registry
+# served as mirrors; fails on a failure tests/conformance/EXPECTED.md does not list.
+conformance: install critest
+	$(PY) tests/conformance/run.py $(if $(PEER),--peer $(PEER)) $(CONFORMANCE_ARGS)
+
+# What a failed or killed test run left on the host (mounts, processes, cgroups, bridges,
+# iptables rules, IPAM state), recognised by the tests' naming conventions; nothing else.
+clean-test-state:
+	$(PY) tests/clean_test_state.py
 
 test: install
 	$(PY) -m pytest -q tests
