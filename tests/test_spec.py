@@ -336,11 +336,18 @@ def test_bad_mounts(rootfs: Path, field: str, value: object, error: type[Excepti
         build(config, rootfs)
 
 
-def test_image_volume_mount_is_unimplemented(rootfs: Path) -> None:
+def test_image_volume_mount_needs_readonly_and_its_mounted_source(rootfs: Path, tmp_path: Path) -> None:
     config = make_config(command=["sh"])
-    config.mounts.add(container_path="/data", image=api_pb2.ImageSpec(image="busybox"))
-    with pytest.raises(Unimplemented):
+    mount = config.mounts.add(container_path="/data", image=api_pb2.ImageSpec(image="busybox"))
+    with pytest.raises(InvalidArgument, match="readonly must be true"):
         build(config, rootfs)
+    mount.readonly = True
+    with pytest.raises(Unimplemented, match="not mounted"):  # the caller mounts the image first
+        build(config, rootfs)
+    spec = build(config, rootfs, image_sources={0: str(tmp_path)})
+    assert mount_at(spec, "/data") == {
+        "destination": "/data", "type": "bind", "source": str(tmp_path), "options": ["rbind", "rprivate", "ro"]
+    }
 
 
 def test_propagation_tags_from_mountinfo() -> None:

@@ -19,7 +19,7 @@ import os
 import platform
 import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,6 +270,10 @@ def resolve_user(rootfs: Path, sc: api_pb2.LinuxContainerSecurityContext, image_
     if has_gid:
         gid = _check_id(sc.run_as_group.value, "run_as_group", container)
     extra = [gid]
+    if sc.supplemental_groups_policy not in (api_pb2.Merge, api_pb2.Strict):
+        raise InvalidArgument(
+            f"container {container!r}: unknown supplemental_groups_policy {sc.supplemental_groups_policy}"
+        )
     strict = sc.supplemental_groups_policy == api_pb2.Strict
     if name and not group_part and not strict:  # like runc: member groups only for the implicit form
         extra += [_int(entry[2]) for entry in groups if len(entry) > 3 and name in entry[3].split(",")]
@@ -394,38 +398,91 @@ def sandbox_file_mounts(sandbox: SandboxInfo, readonly: bool) -> list[dict]:
 
 
 def cri_mounts(
-    mounts: Iterable[api_pb2.Mount], container: str = "", mountinfo: str | None = None
+    mounts: Sequence[api_pb2.Mount],
+    container: str = "",
+    mountinfo: str | None = None,
+    *,
+    rro_supported: bool = False,
+    image_sources: Mapping[int, str] | None = None,
 ) -> tuple[list[dict], str]:
-    """OCI bind mounts for the CRI mounts (shallowest first) and the rootfs propagation they need."""
-    ordered = sorted(mounts, key=lambda m: os.path.normpath(m.container_path or "/").count("/"))
+    """OCI bind mounts for the CRI mounts (shallowest first) and the rootfs propagation they need.
+
+    `image_sources` maps the index of each image volume in `mounts` to the host directory that
+    holds it (the image's rootfs, or the sub path in it), mounted by the caller beforehand.
+    `rro_supported`: the handler can make a bind recursively read-only (runc's `rro`).
+    """
+    ordered = sorted(enumerate(mounts), key=lambda im: os.path.normpath(im[1].container_path or "/").count("/"))
     result, root_propagation = [], ""
-    for m in ordered:
-        mount, propagation = _cri_mount(m, container, mountinfo)
+    for index, m in ordered:
+        source = (image_sources or {}).get(index)
+        mount, propagation = _cri_mount(m, container, mountinfo, rro_supported, source)
         result.append(mount)
         if propagation == "rshared" or (propagation == "rslave" and root_propagation != "rshared"):
             root_propagation = propagation
     return result, root_propagation
 
 
-def _cri_mount(m: api_pb2.Mount, container: str, mountinfo: str | None) -> tuple[dict, str]:
-    where = f"container {container!r}: mount at {m.container_path!r}"
-    if m.HasField("image") and m.image.image:
-        raise Unimplemented(f"{where}: image volumes are not supported")
-    if not m.container_path.startswith("/"):
-        raise InvalidArgument(f"{where}: container_path must be an absolute path")
-    if not m.host_path:
-        raise InvalidArgument(f"{where}: host_path is empty")
+def is_image_mount(m: api_pb2.Mount) -> bool:
+    """Whether a CRI mount is an image volume (KEP 4639) rather than a host path."""
+    return m.HasField("image") and bool(m.image.image or m.image.user_specified_image)
+
+
+def check_image_mount(m: api_pb2.Mount, container: str = "") -> None:
+    """What an image volume must be before anything is mounted for it (CRI and containerd rules)."""
+    where = f"container {container!r}: image volume at {m.container_path!r}"
+    if not m.image.image:
+        raise InvalidArgument(f"{where}: image.image is empty")
+    if m.host_path:
+        raise InvalidArgument(f"{where}: host_path must be empty for an image volume, got {m.host_path!r}")
+    if not m.readonly:
+        raise InvalidArgument(f"{where}: image volumes are read-only: readonly must be true")
     if m.uidMappings or m.gidMappings:
         raise Unimplemented(f"{where}: idmapped mounts are not supported")
+    sub_path = m.image_sub_path
+    if sub_path.startswith("/") or ".." in sub_path.split("/"):
+        raise InvalidArgument(f"{where}: image_sub_path {sub_path!r} must be a relative path without '..'")
+
+
+def _cri_mount(
+    m: api_pb2.Mount, container: str, mountinfo: str | None, rro_supported: bool, image_source: str | None
+) -> tuple[dict, str]:
+    where = f"container {container!r}: mount at {m.container_path!r}"
+    if not m.container_path.startswith("/"):
+        raise InvalidArgument(f"{where}: container_path must be an absolute path")
+    if is_image_mount(m):
+        check_image_mount(m, container)
+        if image_source is None:
+            raise Unimplemented(f"{where}: image {m.image.image!r} was not mounted for this container")
+        source = image_source
+    else:
+        if m.image_sub_path:
+            raise InvalidArgument(f"{where}: image_sub_path is only for image volumes")
+        if not m.host_path:
+            raise InvalidArgument(f"{where}: host_path is empty")
+        if m.uidMappings or m.gidMappings:
+            raise Unimplemented(f"{where}: idmapped mounts are not supported")
+        source = os.path.realpath(m.host_path)  # CRI: follow a symlinked host path
+        if not os.path.exists(source):
+            raise InvalidArgument(f"{where}: host path {m.host_path!r} does not exist")
     if m.recursive_read_only:
-        raise InvalidArgument(f"{where}: recursive read-only mounts are not supported by this runtime")
-    source = os.path.realpath(m.host_path)  # CRI: follow a symlinked host path
-    if not os.path.exists(source):
-        raise InvalidArgument(f"{where}: host path {m.host_path!r} does not exist")
+        _check_rro(m, where, rro_supported)
     propagation = _propagation(m.propagation, source, where, mountinfo)
-    options = ["rbind", propagation, "ro" if m.readonly else "rw", *m.mount_options]
+    access = "rro" if m.recursive_read_only else ("ro" if m.readonly else "rw")
+    options = ["rbind", propagation, access, *m.mount_options]
     destination = os.path.normpath(m.container_path)
     return _mount(destination, "bind", source, options), propagation
+
+
+def _check_rro(m: api_pb2.Mount, where: str, supported: bool) -> None:
+    """CRI: recursive_read_only needs readonly and PRIVATE propagation, and a handler that can."""
+    if not m.readonly:
+        raise InvalidArgument(f"{where}: recursive_read_only needs readonly to be true")
+    if m.propagation != Propagation.PROPAGATION_PRIVATE:
+        name = Propagation.Name(m.propagation) if m.propagation in Propagation.values() else str(m.propagation)
+        raise InvalidArgument(f"{where}: recursive_read_only needs PROPAGATION_PRIVATE, got {name}")
+    if not supported:
+        # kubelet's errors.ErrRROUnsupported text, so callers can tell this case apart.
+        raise InvalidArgument(f"{where}: RROUnsupported: the runtime handler cannot make mounts recursively read-only")
 
 
 def _propagation(mode: int, source: str, where: str, mountinfo: str | None) -> str:
@@ -1005,6 +1062,8 @@ def container_spec(
     pids_limit: int | None = None,
     oom_floor: int | None = None,
     warnings: list[str] | None = None,
+    rro_supported: bool = False,
+    image_sources: Mapping[int, str] | None = None,
 ) -> dict:
     """The OCI runtime spec of a container of `sandbox`, ready for json.dump into its bundle.
 
@@ -1012,7 +1071,8 @@ def container_spec(
     the pod may hold privileged containers, annotations. `target_pid_ns_path`: the target
     container's pid namespace for PID mode TARGET. `support`: the host's cgroup abilities and
     `oom_floor` the lowest settable oom_score_adj (both detected when None). Ignored or adjusted
-    requests are appended to `warnings`.
+    requests are appended to `warnings`. `rro_supported`: the handler can honour recursive_read_only;
+    `image_sources`: the host directories of the image volumes (see cri_mounts).
     """
     name = _name(config)
     if not name:
@@ -1030,7 +1090,9 @@ def container_spec(
     ns_list = namespaces(
         sc.namespace_options if sc.HasField("namespace_options") else None, sandbox, support, name, target_pid_ns_path
     )
-    mounts, root_propagation = _container_mounts(config, sandbox, privileged, sc.readonly_rootfs, name)
+    mounts, root_propagation = _container_mounts(
+        config, sandbox, privileged, sc.readonly_rootfs, name, rro_supported, image_sources
+    )
     resources = linux_resources(
         linux_cfg.resources if linux_cfg.HasField("resources") else None, support, warnings, name, pids_limit
     )
@@ -1079,9 +1141,17 @@ def _name(config: api_pb2.ContainerConfig) -> str:
 
 
 def _container_mounts(
-    config: api_pb2.ContainerConfig, sandbox: SandboxInfo, privileged: bool, readonly: bool, name: str
+    config: api_pb2.ContainerConfig,
+    sandbox: SandboxInfo,
+    privileged: bool,
+    readonly: bool,
+    name: str,
+    rro_supported: bool,
+    image_sources: Mapping[int, str] | None,
 ) -> tuple[list[dict], str]:
-    requested, propagation = cri_mounts(config.mounts, name)
+    requested, propagation = cri_mounts(
+        config.mounts, name, rro_supported=rro_supported, image_sources=image_sources
+    )
     merged = merge_mounts(default_mounts(sandbox, privileged), sandbox_file_mounts(sandbox, readonly), requested)
     return merged, propagation
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from pycrio.config import Config
 from pycrio.cri import api_pb2
 from pycrio.errors import CRIError, FailedPrecondition, InvalidArgument, NotFound
-from pycrio.images import ImageManager
-from pycrio.oci import cgroups, spec
+from pycrio.images import ImageManager, volumes
+from pycrio.oci import cgroups, features, spec
 from pycrio.oci.runtime import ContainerHandle, ExecResult, Runtime, RuntimeStatus
 from pycrio.pods.events import CREATED, DELETED, STARTED, STOPPED, EventBus
 from pycrio.pods.runtimes import RuntimeHandlers
@@ -162,6 +162,10 @@ class ContainerManager:
         log_path = self._log_path(pod, config, container_id)
         with step_span("mount_rootfs", **{"container.id": container_id}):
             rootfs = self.images.prepare_rootfs(image_id, container_id)
+        stored = api_pb2.ContainerConfig()
+        stored.CopyFrom(config)
+        image_sources = self._mount_image_volumes(container_id, stored)
+        handler_features = features.of_runtime(self.handlers.get(pod.runtime_handler))
         image_config = json.loads(self.images.store.blobs.read(image_id))
         with step_span("generate_spec", **{"container.id": container_id}):
             oci_spec = spec.container_spec(
@@ -171,12 +175,16 @@ class ContainerManager:
                 spec.ImageConfig.from_image_config(image_config),
                 rootfs,
                 sandbox_config if sandbox_config.ByteSize() else pod.pod_config,
+                rro_supported=handler_features.recursive_read_only_mounts,
+                image_sources=image_sources,
             )
         (bundle / "config.json").write_text(json.dumps(oci_spec))
+        user = oci_spec["process"]["user"]
         record = ContainerRecord(
             id=container_id,
             pod_id=pod.id,
-            config=encode_message(config),
+            config=encode_message(stored),
+            user=[user["uid"], user["gid"], *user.get("additionalGids", [])],
             image=config.image.image,
             image_ref=image_id,
             image_name=self._image_name(config.image.image, image_id),
@@ -190,6 +198,26 @@ class ContainerManager:
         self.events.publish(container_id, pod.id, CREATED)
         log.info("created container %s (%s) in pod %s", container_id, config.metadata.name, pod.id)
         return container_id
+
+    def _mount_image_volumes(self, container_id: str, config: api_pb2.ContainerConfig) -> dict[int, str]:
+        """Mount the image volumes of `config` (read-only binds later); their image ids go into `config`."""
+        sources: dict[int, str] = {}
+        name = config.metadata.name
+        for index, mount in enumerate(config.mounts):
+            if not spec.is_image_mount(mount):
+                continue
+            spec.check_image_mount(mount, name)
+            where = f"container {name!r}: image volume at {mount.container_path!r}"
+            image = self.images.lookup(mount.image.image)
+            if image is None:
+                raise NotFound(f"{where}: image {mount.image.image!r} is not present: pull it first")
+            with step_span("mount_image_volume", **{"container.id": container_id, "image.id": image.id}):
+                rootfs = volumes.mount_image_volume(
+                    self.images.store.layer_paths(image), self.images.containers_dir / container_id, index
+                )
+            sources[index] = str(volumes.sub_path_source(rootfs, mount.image_sub_path, where))
+            mount.image.image_ref = image.id  # reported by ContainerStatus (the KEP's digest field)
+        return sources
 
     def _image_name(self, requested: str, image_id: str) -> str:
         record = self.images.store.find_record(image_id)

@@ -1,4 +1,5 @@
-"""ContainerStatus: refreshed from the runtime; `verbose` adds the pid and the OCI spec."""
+"""ContainerStatus: refreshed from the runtime, with the user the process started as; `verbose`
+adds the pid and the OCI spec."""
 
 from __future__ import annotations
 
@@ -41,4 +42,24 @@ def container_status_of(c: ContainerRecord) -> api_pb2.ContainerStatus:
         annotations=config.annotations,
         mounts=config.mounts,
         log_path=c.log_path,
+        user=container_user(c),
     )
+
+
+def container_user(c: ContainerRecord) -> api_pb2.ContainerUser:
+    """The identity the container's first process started with (from the spec pycrio wrote)."""
+    ids = c.user or _user_from_spec(Path(c.bundle) / "config.json")
+    if len(ids) < 2:
+        return api_pb2.ContainerUser()
+    return api_pb2.ContainerUser(
+        linux=api_pb2.LinuxContainerUser(uid=ids[0], gid=ids[1], supplemental_groups=ids[2:])
+    )
+
+
+def _user_from_spec(path: Path) -> list[int]:
+    """For records written before pycrio kept the user: process.user of the bundle's spec."""
+    try:
+        user = json.loads(path.read_text())["process"]["user"]
+        return [int(user["uid"]), int(user["gid"]), *map(int, user.get("additionalGids") or [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []

@@ -98,6 +98,7 @@ class ContainerRecord:
     exit_code: int = 0
     reason: str = ""
     message: str = ""
+    user: list[int] = field(default_factory=list)  # uid, gid, additional gids of the first process
 
     @property
     def container_config(self) -> api_pb2.ContainerConfig:
