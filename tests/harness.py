@@ -51,7 +51,9 @@ class PycrioDaemon:
         self.config_file = base / "pycrio.conf"
         self.config_dir = base / "conf.d"
         self.config_dir.mkdir(exist_ok=True)
-        self.config_file.write_text(config_text)
+        self.registries_conf = base / "registries.conf"
+        self.registries_conf_dir = base / "registries.conf.d"
+        self.config_file.write_text(own_registries_conf(config_text, self.registries_conf, self.registries_conf_dir))
         self.log_file = base / "pycrio.log"
         self.args = args or []
         self.env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "200", **(env or {})}
@@ -161,6 +163,18 @@ class PycrioDaemon:
         if check and result.returncode != 0:
             raise AssertionError(f"crictl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
+
+
+def own_registries_conf(config_text: str, conf: Path, conf_dir: Path) -> str:
+    """`config_text` with registries_conf(_dir) in the daemon's own dir (missing until a test writes
+    them) unless it sets them: the host's /etc/containers files must not change a test."""
+    if "registries_conf" in config_text:
+        return config_text
+    keys = f'registries_conf = "{conf}"\nregistries_conf_dir = "{conf_dir}"\n'
+    if "[pycrio.image]\n" in config_text:
+        return config_text.replace("[pycrio.image]\n", "[pycrio.image]\n" + keys, 1)
+    separator = "\n" if config_text and not config_text.endswith("\n") else ""
+    return f"{config_text}{separator}[pycrio.image]\n{keys}"
 
 
 def run_pycrio(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -14,6 +14,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from pycrio.config.schema import ROOT_TABLE, Config, default_of, is_table, map_of, table_of
+
+if TYPE_CHECKING:
+    from pycrio.images.registries_conf import RegistriesConf
 
 
 class ConfigError(Exception):
@@ -37,6 +40,8 @@ class LoadedConfig:
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
+    explicit_keys: set[str] = field(default_factory=set)  # dotted keys below [pycrio] a file or flag set
+    registries: RegistriesConf | None = None  # the registries.conf files [pycrio.image] names
 
 
 def dropin_files(config_dir: Path) -> list[Path]:
@@ -60,7 +65,12 @@ def load_config(
     loaded.overrides = list(overrides or [])
     for override in overrides or []:
         _set_value(loaded.config, override.key.split("."), override.value, override.source, f"{ROOT_TABLE}.{override.key}")
+        loaded.explicit_keys.add(override.key)
     _check_consistency(loaded)
+    # Imported here: pycrio.images imports this package.
+    from pycrio.images.registries_conf import load_for
+
+    loaded.registries = load_for(loaded)
     return loaded
 
 
@@ -122,6 +132,7 @@ def _merge_table(loaded: LoadedConfig, target: Any, table: dict[str, Any], prefi
             _merge_map(getattr(target, key), f, value_type, value, str(path), dotted)
         else:
             _set_value(target, [key], value, str(path), dotted)
+            loaded.explicit_keys.add(dotted.removeprefix(f"{ROOT_TABLE}."))
 
 
 def _merge_map(

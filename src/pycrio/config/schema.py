@@ -182,11 +182,24 @@ class ImageConfig:
     unqualified_search_registries: list[str] = field(
         default_factory=lambda: ["docker.io"],
         metadata=_doc("Registries tried in order for a short image name like busybox\n"
-                      "(docker.io adds library/ to single-component names).", check_registries),
+                      "(docker.io adds library/ to single-component names). When no pycrio file sets it,\n"
+                      "a non-empty unqualified-search-registries of registries_conf is used instead.",
+                      check_registries),
     )
     insecure_registries: list[str] = field(
         default_factory=list,
         metadata=_doc("Registries (host:port) reached over plain HTTP instead of HTTPS.", check_registries),
+    )
+    registries_conf: str = field(
+        default="/etc/containers/registries.conf",
+        metadata=_doc("containers-registries.conf(5) v2 file: mirrors, rewritten locations, blocked and\n"
+                      "insecure registries, unqualified-search-registries (missing is fine; \"\" reads none).",
+                      check_absolute_or_empty),
+    )
+    registries_conf_dir: str = field(
+        default="/etc/containers/registries.conf.d",
+        metadata=_doc("Drop-ins of registries_conf: *.conf in lexical order, each replacing the [[registry]]\n"
+                      "entries of the same prefix (missing is fine; \"\" reads none).", check_absolute_or_empty),
     )
     platform: str = field(
         default="linux/amd64",

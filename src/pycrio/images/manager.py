@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from pycrio.config import Config
+from pycrio.config import Config, ImageConfig
 from pycrio.errors import InvalidArgument, NotFound
 from pycrio.images.pull import ImagePuller
 from pycrio.images.reference import resolve_candidates
+from pycrio.images.registries_conf import RegistriesConf
 from pycrio.images.registry import RegistryClient
 from pycrio.images.rootfs import mount_rootfs, release_rootfs
 from pycrio.images.store import ImageRecord, ImageStore
+
+log = logging.getLogger("pycrio.images")
 
 
 class ImageManager:
@@ -26,6 +30,25 @@ class ImageManager:
         self.puller = ImagePuller(self.store, self.client, self.config)
         self.containers_dir = self.directory / "containers"
 
+    def set_registries(self, registries: RegistriesConf) -> None:
+        """Use these registries.conf rules from the next pull on (start-up and SIGHUP)."""
+        self.puller.registries = registries
+        files = ", ".join(registries.files) or "no files"
+        log.info("registries configuration from %s: %s", files, registries.describe())
+        if registries.use_search:
+            log.info("short names are searched in %s (unqualified-search-registries of %s)",
+                     ", ".join(registries.search_registries or ()), registries.search_origin)
+        for ignored in registries.ignored:
+            log.debug("registries configuration: %s is not used by pycrio", ignored)
+
+    def apply(self, image: ImageConfig) -> None:
+        """Take the live keys of a reloaded [pycrio.image]: search and insecure registries."""
+        self.config.unqualified_search_registries = list(image.unqualified_search_registries)
+        self.config.insecure_registries = list(image.insecure_registries)
+        self.client.insecure_registries = frozenset(image.insecure_registries)
+        self.config.registries_conf = image.registries_conf
+        self.config.registries_conf_dir = image.registries_conf_dir
+
     def open(self) -> None:
         self.store.open()
         self.containers_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +62,7 @@ class ImageManager:
         """The local image a CRI reference names: id, id prefix, or a (short) name with tag/digest."""
         names = [reference]
         try:
-            candidates = resolve_candidates(reference, self.config.unqualified_search_registries)
+            candidates = resolve_candidates(reference, self.puller.search_registries())
         except InvalidArgument:  # not an image name: it may still be an id or id prefix
             candidates = []
         for c in candidates:

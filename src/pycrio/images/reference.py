@@ -75,6 +75,15 @@ def resolve_candidates(
     return candidates
 
 
+def reference_at(text: str) -> ImageReference:
+    """Parse `text` whose first component is always the registry (a name rewritten by
+    registries.conf), even a host without '.' or ':' like `mirror/busybox:1`; no default tag."""
+    registry, sep, remainder = text.partition("/")
+    if not sep:
+        raise InvalidArgument(f"invalid image reference {text!r}: no repository after the registry")
+    return _build(text, registry, remainder, None)
+
+
 def is_qualified(text: str) -> bool:
     """True when the first component of `text` names a registry."""
     return _split_registry(text)[0] is not None

@@ -127,6 +127,16 @@ class Credentials:
     password: str = field(repr=False)
     identity_token: str = field(default="", repr=False)
     registry_token: str = field(default="", repr=False)
+    server_address: str = ""  # AuthConfig.server_address: the registry they are for ("" unsaid)
+
+    def for_host(self, host: str) -> bool:
+        """Whether `server_address` names `host` (`host[:port]`; a scheme and path are allowed)."""
+        if not self.server_address:
+            return False
+        named = self.server_address.partition("://")[2] or self.server_address
+        named = named.partition("/")[0].lower()
+        hub = {DOCKER_HUB, "index.docker.io", DOCKER_HUB_API_HOST}
+        return named == host.lower() or (named in hub and host.lower() in hub)
 
     def describe(self) -> str:
         """How these credentials identify the caller, for error messages (no secrets)."""
@@ -138,14 +148,21 @@ class Credentials:
 
 
 def credentials_from_cri(
-    username: str, password: str, auth: str, identity_token: str = "", registry_token: str = ""
+    username: str,
+    password: str,
+    auth: str,
+    identity_token: str = "",
+    registry_token: str = "",
+    server_address: str = "",
 ) -> Credentials | None:
     """Credentials from a CRI AuthConfig: a registry token, an identity token, explicit
     username/password, else `auth` (base64 user:pass), in that order."""
     if registry_token or identity_token:
-        return Credentials(username, "", identity_token=identity_token, registry_token=registry_token)
+        return Credentials(
+            username, "", identity_token=identity_token, registry_token=registry_token, server_address=server_address
+        )
     if username or password:
-        return Credentials(username, password)
+        return Credentials(username, password, server_address=server_address)
     if not auth:
         return None
     try:
@@ -155,7 +172,7 @@ def credentials_from_cri(
     user, sep, secret = decoded.partition(":")
     if not sep:
         raise InvalidArgument("AuthConfig.auth decodes to no 'user:password' pair (no ':')")
-    return Credentials(user, secret)
+    return Credentials(user, secret, server_address=server_address)
 
 
 class _TransientError(Exception):
@@ -208,12 +225,21 @@ class RegistryClient:
 
     # -- manifests ---------------------------------------------------------------------------
 
-    def resolve(self, ref: ImageReference, credentials: Credentials | None = None) -> ResolvedImage:
-        """Fetch the manifest `ref` names; for an index, the manifest of our platform."""
+    def resolve(
+        self,
+        ref: ImageReference,
+        credentials: Credentials | None = None,
+        insecure: bool = False,
+        retries: int | None = None,
+    ) -> ResolvedImage:
+        """Fetch the manifest `ref` names; for an index, the manifest of our platform.
+
+        `insecure`: plain HTTP even if the registry is not in `insecure_registries`; `retries`:
+        instead of the client's (a mirror is given fewer: the next source is waiting)."""
         target = ref.digest or ref.tag
         if not target:
             raise InvalidArgument(f"image {ref}: a tag or a digest is needed to pull")
-        body, media_type = self._get_manifest(ref, target, credentials)
+        body, media_type = self._get_manifest(ref, target, credentials, insecure, retries)
         repo_digest = _sha256(body)
         if ref.digest and repo_digest != ref.digest:
             raise DigestMismatchError(
@@ -223,7 +249,7 @@ class RegistryClient:
         manifest_digest = repo_digest
         if media_type in INDEX_TYPES:
             entry = self._pick_platform(ref, body)
-            body, media_type = self._get_manifest(ref, entry.digest, credentials)
+            body, media_type = self._get_manifest(ref, entry.digest, credentials, insecure, retries)
             manifest_digest = _sha256(body)
             if manifest_digest != entry.digest or len(body) != entry.size:
                 raise DigestMismatchError(
@@ -240,11 +266,17 @@ class RegistryClient:
         return ResolvedImage(ref, repo_digest, manifest_digest, body, media_type, config, layers)
 
     def _get_manifest(
-        self, ref: ImageReference, target: str, credentials: Credentials | None
+        self,
+        ref: ImageReference,
+        target: str,
+        credentials: Credentials | None,
+        insecure: bool = False,
+        retries: int | None = None,
     ) -> tuple[bytes, str]:
         """(bytes, media type) of the manifest or index at `target` (a tag or digest)."""
         what = f"manifest {target}"
-        with self._get(ref, f"manifests/{target}", credentials, {"Accept": ACCEPT}, what) as response:
+        headers = {"Accept": ACCEPT}
+        with self._get(ref, f"manifests/{target}", credentials, headers, what, insecure=insecure, retries=retries) as response:
             body = _read_limited(ref, response, MANIFEST_MAX_BYTES, what)
             content_type = response.headers.get("content-type", "")
         return body, _manifest_media_type(ref, body, content_type)
@@ -268,7 +300,12 @@ class RegistryClient:
     # -- blobs -------------------------------------------------------------------------------
 
     def fetch_blob(
-        self, ref: ImageReference, desc: Descriptor, dest: Path, credentials: Credentials | None = None
+        self,
+        ref: ImageReference,
+        desc: Descriptor,
+        dest: Path,
+        credentials: Credentials | None = None,
+        insecure: bool = False,
     ) -> int:
         """Download the blob into `dest`, resuming a prefix already there; verified at the end.
 
@@ -282,7 +319,7 @@ class RegistryClient:
         while True:
             try:
                 if not download.complete():
-                    fetched += self._download(ref, desc, download, credentials)
+                    fetched += self._download(ref, desc, download, credentials, insecure)
             except _TransientError as exc:
                 fetched += download.written_this_attempt
                 interruptions += 1
@@ -309,7 +346,12 @@ class RegistryClient:
             )
 
     def _download(
-        self, ref: ImageReference, desc: Descriptor, download: _Download, credentials: Credentials | None
+        self,
+        ref: ImageReference,
+        desc: Descriptor,
+        download: _Download,
+        credentials: Credentials | None,
+        insecure: bool = False,
     ) -> int:
         """One GET of the rest of the blob, appended to the file; the bytes it wrote."""
         offset = download.start_attempt()
@@ -318,7 +360,7 @@ class RegistryClient:
         if offset:
             headers["Range"] = f"bytes={offset}-"
         what = f"blob {desc.digest}"
-        with self._get(ref, f"blobs/{desc.digest}", credentials, headers, what, allow=(416,)) as response:
+        with self._get(ref, f"blobs/{desc.digest}", credentials, headers, what, (416,), insecure) as response:
             if response.status_code == 416 or (offset and response.status_code == 200):
                 download.restart()  # the server will not resume: start over from byte 0
                 if response.status_code == 416:
@@ -336,12 +378,12 @@ class RegistryClient:
         return download.written_this_attempt
 
     def fetch_blob_bytes(
-        self, ref: ImageReference, desc: Descriptor, credentials: Credentials | None = None
+        self, ref: ImageReference, desc: Descriptor, credentials: Credentials | None = None, insecure: bool = False
     ) -> bytes:
         """A small blob (a config) in memory, verified against `desc`."""
         _require_sha256(ref, desc)
         what = f"blob {desc.digest}"
-        with self._get(ref, f"blobs/{desc.digest}", credentials, {}, what) as response:
+        with self._get(ref, f"blobs/{desc.digest}", credentials, {}, what, insecure=insecure) as response:
             data = _read_limited(ref, response, desc.size + 1, what)
         actual = _sha256(data)
         if len(data) != desc.size or actual != desc.digest:
@@ -353,10 +395,10 @@ class RegistryClient:
 
     # -- HTTP: retries, auth, errors ---------------------------------------------------------
 
-    def base_url(self, registry: str) -> str:
+    def base_url(self, registry: str, insecure: bool = False) -> str:
         """`scheme://host` of the registry's API (docker.io is served by registry-1.docker.io)."""
         host = DOCKER_HUB_API_HOST if registry == DOCKER_HUB else registry
-        scheme = "http" if registry in self.insecure_registries else "https"
+        scheme = "http" if insecure or registry in self.insecure_registries else "https"
         return f"{scheme}://{host}"
 
     def _get(
@@ -367,12 +409,15 @@ class RegistryClient:
         headers: dict[str, str],
         what: str,
         allow: tuple[int, ...] = (),
+        insecure: bool = False,
+        retries: int | None = None,
     ) -> _OpenResponse:
         """GET /v2/<repo>/<path> with auth and retries; a 2xx (or `allow`ed) streaming response."""
-        url = f"{self.base_url(ref.registry)}/v2/{ref.repository}/{path}"
+        url = f"{self.base_url(ref.registry, insecure)}/v2/{ref.repository}/{path}"
+        retries = self.retries if retries is None else retries
         cause = ""
         retry_after: float | None = None
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             if attempt:
                 self._sleep(attempt - 1, retry_after)
                 retry_after = None
@@ -393,7 +438,7 @@ class RegistryClient:
                 return _OpenResponse(response)
             self._raise_for_status(ref, response, what)
         raise RegistryUnavailableError(
-            f"image {ref}: registry {ref.registry} unavailable ({what}) after {self.retries} retries: {cause}"
+            f"image {ref}: registry {ref.registry} unavailable ({what}) after {retries} retries: {cause}"
         )
 
     def _send_authorized(

@@ -136,6 +136,8 @@ def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = 
         prepare_socket(listen)
         metrics = start_metrics(config, tracing)
         daemon = Daemon.create(config, tracing=tracing, metrics=metrics)
+        if loaded.registries is not None:
+            daemon.images.set_registries(loaded.registries)
         if metrics is not None:
             publish_image_metrics(metrics, daemon)
     except BaseException:
@@ -172,7 +174,7 @@ def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    reloader = Reloader(config, tracing, load_again) if load_again is not None else None
+    reloader = Reloader(config, tracing, load_again, daemon.images) if load_again is not None else None
     log.info("pycrio %s serving CRI v1 on %s (pid %d)", __version__, listen, os.getpid())
 
     while not stop.is_set():

@@ -18,7 +18,12 @@ def pull_image(daemon: Daemon, request: api_pb2.PullImageRequest) -> api_pb2.Pul
         raise InvalidArgument("image reference must not be empty")
     auth = request.auth
     credentials = credentials_from_cri(
-        auth.username, auth.password, auth.auth, identity_token=auth.identity_token, registry_token=auth.registry_token
+        auth.username,
+        auth.password,
+        auth.auth,
+        identity_token=auth.identity_token,
+        registry_token=auth.registry_token,
+        server_address=auth.server_address,
     )
     record = daemon.images.puller.pull(image, credentials)
     log.info("pulled image %s: %s", image, record.id)

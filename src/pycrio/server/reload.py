@@ -1,8 +1,10 @@
 """Live reload (SIGHUP): re-read the configuration files and apply what can change while serving.
 
-What applies at once: `log_level` and the whole `[pycrio.tracing]` table (enable, endpoint,
-rates, overrides, error keeping). Anything else that changed is named in a warning and takes
-effect at the next restart. Flags and PYCRIO_* variables given at start-up still win over the
+What applies at once: `log_level`, the whole `[pycrio.tracing]` table (enable, endpoint,
+rates, overrides, error keeping), and where images come from: the registries.conf files (read
+again on every reload), `[pycrio.image]` `registries_conf`, `registries_conf_dir`,
+`unqualified_search_registries` and `insecure_registries`, for pulls that start afterwards.
+Anything else that changed is named in a warning and takes effect at the next restart. Flags and PYCRIO_* variables given at start-up still win over the
 files, as they did then. A configuration that does not load is rejected with its one-line
 error, and the running one stays in force.
 """
@@ -11,17 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pycrio.config import Config, ConfigError, LoadedConfig
 from pycrio.config.schema import ROOT_TABLE
 from pycrio.log import set_level
 from pycrio.tracing import Tracing
 
+if TYPE_CHECKING:
+    from pycrio.images import ImageManager
+
 log = logging.getLogger("pycrio.server")
 
 # Top-level fields of Config applied on reload.
 LIVE_KEYS = ("log_level", "tracing")
+# Keys of [pycrio.image] applied on reload (below [pycrio]).
+LIVE_IMAGE_KEYS = (
+    "image.unqualified_search_registries",
+    "image.insecure_registries",
+    "image.registries_conf",
+    "image.registries_conf_dir",
+)
 
 
 def changed_keys(old: Any, new: Any, prefix: str = ROOT_TABLE) -> list[str]:
@@ -37,10 +49,18 @@ def changed_keys(old: Any, new: Any, prefix: str = ROOT_TABLE) -> list[str]:
 class Reloader:
     """Applies a freshly loaded configuration to the running daemon; one reload at a time."""
 
-    def __init__(self, config: Config, tracing: Tracing, load: Callable[[], LoadedConfig]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        tracing: Tracing,
+        load: Callable[[], LoadedConfig],
+        images: ImageManager | None = None,
+    ) -> None:
         self.config = config  # the daemon's, updated in place so Status(verbose) shows the live values
         self.tracing = tracing
         self.load = load
+        self.images = images
+        self.live_keys = LIVE_KEYS + (LIVE_IMAGE_KEYS if images is not None else ())
 
     def reload(self) -> bool:
         """Re-read and apply; False when the new configuration was rejected."""
@@ -53,7 +73,7 @@ class Reloader:
         for warning in loaded.warnings:
             log.warning(warning)
         changed = changed_keys(self.config, new)
-        live = [k for k in changed if k.split(".")[1] in LIVE_KEYS]
+        live = [k for k in changed if self._is_live(k)]
         later = [k for k in changed if k not in live]
         if new.tracing != self.config.tracing:
             try:
@@ -65,7 +85,12 @@ class Reloader:
         if new.log_level != self.config.log_level:
             set_level(new.log_level)
             self.config.log_level = new.log_level
-        pinned = [o for o in loaded.overrides if o.key.split(".")[0] in LIVE_KEYS]
+        if self.images is not None:
+            self.images.apply(new.image)  # the daemon's config.image, in place
+            if loaded.registries is not None and loaded.registries != self.images.puller.registries:
+                self.images.set_registries(loaded.registries)
+                live.append("registries.conf")
+        pinned = [o for o in loaded.overrides if self._is_live(f"{ROOT_TABLE}.{o.key}")]
         if pinned:
             log.info(
                 "configuration reload: set at start-up and still winning over the files: %s",
@@ -76,3 +101,8 @@ class Reloader:
         files = ", ".join(map(str, loaded.files)) or "built-in defaults"
         log.info("configuration reloaded from %s: %s", files, ", ".join(live) + " applied" if live else "no live change")
         return True
+
+    def _is_live(self, key: str) -> bool:
+        """Whether a dotted key (`pycrio.tracing.enable_tracing`) is applied on reload."""
+        below = key.removeprefix(f"{ROOT_TABLE}.")
+        return any(below == k or below.startswith(f"{k}.") for k in self.live_keys)
