@@ -1,0 +1,1 @@
+"""critest (cri-tools) conformance: offline image stand-ins and their checks."""

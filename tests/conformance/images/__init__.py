@@ -1,0 +1,1 @@
+"""Offline stand-ins for the images critest pulls (build.py)."""

@@ -1,0 +1,3 @@
+module pycrio.local/conformance-images
+
+go 1.22
