@@ -122,3 +122,20 @@ bench: install
 
 clean:
 	rm -rf build $(CRI_OUT)/api_pb2*.py $(CRI_OUT)/api_pb2*.pyi
+
+# containerd v2.4.2 as a peer runtime (tests/conformance/peer_containerd.py): installs containerd and
+# its runc shim from the Go module proxy (~5 min cold), then starts one with everything under
+# build/peer-containerd (own sockets, runc root, CNI bridge ctrdpeer0, a pause image of our own in a
+# registry of its own) and prints its endpoint. PEER_ARGS: e.g. --mirror HOST=127.0.0.1:PORT/HOST.
+# `make peer-containerd-stop` removes its pods and host state and stops it.
+CONTAINERD_VERSION := v2.4.2
+.PHONY: peer-containerd peer-containerd-bin peer-containerd-stop
+peer-containerd: install peer-containerd-bin
+	$(PY) -m tests.conformance.peer_containerd start --dir build/peer-containerd $(PEER_ARGS)
+peer-containerd-bin: $(VENV)/.containerd-$(CONTAINERD_VERSION)
+$(VENV)/.containerd-$(CONTAINERD_VERSION): | $(PY)
+	GOBIN=$(BIN) go install github.com/containerd/containerd/v2/cmd/containerd@$(CONTAINERD_VERSION) \
+	  github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$(CONTAINERD_VERSION)
+	touch $@
+peer-containerd-stop:
+	$(PY) -m tests.conformance.peer_containerd stop --dir build/peer-containerd
