@@ -4,6 +4,8 @@ pulled by a pycrio daemon with the real crictl, each doing what its critest spec
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -352,3 +354,39 @@ def test_pause_stays_up_and_stops_on_sigterm(env: Env) -> None:
         assert seconds < 10 and status["exitCode"] == 0, (seconds, status)
         assert "Shutting down, got signal: Terminated" in wait_for_log(log, "Shutting down")
         env.daemon.crictl("rmp", "-f", pod_id)
+
+
+def children(pid: int) -> dict[int, str]:
+    """pid -> state letter of the processes whose parent is `pid`."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found[int(stat.parent.name)] = fields[0]
+    return found
+
+
+def test_pause_reaps_orphans_as_pid_1(env: Env) -> None:
+    """As a PID namespace's init, pause inherits orphans and must reap them when they exit."""
+    pause = build.DEFAULT_CACHE / "bin" / "pause"  # built by the env fixture
+    proc = subprocess.Popen(["unshare", "--fork", "--pid", "--kill-child", str(pause)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 5
+        while not (inner := children(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [pause_pid] = inner
+        subprocess.run(["nsenter", "-t", str(pause_pid), "-p", "--", "sh", "-c", "sleep 1 & exit 0"], check=True)
+        orphans = children(pause_pid)
+        assert len(orphans) == 1, orphans  # the sleep, reparented to pause
+        time.sleep(1.5)
+        assert children(pause_pid) == {}, "the exited orphan is still a zombie"
+        os.kill(pause_pid, signal.SIGTERM)
+        assert proc.wait(5) == 0
+        assert "Shutting down, got signal: Terminated" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
