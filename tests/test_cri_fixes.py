@@ -70,7 +70,8 @@ def write_json(path: Path, data: dict) -> Path:
 
 
 def run_pod(
-    d: PycrioDaemon, tmp_path: Path, image: str, name: str, command: list[str], pid_mode: int = 0
+    d: PycrioDaemon, tmp_path: Path, image: str, name: str, command: list[str], pid_mode: int = 0,
+    resources: dict | None = None,
 ) -> tuple[str, str]:
     """runp + create + start through crictl; returns (pod id, container id). pid_mode: 0 POD, 1 CONTAINER."""
     podfile = write_json(
@@ -81,7 +82,7 @@ def run_pod(
     ctrfile = write_json(
         tmp_path / f"ctr-{name}.json",
         {"metadata": {"name": name}, "image": {"image": image}, "command": command, "log_path": f"{name}.log",
-         "linux": {"security_context": {"namespace_options": {"pid": pid_mode}}}},
+         "linux": {"security_context": {"namespace_options": {"pid": pid_mode}}, "resources": resources or {}}},
     )
     pod_id = d.crictl("runp", str(podfile)).stdout.strip()
     cid = d.crictl("create", pod_id, str(ctrfile), str(podfile)).stdout.strip()

@@ -163,6 +163,15 @@ def read_stats(path: str, mode: str | None = None) -> CgroupStats | None:
     return _read_v2(CGROUP_ROOT / path.lstrip("/")) if mode == "v2" else _read_v1(path)
 
 
+def controller_dirs(path: str, mode: str | None = None) -> dict[str, Path]:
+    """The directories of cgroup `path`: per v1 controller name, or {"unified": dir} on v2."""
+    if (mode or detect_support().mode) == "v2":
+        return {"unified": CGROUP_ROOT / path.lstrip("/")}
+    return {
+        name: mount / path.lstrip("/") for name, mount in _host_v1_mounts().items() if not name.startswith("name=")
+    }
+
+
 def _read_v1(path: str) -> CgroupStats | None:
     mounts = _host_v1_mounts()
     dirs = {name: mounts[name] / path.lstrip("/") for name in ("cpuacct", "memory", "pids") if name in mounts}
