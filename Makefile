@@ -101,7 +101,7 @@ $(VENV)/.critest-$(CRI_TOOLS_VERSION): | $(PY)
 
 # critest against pycrio (or PEER=containerd), offline: stand-in images in a loopback registry
 # served as mirrors; fails on a failure tests/conformance/EXPECTED.md does not list.
-conformance: install critest
+conformance: install critest $(if $(filter containerd,$(PEER)),peer-containerd-bin)
 	$(PY) tests/conformance/run.py $(if $(PEER),--peer $(PEER)) $(CONFORMANCE_ARGS)
 
 # What a failed or killed test run left on the host (mounts, processes, cgroups, bridges,

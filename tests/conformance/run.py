@@ -79,7 +79,7 @@ def read_ginkgo_json(path: Path) -> Results:
         for spec in suite.get("SpecReports") or []:
             if spec.get("LeafNodeType") != "It":
                 continue
-            name = " ".join([*spec.get("ContainerHierarchyTexts") or [], spec.get("LeafNodeText", "")]).strip()
+            name = " ".join([*(spec.get("ContainerHierarchyTexts") or []), spec.get("LeafNodeText", "")]).strip()
             failure = spec.get("Failure") or {}
             results.specs.append(SpecResult(name, spec.get("State", "?"), (failure.get("Message") or "").strip(),
                                             (spec.get("RunTime") or 0) / 1e9))
@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tests.conformance.images.build import SOURCE_HOSTS, build_and_push
+    from tests.conformance.images.build import SOURCE_REGISTRIES, build_and_push
 
     if not CRITEST.is_file():
         say(f"conformance: {CRITEST} not found; run `make critest`")
@@ -237,13 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         refs = build_and_push(registry.address, BUILD / "images")
         say(f"==> {len(refs)} test images in {registry.url} ({time.monotonic() - t0:.0f}s)")
         if args.peer == "pycrio":
-            daemon = start_pycrio(workdir, list(SOURCE_HOSTS), registry.address)
+            daemon = start_pycrio(workdir, list(SOURCE_REGISTRIES), registry.address)
             endpoint = daemon.endpoint
             runtime_stop = lambda: stop_pycrio(daemon)  # noqa: E731
             say(f"==> pycrio on {daemon.socket} (log {daemon.log_file})")
         else:
             from tests.conformance.peer_containerd import ContainerdPeer
-            peer = ContainerdPeer(workdir / "containerd", {h: f"{registry.address}/{h}" for h in SOURCE_HOSTS})
+            peer = ContainerdPeer(workdir / "containerd", {h: f"{registry.address}/{h}" for h in SOURCE_REGISTRIES})
             peer.start()
             endpoint = peer.endpoint
             runtime_stop = peer.stop
