@@ -15,7 +15,7 @@ import pytest
 
 from pycrio.cri import api_pb2
 from pycrio.errors import InvalidArgument, Unimplemented
-from pycrio.oci import cgroups
+from pycrio.oci import cgroups, seccomp
 from pycrio.oci import spec as S
 from pycrio.oci.cgroups import CgroupSupport
 
@@ -658,8 +658,9 @@ def test_seccomp_modes(rootfs: Path, tmp_path: Path) -> None:
         return build(config, rootfs)["linux"].get("seccomp")
 
     default = seccomp(profile=api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.RuntimeDefault))
-    assert default is not None and default["defaultAction"] == "SCMP_ACT_ALLOW"
-    assert "mount" in default["syscalls"][0]["names"] and "keyctl" in default["syscalls"][0]["names"]
+    assert default is not None and (default["defaultAction"], default["defaultErrnoRet"]) == ("SCMP_ACT_ERRNO", 1)
+    allowed = {name for rule in default["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" for name in rule["names"]}
+    assert "read" in allowed and not {"mount", "keyctl", "add_key", "unshare"} & allowed
     assert seccomp(seccomp_profile_path="runtime/default") == default
     assert seccomp() is None  # nothing asked: unconfined, as the CRI defines it
     assert seccomp(profile=api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.Unconfined)) is None
@@ -691,12 +692,19 @@ def test_seccomp_modes(rootfs: Path, tmp_path: Path) -> None:
 
 
 def test_runtime_default_follows_capabilities() -> None:
-    plain = S.runtime_default_seccomp(S.DEFAULT_CAPABILITIES)
-    admin = S.runtime_default_seccomp([*S.DEFAULT_CAPABILITIES, "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"])
-    assert {"mount", "unshare", "ptrace"} <= set(plain["syscalls"][0]["names"])
-    assert not {"mount", "unshare", "ptrace", "bpf"} & set(admin["syscalls"][0]["names"])
-    assert any(rule["names"] == ["clone"] for rule in plain["syscalls"])
-    assert not any(rule["names"] in (["clone"], ["clone3"]) for rule in admin["syscalls"])
+    def allowed(profile: dict) -> set[str]:
+        return {n for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" and "args" not in rule
+                for n in rule["names"]}
+
+    plain = seccomp.runtime_default(S.DEFAULT_CAPABILITIES)
+    admin = seccomp.runtime_default([*S.DEFAULT_CAPABILITIES, "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"])
+    assert not {"mount", "unshare", "setns", "kcmp", "bpf"} & allowed(plain)
+    assert {"mount", "unshare", "setns", "kcmp", "bpf", "clone", "clone3"} <= allowed(admin)
+    assert [r["args"] for r in plain["syscalls"] if r["names"] == ["clone"]] == [
+        [{"index": 0, "value": 0x7E020000, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]
+    ]
+    assert any(r["names"] == ["clone3"] and r["errnoRet"] == 38 for r in plain["syscalls"])
+    assert not [r for r in admin["syscalls"] if r["names"] in (["clone"], ["clone3"])]  # both in the cap rule
 
 
 def test_apparmor_is_ignored_with_a_warning(rootfs: Path) -> None:

@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import os
-import platform
 import shutil
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from pycrio.cri import api_pb2
 from pycrio.errors import InvalidArgument, Unimplemented
+from pycrio.oci import seccomp
 from pycrio.oci.cgroups import CgroupSupport, cgroups_path, detect_support, unescape_mountinfo
 
 log = logging.getLogger("pycrio.oci")
@@ -860,102 +860,6 @@ def _warn(warnings: list[str], message: str) -> None:
 
 # --------------------------------------------------------------------------- seccomp
 
-# Docker-style RuntimeDefault as a deny list: each group is refused (EPERM) unless the container
-# holds one of the listed capabilities (empty: refused to all). Unlisted syscalls are allowed.
-_SECCOMP_DENIED: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (
-        (),
-        (
-            "add_key",
-            "keyctl",
-            "request_key",
-            "nfsservctl",
-            "uselib",
-            "ustat",
-            "_sysctl",
-            "vm86",
-            "vm86old",
-            "create_module",
-            "get_kernel_syms",
-            "query_module",
-            "io_uring_setup",
-            "io_uring_enter",
-            "io_uring_register",
-        ),
-    ),
-    (
-        ("CAP_SYS_ADMIN",),
-        (
-            "mount",
-            "umount",
-            "umount2",
-            "mount_setattr",
-            "move_mount",
-            "open_tree",
-            "fsopen",
-            "fsconfig",
-            "fsmount",
-            "fspick",
-            "pivot_root",
-            "setns",
-            "unshare",
-            "swapon",
-            "swapoff",
-            "quotactl",
-            "quotactl_fd",
-            "fanotify_init",
-            "lookup_dcookie",
-        ),
-    ),
-    (("CAP_SYS_BOOT",), ("reboot", "kexec_load", "kexec_file_load")),
-    (("CAP_SYS_MODULE",), ("init_module", "finit_module", "delete_module")),
-    (
-        ("CAP_SYS_PTRACE",),
-        ("ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd", "process_madvise", "userfaultfd"),
-    ),
-    (("CAP_SYS_RAWIO",), ("iopl", "ioperm")),
-    (("CAP_SYS_TIME",), ("settimeofday", "stime", "clock_settime", "clock_adjtime")),
-    (("CAP_SYS_PACCT",), ("acct",)),
-    (("CAP_SYS_NICE",), ("get_mempolicy", "set_mempolicy", "mbind", "move_pages", "set_mempolicy_home_node")),
-    (("CAP_SYSLOG",), ("syslog",)),
-    (("CAP_SYS_TTY_CONFIG",), ("vhangup",)),
-    (("CAP_SYS_ADMIN", "CAP_BPF"), ("bpf",)),
-    (("CAP_SYS_ADMIN", "CAP_PERFMON"), ("perf_event_open",)),
-    (("CAP_DAC_READ_SEARCH",), ("open_by_handle_at",)),
-)
-# CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET: new namespaces need CAP_SYS_ADMIN.
-_CLONE_NS_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
-EPERM, ENOSYS = 1, 38
-_SECCOMP_ARCHES = {
-    "x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-    "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
-}
-_GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
-
-
-def runtime_default_seccomp(capabilities: Iterable[str]) -> dict:
-    """pycrio's RuntimeDefault profile for a process holding `capabilities`."""
-    held = set(capabilities)
-    denied = [name for caps, names in _SECCOMP_DENIED if not held & set(caps) for name in names]
-    rules: list[dict] = [{"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}]
-    if "CAP_SYS_ADMIN" not in held:
-        rules += [
-            {
-                "names": ["clone"],
-                "action": "SCMP_ACT_ERRNO",
-                "errnoRet": EPERM,
-                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
-            }
-            for flag in _CLONE_NS_FLAGS
-        ]
-        # clone3 flags live in memory seccomp cannot read: ENOSYS makes libcs fall back to clone.
-        rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
-    return {
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": _SECCOMP_ARCHES.get(platform.machine(), []),
-        "syscalls": rules,
-    }
-
 
 def seccomp_for(
     sc: api_pb2.LinuxContainerSecurityContext, capabilities: Iterable[str], privileged: bool, container: str = ""
@@ -967,8 +871,8 @@ def seccomp_for(
     if kind == "unconfined":
         return None
     if kind == "default":
-        return runtime_default_seccomp(capabilities)
-    return load_seccomp_profile(ref, capabilities, container)
+        return seccomp.runtime_default(capabilities)
+    return seccomp.load_profile(ref, capabilities, container)
 
 
 def _seccomp_choice(sc: api_pb2.LinuxContainerSecurityContext, container: str) -> tuple[str, str]:
@@ -987,63 +891,6 @@ def _seccomp_choice(sc: api_pb2.LinuxContainerSecurityContext, container: str) -
     if path.startswith("localhost/"):
         return "localhost", path.removeprefix("localhost")
     raise InvalidArgument(f"container {container!r}: unknown seccomp profile {path!r}")
-
-
-def load_seccomp_profile(path: str, capabilities: Iterable[str], container: str = "") -> dict:
-    """A Localhost profile (Docker/OCI JSON) made into an OCI linux.seccomp for this host and caps."""
-    where = f"container {container!r}: seccomp profile {path!r}"
-    if not path.startswith("/"):
-        raise InvalidArgument(f"{where} must be an absolute path")
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InvalidArgument(f"{where} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"{where} cannot be read: {exc}") from None
-    if not isinstance(raw, dict) or "defaultAction" not in raw:
-        raise InvalidArgument(f"{where} has no defaultAction")
-    return _oci_seccomp(raw, set(capabilities))
-
-
-def _oci_seccomp(raw: dict, held: set[str]) -> dict:
-    out = {
-        key: raw[key]
-        for key in ("defaultAction", "defaultErrnoRet", "flags", "listenerPath", "listenerMetadata")
-        if key in raw
-    }
-    machine = platform.machine()
-    if raw.get("architectures"):
-        out["architectures"] = raw["architectures"]
-    else:
-        native = next(
-            (m for m in raw.get("archMap") or [] if m.get("architecture") in _SECCOMP_ARCHES.get(machine, [])[:1]), None
-        )
-        if native:
-            out["architectures"] = [native["architecture"], *native.get("subArchitectures", [])]
-    rules = []
-    for rule in raw.get("syscalls") or []:
-        if not _rule_applies(rule, held, _GO_ARCH.get(machine, machine)):
-            continue
-        names = rule.get("names") or ([rule["name"]] if rule.get("name") else [])
-        entry = {"names": names, "action": rule["action"]}
-        for key in ("errnoRet", "args"):
-            if rule.get(key) is not None:
-                entry[key] = rule[key]
-        rules.append(entry)
-    out["syscalls"] = rules
-    return out
-
-
-def _rule_applies(rule: dict, held: set[str], arch: str) -> bool:
-    """Docker profiles' includes/excludes on capabilities and architectures."""
-    includes, excludes = rule.get("includes") or {}, rule.get("excludes") or {}
-    if any(cap not in held for cap in includes.get("caps") or []):
-        return False
-    if includes.get("arches") and arch not in includes["arches"]:
-        return False
-    if any(cap in held for cap in excludes.get("caps") or []):
-        return False
-    return arch not in (excludes.get("arches") or [])
 
 
 # --------------------------------------------------------------------------- the specs
@@ -1185,8 +1032,8 @@ def _linux_section(
     }
     if sandbox.sysctls:
         linux["sysctl"] = sysctls(sandbox.sysctls, {ns["type"] for ns in ns_list}, name)
-    if (seccomp := seccomp_for(sc, caps["bounding"], privileged, name)) is not None:
-        linux["seccomp"] = seccomp
+    if (profile := seccomp_for(sc, caps["bounding"], privileged, name)) is not None:
+        linux["seccomp"] = profile
     return linux
 
 
@@ -1236,7 +1083,7 @@ def sandbox_infra_spec(
         "resources": {"devices": [DENY_ALL_DEVICES]},
         "maskedPaths": list(DEFAULT_MASKED_PATHS),
         "readonlyPaths": list(DEFAULT_READONLY_PATHS),
-        "seccomp": runtime_default_seccomp(()),
+        "seccomp": seccomp.runtime_default(()),
     }
     if sandbox.sysctls:
         linux["sysctl"] = sysctls(sandbox.sysctls, {ns["type"] for ns in ns_list}, "infra")

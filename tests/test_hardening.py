@@ -1,0 +1,132 @@
+"""Hostile or careless requests and failing parts, on a real daemon with real runc/conmon pods:
+validation errors reach the caller as INVALID_ARGUMENT, long calls do not starve short ones, and
+a failing CNI DEL keeps what a retry needs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from pycrio.cri import api_pb2
+from pycrio.oci import cgroups
+from tests.harness import PycrioDaemon
+from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
+
+HD_BRIDGE = "pycriohd4"
+HD_SUBNET = "10.137.0.0/24"
+HD_PREFIX = "10.137.0."
+PLUGIN_DIRS = ["/usr/lib/cni", "/opt/cni/bin"]
+
+
+def hd_conflist(directory: Path, ipam_dir: Path, bridge_type: str = "bridge") -> Path:
+    """Our own bridge network, host-local keeping its allocations in `ipam_dir` (one file per IP)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ipam = {"type": "host-local", "dataDir": str(ipam_dir), "ranges": [[{"subnet": HD_SUBNET}]],
+            "routes": [{"dst": "0.0.0.0/0"}]}
+    bridge = {"type": bridge_type, "bridge": HD_BRIDGE, "isGateway": True, "ipMasq": True, "ipam": ipam}
+    portmap = {"type": "portmap", "capabilities": {"portMappings": True}}
+    conf = {"cniVersion": "1.0.0", "name": "pycrio-hd", "plugins": [bridge, portmap]}
+    (directory / "10-hd.conflist").write_text(json.dumps(conf))
+    return directory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hd_bridge() -> Iterator[None]:
+    yield
+    subprocess.run(["ip", "link", "delete", HD_BRIDGE], capture_output=True)
+
+
+@pytest.fixture
+def busybox(image_builder: ImageBuilder) -> BuiltImage:
+    return image_builder.busybox("hd/busybox", "1")
+
+
+def start_hd_daemon(make_daemon, tmp_path: Path, registry: TestRegistry, busybox: BuiltImage,
+                    plugin_dirs: list[str] | None = None, bridge_type: str = "bridge") -> PycrioDaemon:
+    netdir = hd_conflist(tmp_path / "net.d", tmp_path / "ipam", bridge_type)
+    dirs = ", ".join(f'"{d}"' for d in (plugin_dirs or PLUGIN_DIRS))
+    daemon = make_daemon(
+        config_text=(
+            f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
+            f'[pycrio.network]\nnetwork_dir = "{netdir}"\nplugin_dirs = [{dirs}]\n'
+            f'[pycrio.runtime]\npod_cgroup_parent = "/pycrio-hdtest-{tmp_path.name}"\n'
+        ),
+    )
+    daemon.crictl("pull", busybox.reference)
+    return daemon
+
+
+def clean_up(daemon: PycrioDaemon, tmp_path: Path) -> None:
+    """Remove every pod, then check nothing of the daemon's is left on the host."""
+    if not daemon.alive():
+        daemon.start()
+    for pod in json.loads(daemon.crictl("pods", "-o", "json").stdout).get("items", []):
+        daemon.crictl("rmp", "-f", pod["id"], check=False)
+    procs = subprocess.run(["pgrep", "-af", "conmon"], capture_output=True, text=True).stdout
+    assert str(daemon.base) not in procs, procs
+    parent = f"/pycrio-hdtest-{tmp_path.name}"
+    for directory in cgroups.controller_dirs(parent).values():  # v1: each controller; v2: the one tree
+        assert [p for p in directory.glob("*") if p.is_dir()] == [], f"pod cgroups left in {directory}"
+    cgroups.remove_cgroup(parent)
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(daemon.base) in line]
+    assert mounts == [], mounts
+
+
+@pytest.fixture
+def hd_daemon(make_daemon, tmp_path: Path, registry: TestRegistry, busybox: BuiltImage) -> Iterator[PycrioDaemon]:
+    daemon = start_hd_daemon(make_daemon, tmp_path, registry, busybox)
+    yield daemon
+    clean_up(daemon, tmp_path)
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def pod_file(tmp_path: Path, name: str, host_network: bool = False, **extra: object) -> Path:
+    linux: dict = {"security_context": {"namespace_options": {"network": 2}}} if host_network else {}
+    return write_json(
+        tmp_path / f"pod-{name}.json",
+        {"metadata": {"name": name, "namespace": "hd", "uid": f"uid-{name}", "attempt": 0},
+         "log_directory": str(tmp_path / "logs" / name), "linux": linux, **extra},
+    )
+
+
+def ctr_file(tmp_path: Path, image: str, name: str, command: list[str], **extra: object) -> Path:
+    return write_json(
+        tmp_path / f"ctr-{name}.json",
+        {"metadata": {"name": name}, "image": {"image": image}, "command": command, "log_path": f"{name}.log", **extra},
+    )
+
+
+def run_in_pod(d: PycrioDaemon, tmp_path: Path, pod_id: str, podfile: Path, image: str, name: str,
+               command: list[str], start: bool = True, **extra: object) -> str:
+    cid = d.crictl("create", pod_id, str(ctr_file(tmp_path, image, name, command, **extra)), str(podfile)).stdout.strip()
+    if start:
+        d.crictl("start", cid)
+    return cid
+
+
+def wait_exited(d: PycrioDaemon, cid: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = json.loads(d.crictl("inspect", cid).stdout)["status"]
+        if status["state"] == "CONTAINER_EXITED" or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def container_log(tmp_path: Path, pod: str, name: str, stream: str = "stdout") -> str:
+    """What the container wrote to `stream` (its CRI log lines without timestamp and tags)."""
+    path = tmp_path / "logs" / pod / f"{name}.log"
+    lines = [line.split(" ", 3) for line in path.read_text().splitlines()]
+    return "".join(parts[3] + "\n" for parts in lines if len(parts) == 4 and parts[1] == stream)
