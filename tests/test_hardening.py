@@ -130,3 +130,50 @@ def container_log(tmp_path: Path, pod: str, name: str, stream: str = "stdout") -
     path = tmp_path / "logs" / pod / f"{name}.log"
     lines = [line.split(" ", 3) for line in path.read_text().splitlines()]
     return "".join(parts[3] + "\n" for parts in lines if len(parts) == 4 and parts[1] == stream)
+
+
+# --------------------------------------------------------------------------- validation errors
+
+
+def pod_request(name: str, **linux: object) -> api_pb2.RunPodSandboxRequest:
+    config = api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name=name, namespace="hd", uid=f"uid-{name}"),
+        linux=api_pb2.LinuxPodSandboxConfig(**linux),  # type: ignore[arg-type]
+    )
+    return api_pb2.RunPodSandboxRequest(config=config)
+
+
+def test_validation_errors_are_invalid_argument_with_their_message(
+    hd_daemon: PycrioDaemon, busybox: BuiltImage, tmp_path: Path
+) -> None:
+    d = hd_daemon
+    parent = f"/pycrio-hdtest-{tmp_path.name}"
+    escapes = [f"{parent}/../../etc", "../../sys", f"{parent}/a/../../.."]
+    with d.channel() as ch:
+        rt = d.runtime(ch)
+        for n, cgroup_parent in enumerate(escapes):
+            security = api_pb2.LinuxSandboxSecurityContext(namespace_options=api_pb2.NamespaceOption(pid=api_pb2.POD))
+            for request in (pod_request(f"esc{n}", cgroup_parent=cgroup_parent),
+                            pod_request(f"escpid{n}", cgroup_parent=cgroup_parent, security_context=security)):
+                with pytest.raises(grpc.RpcError) as err:
+                    rt.RunPodSandbox(request, timeout=60)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+                assert "escapes the cgroup root" in err.value.details() and cgroup_parent in err.value.details()
+        # A NUL byte reaching the OS in a path is Python's ValueError: still the caller's mistake.
+        pod = pod_request("nul")
+        pod.config.log_directory = str(tmp_path / "logs" / "nul")
+        pod.config.linux.security_context.namespace_options.network = api_pb2.NODE
+        pod_id = rt.RunPodSandbox(pod, timeout=60).pod_sandbox_id
+        ctr = api_pb2.ContainerConfig(metadata=api_pb2.ContainerMetadata(name="nul"),
+                                      image=api_pb2.ImageSpec(image=busybox.reference), command=["true"],
+                                      log_path="nul\x00.log")
+        with pytest.raises(grpc.RpcError) as err:
+            rt.CreateContainer(api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=ctr,
+                                                              sandbox_config=pod.config), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "null" in err.value.details()
+        assert rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers == []
+        rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
+        assert rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
+        assert rt.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == "pycrio"
+    assert "Traceback" not in d.logs()  # the caller's mistakes, not the daemon's bugs

@@ -24,13 +24,16 @@ log = logging.getLogger("pycrio.test")
 class Servicer(api_pb2_grpc.RuntimeServiceServicer):
     def Version(self, request, context):  # noqa: N802 - gRPC names
         log.warning("about to fail")
-        raise ValueError("boom")
+        raise RuntimeError("boom")
 
     def ContainerStatus(self, request, context):  # noqa: N802
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "not yours")
 
     def PodSandboxStatus(self, request, context):  # noqa: N802
         raise NotFound("pod sandbox 'x' not found")
+
+    def RunPodSandbox(self, request, context):  # noqa: N802
+        raise ValueError("cgroup parent '/a/../..' escapes the cgroup root")
 
     def StreamContainers(self, request, context):  # noqa: N802
         yield api_pb2.StreamContainersResponse(containers=[api_pb2.Container(id="a")])
@@ -64,7 +67,7 @@ def test_unexpected_exception_is_internal_with_message_and_error_span(traced) ->
     with pytest.raises(grpc.RpcError) as err:
         stub.Version(api_pb2.VersionRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.INTERNAL
-    assert err.value.details() == "ValueError: boom"
+    assert err.value.details() == "RuntimeError: boom"
     with pytest.raises(grpc.RpcError):
         stub.Version(api_pb2.VersionRequest(), timeout=5)
     span = exporter.get_finished_spans()[0]
@@ -74,7 +77,7 @@ def test_unexpected_exception_is_internal_with_message_and_error_span(traced) ->
     events = [e for e in span.events if e.name == "log"]
     severities = [e.attributes["log.severity"] for e in events]
     assert severities == ["WARN", "ERROR"]
-    assert events[1].attributes["exception.type"] == "ValueError"
+    assert events[1].attributes["exception.type"] == "RuntimeError"
     assert events[1].attributes["exception.message"] == "boom"
     assert events[0].attributes["name"] == span.name
     assert events[0].attributes["id"] == span.attributes["id"]
@@ -98,6 +101,17 @@ def test_cri_error_maps_to_its_status(traced) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     [span] = exporter.get_finished_spans()
     assert span.status.status_code == StatusCode.ERROR
+
+
+def test_value_error_is_the_callers_invalid_argument(traced) -> None:
+    stub, exporter = traced
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RunPodSandbox(api_pb2.RunPodSandboxRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "cgroup parent '/a/../..' escapes the cgroup root"
+    [span] = exporter.get_finished_spans()
+    assert span.status.description == "INVALID_ARGUMENT: cgroup parent '/a/../..' escapes the cgroup root"
+    assert not [e for e in span.events if e.attributes.get("log.severity") == "ERROR"]  # not our bug: no error log
 
 
 def test_stream_failing_midway_delivers_what_it_sent_then_the_error(traced) -> None:

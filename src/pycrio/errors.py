@@ -1,4 +1,4 @@
-"""Errors a CRI handler raises; the interceptor turns them into gRPC statuses with their message."""
+"""Errors a CRI handler raises, and the one place that turns any exception into a gRPC status."""
 
 from __future__ import annotations
 
@@ -53,3 +53,17 @@ class DataLoss(CRIError):
     """Content that does not match its digest or cannot be read: nothing of it is kept."""
 
     code = grpc.StatusCode.DATA_LOSS
+
+
+def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
+    """The status a call that raised `exc` ends with: (code, message, whether it is our bug).
+
+    A CRIError carries its code. A ValueError that no handler turned into one (a `..` in a cgroup
+    parent, a NUL byte in a path, a malformed value deep in spec generation) is still a request
+    the daemon could not accept: INVALID_ARGUMENT with its message. Anything else is INTERNAL.
+    """
+    if isinstance(exc, CRIError):
+        return exc.code, exc.message, False
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or type(exc).__name__, False
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", True

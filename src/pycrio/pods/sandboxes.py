@@ -41,6 +41,8 @@ def validate(config: api_pb2.PodSandboxConfig) -> None:
     missing = [f for f in ("name", "namespace", "uid") if not getattr(md, f)]
     if not config.HasField("metadata") or missing:
         raise InvalidArgument(f"pod sandbox metadata must have name, namespace and uid (missing: {', '.join(missing) or 'metadata'})")
+    # Before anything is made: a parent escaping the cgroup root raises ValueError (INVALID_ARGUMENT).
+    cgroups.cgroups_path(config.linux.cgroup_parent, "", None)
 
 
 class SandboxManager:

@@ -15,7 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from pycrio.errors import CRIError
+from pycrio.errors import CRIError, grpc_status
 from pycrio.tracing.call import CallInfo, current_call
 
 log = logging.getLogger("pycrio.server")
@@ -194,9 +194,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
 
     def _fail(self, call: _Call, exc: Exception, context: grpc.ServicerContext) -> NoReturn:
         """Record the call's status and end it with that status (context.abort raises)."""
-        if isinstance(exc, CRIError):
-            call.code, call.message = exc.code, exc.message
-        else:
+        if not isinstance(exc, CRIError):
             code = context.code()  # set when the handler called context.abort()
             if code is not None and code is not grpc.StatusCode.OK:
                 details = context.details()
@@ -205,7 +203,8 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                 call.code, call.message = code, details or str(exc)
                 log.debug("Response error: %s", call.message)
                 raise exc
-            call.code, call.message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        call.code, call.message, internal = grpc_status(exc)
+        if internal:
             log.error("%s failed: %s", call.method, call.message, exc_info=exc)
         log.debug("Response error: %s", call.message)
         context.abort(call.code, call.message)
