@@ -177,3 +177,65 @@ def test_validation_errors_are_invalid_argument_with_their_message(
         assert rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
         assert rt.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == "pycrio"
     assert "Traceback" not in d.logs()  # the caller's mistakes, not the daemon's bugs
+
+
+# --------------------------------------------------------------------------- long calls vs short ones
+
+
+def test_short_calls_answer_while_40_long_calls_are_in_flight(
+    hd_daemon: PycrioDaemon, busybox: BuiltImage, tmp_path: Path
+) -> None:
+    """36 GetContainerEvents streams (kubelet's evented PLEG, crictl events) and 4 StopContainer
+    calls waiting out their grace period on containers that ignore SIGTERM: 40 long calls, more
+    than the 32 workers that once served every call. Kubelet's polling must still be answered."""
+    d = hd_daemon
+    grace = 8
+    podfile = pod_file(tmp_path, "long", host_network=True)
+    pod_id = d.crictl("runp", str(podfile)).stdout.strip()
+    # `sleep` is PID 1 of its own PID namespace: SIGTERM does nothing, StopContainer waits `grace`.
+    pid_ns = {"security_context": {"namespace_options": {"pid": 1}}}
+    sleepers = [run_in_pod(d, tmp_path, pod_id, podfile, busybox.reference, f"s{i}", ["/bin/sleep", "3600"],
+                           linux=pid_ns) for i in range(4)]
+    streams_channel, stops_channel, probe_channel = d.channel(), d.channel(), d.channel()
+    streams = [d.runtime(streams_channel).GetContainerEvents(api_pb2.GetEventsRequest()) for _ in range(36)]
+
+    def read(stream: grpc.Future) -> None:
+        try:
+            for _ in stream:  # type: ignore[attr-defined]
+                pass
+        except grpc.RpcError:
+            pass  # cancelled at the end
+
+    readers = [threading.Thread(target=read, args=(s,), daemon=True) for s in streams]
+
+    def stop(cid: str) -> float:
+        started = time.monotonic()
+        d.runtime(stops_channel).StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=grace),
+                                               timeout=grace + 60)
+        return time.monotonic() - started
+
+    try:
+        for reader in readers:
+            reader.start()
+        time.sleep(1.0)
+        with ThreadPoolExecutor(max_workers=len(sleepers)) as pool:
+            stopping = [pool.submit(stop, cid) for cid in sleepers]
+            time.sleep(1.0)
+            probe = d.runtime(probe_channel)
+            for call, request in ((probe.Version, api_pb2.VersionRequest()),
+                                  (probe.ListPodSandbox, api_pb2.ListPodSandboxRequest()),
+                                  (probe.Status, api_pb2.StatusRequest())):
+                started = time.monotonic()
+                call(request, timeout=2.0)  # DEADLINE_EXCEEDED here: queued behind the long calls
+                assert time.monotonic() - started < 2.0
+            assert not any(f.done() for f in stopping)  # the long calls were really in flight
+            waited = [f.result() for f in stopping]
+        assert all(grace - 1 <= w < grace + 10 for w in waited), waited
+    finally:
+        for s in streams:
+            s.cancel()
+        for channel in (streams_channel, stops_channel, probe_channel):
+            channel.close()
+    states = {json.loads(d.crictl("inspect", cid).stdout)["status"]["state"] for cid in sleepers}
+    assert states == {"CONTAINER_EXITED"}
+    d.crictl("rmp", "-f", pod_id)

@@ -30,7 +30,11 @@ log = logging.getLogger("pycrio.server")
 SOCKET_MODE = 0o660
 SHUTDOWN_GRACE_SECONDS = 10.0
 SPAN_FLUSH_TIMEOUT_SECONDS = 5.0
-MAX_WORKERS = 32
+# Short calls (Version, Status, List*, *Status, stats: kubelet's polling) share the server's pool;
+# calls that wait (grace periods, pulls, execs, CNI, event streams) have their own, larger one:
+# a waiting call holds a thread but no CPU, and kubelet may stop every pod of a node at once.
+SHORT_WORKERS = 32
+LONG_WORKERS = 512
 # Kubelet's and CRI-O's limit: big List* answers on busy nodes exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -147,15 +151,17 @@ def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = 
         raise
     daemon.reconcile()
     interceptor = CRIServerInterceptor(spans=tracing, metrics=metrics)
+    short_pool = ThreadPoolExecutor(max_workers=SHORT_WORKERS, thread_name_prefix="cri")
+    long_pool = ThreadPoolExecutor(max_workers=LONG_WORKERS, thread_name_prefix="cri-long")
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="cri"),
+        short_pool,
         interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    add_cri_services(server, daemon)
+    add_cri_services(server, daemon, long_pool)
     try:
         server.add_insecure_port(f"unix://{listen}")
     except RuntimeError as exc:
@@ -186,6 +192,8 @@ def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = 
             reloader.reload()
     log.info("received %s, shutting down (grace %.0fs)", received[0], SHUTDOWN_GRACE_SECONDS)
     server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    for pool in (short_pool, long_pool):
+        pool.shutdown(wait=False, cancel_futures=True)
     daemon.close()
     if metrics is not None:
         metrics.shutdown(SPAN_FLUSH_TIMEOUT_SECONDS)

@@ -1,10 +1,12 @@
-"""Which handler serves which CRI method; every other method answers UNIMPLEMENTED by name.
+"""Which handler serves which CRI method, and on which thread pool; every other method answers
+UNIMPLEMENTED by name.
 
 To implement a CRI method: write its handler in the module named after it and list it here.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import grpc
@@ -90,6 +92,27 @@ HANDLERS: dict[str, dict[str, Handler]] = {
 }
 
 
+# Calls that can wait on something slow: a grace period, a registry, a command in a container, CNI
+# plugins, or a client that keeps a stream open. They run on their own pool (gRPC's per-method
+# `experimental_thread_pool`), so the server's pool stays free for kubelet's Status, List* and
+# *Status polling however many pods drain at once.
+LONG_METHODS = frozenset(
+    {
+        "RunPodSandbox",
+        "StopPodSandbox",
+        "RemovePodSandbox",
+        "CreateContainer",
+        "StartContainer",
+        "StopContainer",
+        "RemoveContainer",
+        "ExecSync",
+        "GetContainerEvents",
+        "PullImage",
+        "RemoveImage",
+    }
+)
+
+
 def cri_methods(service: str) -> list[str]:
     """Every method the pinned CRI api.proto declares for `service`."""
     return [m.name for m in api_pb2.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]].methods]
@@ -105,10 +128,13 @@ def _unimplemented(service: str, method: str) -> Handler:
 class _Servicer:
     """An object with one attribute per CRI method, the shape the generated `add_*` functions want."""
 
-    def __init__(self, daemon: Daemon, service: str) -> None:
+    def __init__(self, daemon: Daemon, service: str, long_pool: ThreadPoolExecutor | None = None) -> None:
         for method in cri_methods(service):
             handler = HANDLERS[service].get(method) or _unimplemented(service, method)
-            setattr(self, method, self._bind(daemon, handler))
+            behavior = self._bind(daemon, handler)
+            if long_pool is not None and method in LONG_METHODS:
+                behavior.experimental_thread_pool = long_pool  # type: ignore[attr-defined]
+            setattr(self, method, behavior)
 
     @staticmethod
     def _bind(daemon: Daemon, handler: Handler) -> Callable[[Any, grpc.ServicerContext], Any]:
@@ -125,7 +151,7 @@ class _Servicer:
         return behavior
 
 
-def add_cri_services(server: grpc.Server, daemon: Daemon) -> None:
-    """Register both CRI services, every method, on `server`."""
-    api_pb2_grpc.add_RuntimeServiceServicer_to_server(_Servicer(daemon, RUNTIME_SERVICE), server)
-    api_pb2_grpc.add_ImageServiceServicer_to_server(_Servicer(daemon, IMAGE_SERVICE), server)
+def add_cri_services(server: grpc.Server, daemon: Daemon, long_pool: ThreadPoolExecutor | None = None) -> None:
+    """Register both CRI services, every method, on `server`; LONG_METHODS run on `long_pool`."""
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(_Servicer(daemon, RUNTIME_SERVICE, long_pool), server)
+    api_pb2_grpc.add_ImageServiceServicer_to_server(_Servicer(daemon, IMAGE_SERVICE, long_pool), server)

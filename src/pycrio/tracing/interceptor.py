@@ -82,6 +82,13 @@ class _Call:
         self.started = time.perf_counter()
 
 
+def _keep_thread_pool(inner: Callable[..., Any], outer: Callable[..., Any]) -> None:
+    """The wrapper runs where the handler would have: on its own pool when it has one."""
+    pool = getattr(inner, "experimental_thread_pool", None)
+    if pool is not None:
+        outer.experimental_thread_pool = pool  # type: ignore[attr-defined]
+
+
 class CRIServerInterceptor(grpc.ServerInterceptor):
     """Wraps every unary and server-streaming CRI handler.
 
@@ -127,6 +134,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                 finally:
                     self._end(call)
 
+            _keep_thread_pool(behavior, unary)
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
             )
@@ -148,6 +156,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                 finally:
                     self._end(call)
 
+            _keep_thread_pool(stream_behavior, unary_stream)
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
                 request_deserializer=handler.request_deserializer,
