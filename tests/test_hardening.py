@@ -26,13 +26,13 @@ HD_PREFIX = "10.137.0."
 PLUGIN_DIRS = ["/usr/lib/cni", "/opt/cni/bin"]
 
 
-def hd_conflist(directory: Path, ipam_dir: Path, bridge_type: str = "bridge") -> Path:
+def hd_conflist(directory: Path, ipam_dir: Path, portmap_type: str = "portmap") -> Path:
     """Our own bridge network, host-local keeping its allocations in `ipam_dir` (one file per IP)."""
     directory.mkdir(parents=True, exist_ok=True)
     ipam = {"type": "host-local", "dataDir": str(ipam_dir), "ranges": [[{"subnet": HD_SUBNET}]],
             "routes": [{"dst": "0.0.0.0/0"}]}
-    bridge = {"type": bridge_type, "bridge": HD_BRIDGE, "isGateway": True, "ipMasq": True, "ipam": ipam}
-    portmap = {"type": "portmap", "capabilities": {"portMappings": True}}
+    bridge = {"type": "bridge", "bridge": HD_BRIDGE, "isGateway": True, "ipMasq": True, "ipam": ipam}
+    portmap = {"type": portmap_type, "capabilities": {"portMappings": True}}
     conf = {"cniVersion": "1.0.0", "name": "pycrio-hd", "plugins": [bridge, portmap]}
     (directory / "10-hd.conflist").write_text(json.dumps(conf))
     return directory
@@ -50,8 +50,8 @@ def busybox(image_builder: ImageBuilder) -> BuiltImage:
 
 
 def start_hd_daemon(make_daemon, tmp_path: Path, registry: TestRegistry, busybox: BuiltImage,
-                    plugin_dirs: list[str] | None = None, bridge_type: str = "bridge") -> PycrioDaemon:
-    netdir = hd_conflist(tmp_path / "net.d", tmp_path / "ipam", bridge_type)
+                    plugin_dirs: list[str] | None = None, portmap_type: str = "portmap") -> PycrioDaemon:
+    netdir = hd_conflist(tmp_path / "net.d", tmp_path / "ipam", portmap_type)
     dirs = ", ".join(f'"{d}"' for d in (plugin_dirs or PLUGIN_DIRS))
     daemon = make_daemon(
         config_text=(
@@ -239,3 +239,111 @@ def test_short_calls_answer_while_40_long_calls_are_in_flight(
     states = {json.loads(d.crictl("inspect", cid).stdout)["status"]["state"] for cid in sleepers}
     assert states == {"CONTAINER_EXITED"}
     d.crictl("rmp", "-f", pod_id)
+
+
+# --------------------------------------------------------------------------- CNI DEL failing
+
+
+FLAKY_PORTMAP = """#!/bin/sh
+# The real portmap plugin, except that DEL fails while {flag} exists.
+echo "$CNI_COMMAND $CNI_CONTAINERID" >> {calls}
+if [ "$CNI_COMMAND" = DEL ] && [ -e {flag} ]; then
+  echo '{{"cniVersion": "1.0.0", "code": 11, "msg": "DEL refused while the flag file exists"}}'
+  exit 1
+fi
+exec /usr/lib/cni/portmap
+"""
+
+
+@pytest.fixture
+def flaky_daemon(make_daemon, tmp_path: Path, registry: TestRegistry, busybox: BuiltImage) -> Iterator[PycrioDaemon]:
+    """A daemon whose plugin dir holds the real plugins and `hd-portmap`, a portmap that can fail DEL."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    for name in ("bridge", "host-local", "loopback", "portmap"):
+        (plugins / name).symlink_to(Path(PLUGIN_DIRS[0]) / name)
+    wrapper = plugins / "hd-portmap"
+    wrapper.write_text(FLAKY_PORTMAP.format(flag=tmp_path / "fail-del", calls=tmp_path / "cni-calls"))
+    wrapper.chmod(0o755)
+    daemon = start_hd_daemon(make_daemon, tmp_path, registry, busybox, [str(plugins)], "hd-portmap")
+    yield daemon
+    (tmp_path / "fail-del").unlink(missing_ok=True)
+    clean_up(daemon, tmp_path)
+
+
+def allocated(tmp_path: Path, pod_id: str) -> list[str]:
+    """The IPs host-local has reserved for the pod (its files name the IP and hold the owner's id)."""
+    store = tmp_path / "ipam" / "pycrio-hd"
+    return sorted(f.name for f in store.glob(f"{HD_PREFIX}*") if pod_id in f.read_text()) if store.exists() else []
+
+
+def nat_rules_of(pod_id: str) -> list[str]:
+    """iptables rules whose comment names the pod (bridge's ipMasq, portmap's DNAT)."""
+    rules = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True, check=True).stdout
+    return [line for line in rules.splitlines() if pod_id in line]
+
+
+def del_calls(tmp_path: Path, pod_id: str) -> int:
+    calls = tmp_path / "cni-calls"
+    return calls.read_text().splitlines().count(f"DEL {pod_id}") if calls.exists() else 0
+
+
+def test_failed_cni_del_keeps_what_a_retry_needs(flaky_daemon: PycrioDaemon, tmp_path: Path) -> None:
+    from tests.otlp_receiver import free_port
+
+    d = flaky_daemon
+    podfile = pod_file(tmp_path, "flaky", port_mappings=[
+        {"container_port": 8080, "host_port": free_port(), "host_ip": "127.0.0.1"}])
+    pod_id = d.crictl("runp", str(podfile)).stdout.strip()
+    ip = json.loads(d.crictl("inspectp", pod_id).stdout)["status"]["network"]["ip"]
+    assert allocated(tmp_path, pod_id) == [ip]
+    assert any("DNAT" in rule or "dnat" in rule for rule in nat_rules_of(pod_id))
+    cache = d.base / "run" / "cni" / f"{pod_id}.json"
+    assert cache.exists()
+
+    (tmp_path / "fail-del").touch()
+    for attempt in (1, 2):  # every retry runs DEL again: nothing it needs was released
+        failed = d.crictl("stopp", pod_id, check=False)
+        assert failed.returncode != 0 and "DEL refused while the flag file exists" in failed.stderr, failed.stderr
+        assert del_calls(tmp_path, pod_id) == attempt
+        assert allocated(tmp_path, pod_id) == [ip] and nat_rules_of(pod_id) and cache.exists()
+        status = json.loads(d.crictl("inspectp", pod_id).stdout)["status"]
+        assert status["state"] == "SANDBOX_NOTREADY" and status["network"]["ip"] == ip
+    removal = d.crictl("rmp", pod_id, check=False)  # removing needs the network gone too
+    assert removal.returncode != 0 and del_calls(tmp_path, pod_id) == 3
+
+    (tmp_path / "fail-del").unlink()
+    d.crictl("stopp", pod_id)
+    assert del_calls(tmp_path, pod_id) == 4
+    assert allocated(tmp_path, pod_id) == [] and nat_rules_of(pod_id) == [] and not cache.exists()
+    assert not (d.base / "run" / "pods" / pod_id / "ns" / "net").exists()
+    d.crictl("rmp", pod_id)
+    assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"] == []
+
+
+def test_failed_teardown_at_start_up_keeps_the_record_for_the_next_try(
+    flaky_daemon: PycrioDaemon, tmp_path: Path
+) -> None:
+    d = flaky_daemon
+    pod_id = d.crictl("runp", str(pod_file(tmp_path, "halfmade"))).stdout.strip()
+    ip = json.loads(d.crictl("inspectp", pod_id).stdout)["status"]["network"]["ip"]
+    d.stop(sig=9)
+    # A daemon killed inside RunPodSandbox leaves an unfinished record (netns pinned, IP taken).
+    record_path = d.base / "root" / "state" / "pods" / f"{pod_id}.json"
+    record = json.loads(record_path.read_text())
+    record["complete"] = False
+    record_path.write_text(json.dumps(record))
+    (tmp_path / "fail-del").touch()
+    d.start()
+    d.wait_for_log("kept for the next try")
+    assert [p["id"] for p in json.loads(d.crictl("pods", "-o", "json").stdout)["items"]] == [pod_id]
+    assert allocated(tmp_path, pod_id) == [ip] and nat_rules_of(pod_id)
+    assert del_calls(tmp_path, pod_id) == 1
+
+    (tmp_path / "fail-del").unlink()
+    d.stop()
+    d.start()  # the next try
+    assert del_calls(tmp_path, pod_id) == 2
+    assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"] == []
+    assert allocated(tmp_path, pod_id) == [] and nat_rules_of(pod_id) == []
+    assert not (d.base / "run" / "pods" / pod_id).exists()

@@ -222,6 +222,22 @@ def unpin_namespaces(directory: Path) -> None:
         pass
 
 
+def unmount_below(directory: Path) -> None:
+    """Detach every mount at or below `directory`, deepest first, so that removing it cannot reach
+    into a mounted filesystem; OSError if one stays mounted."""
+    top = os.path.realpath(directory)
+    below = sorted(
+        {point for point, _ in mount_points() if point == top or point.startswith(top.rstrip("/") + "/")},
+        key=lambda point: point.count("/"),
+        reverse=True,
+    )
+    for point in below:
+        _unmount_all(Path(point))
+    left = [point for point, _ in mount_points() if point == top or point.startswith(top.rstrip("/") + "/")]
+    if left:
+        raise OSError(errno.EBUSY, f"still mounted below {directory}: {', '.join(left)}")
+
+
 def nsenter_argv(netns: Path, argv: list[str]) -> list[str]:
     """`argv` run in the network namespace pinned at `netns` (for Popen); a bare command is looked up in sbin too."""
     program = argv[0] if "/" in argv[0] else _tool(argv[0])

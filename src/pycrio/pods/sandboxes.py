@@ -16,7 +16,7 @@ from pycrio.config import Config
 from pycrio.cri import api_pb2
 from pycrio.errors import CRIError, InvalidArgument, NotFound
 from pycrio.network.cni import CNIManager, PodNetworkRequest, PortMapping
-from pycrio.network.namespaces import pin_namespaces, unpin_namespaces
+from pycrio.network.namespaces import pin_namespaces, unmount_below, unpin_namespaces
 from pycrio.oci import cgroups, spec
 from pycrio.oci.runtime import ContainerHandle
 from pycrio.pods.events import CREATED, DELETED, STARTED, STOPPED
@@ -85,12 +85,8 @@ class SandboxManager:
             with self.state.locks.hold(pod_id):
                 self._setup(record, config, runtime)
         except BaseException:
-            try:
-                self._teardown(record)
-            except Exception:  # noqa: BLE001 - already logged; the original error matters more
-                pass
-            self._delete_files(record)
-            self.state.remove_pod(pod_id)
+            if self._undo(record, runtime):
+                self.state.remove_pod(pod_id)
             self.state.release_name(name)
             raise
         self.events.publish(pod_id, pod_id, CREATED)
@@ -98,6 +94,23 @@ class SandboxManager:
         log.info("pod sandbox %s (%s/%s) ready, ip %s", pod_id, config.metadata.namespace, config.metadata.name,
                  ", ".join(record.ips) or "host network")
         return pod_id
+
+    def _undo(self, record: SandboxRecord, runtime) -> bool:
+        """Release what a failed RunPodSandbox made. False when something could not be: the record
+        then stays (NOTREADY, with what is left) for RemovePodSandbox or the next start-up."""
+        try:
+            self._teardown(record)
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            log.warning("pod %s: undoing the failed RunPodSandbox is left for later: %s", record.id, exc)
+            self.state.save_pod(record)
+            return False
+        try:
+            self._delete_files(record)
+        except OSError as exc:
+            log.warning("pod %s: removing its files is left for later: %s", record.id, exc)
+            self.state.save_pod(record)
+            return False
+        return True
 
     def _setup(self, record: SandboxRecord, config: api_pb2.PodSandboxConfig, runtime) -> None:
         directory = Path(record.directory)
@@ -204,39 +217,57 @@ class SandboxManager:
         with self.state.locks.hold(record.id):
             for container in self.state.containers_of(record.id):
                 self.containers.stop(container.id, 0)
-            self._teardown(record)
+            failure: Exception | None = None
+            try:
+                self._teardown(record)
+            except Exception as exc:  # noqa: BLE001 - the pod is stopped all the same; the caller retries
+                failure = exc
             was_ready = record.state == SANDBOX_READY
             record.state = SANDBOX_NOTREADY
-            self.state.save_pod(record)
+            self.state.save_pod(record)  # with what a retry still has to release
             if was_ready:
                 self.events.publish(record.id, record.id, STOPPED)
+            if failure is not None:
+                raise failure
             log.info("pod sandbox %s stopped", record.id)
 
     def _teardown(self, record: SandboxRecord) -> None:
-        """Release what a pod holds on the host. Every step runs even if an earlier one failed
-        (and tolerates having been done already); the first failure is raised at the end."""
+        """Release what a pod holds on the host, the network first (as CRI-O does).
+
+        CNI DEL needs the pod's netns, its IPs and the cached ADD result: until DEL succeeded none
+        of them is released (the netns stays pinned, `record.ips` and the CNI cache stay), so a
+        retry runs DEL again instead of leaking the IP, the portmap rules and the cache. Every other
+        step runs even if an earlier one failed (and tolerates having been done already); the
+        first failure is raised at the end.
+        """
         failures: list[Exception] = []
 
-        def step(what: str, action: Callable[[], None]) -> None:
+        def step(what: str, action: Callable[[], None]) -> bool:
             try:
                 action()
+                return True
             except Exception as exc:  # noqa: BLE001 - keep releasing the rest
                 log.warning("pod %s: %s: %s", record.id, what, exc)
                 failures.append(exc)
+                return False
 
-        if record.infra_id:
-            step("removing the infra process", lambda: self._remove_infra(record))
+        network_down = True
         net = record.namespaces.get("net")
         if net or record.ips:
-            step("CNI DEL", lambda: self.cni.delete(record.id, Path(net) if net and Path(net).exists() else None))
-            record.ips = []
+            network_down = step(
+                "CNI DEL", lambda: self.cni.delete(record.id, Path(net) if net and Path(net).exists() else None)
+            )
+            if network_down:
+                record.ips = []
+        if record.infra_id:
+            step("removing the infra process", lambda: self._remove_infra(record))
         shm = Path(record.directory) / "shm"
         if os.path.ismount(shm):
             step("unmounting /dev/shm", lambda: _run(["umount", "-l", str(shm)]))
-        if record.namespaces:
+        if record.namespaces and network_down:  # a failed DEL runs again in this netns
             with step_span("remove_namespaces", **{"pod.id": record.id}):
-                step("unpinning namespaces", lambda: unpin_namespaces(Path(record.directory) / "ns"))
-            record.namespaces = {}
+                if step("unpinning namespaces", lambda: unpin_namespaces(Path(record.directory) / "ns")):
+                    record.namespaces = {}
         if record.owns_cgroup:  # a kubelet-given parent is kubelet's to remove
             with step_span("remove_cgroup", **{"pod.id": record.id}):
                 step("removing the pod cgroup", lambda: cgroups.remove_cgroup(record.cgroup_parent))
@@ -276,14 +307,20 @@ class SandboxManager:
             log.warning("pod sandbox %s was left half-created by an earlier run: removing it", record.id)
             try:
                 self._teardown(record)
-            except Exception as exc:  # noqa: BLE001 - logged by the teardown; remove the record anyway
-                log.debug("teardown of half-created pod %s: %s", record.id, exc)
-            self._delete_files(record)
+                self._delete_files(record)
+            except Exception as exc:  # noqa: BLE001 - the daemon starts; the record stays for the next try
+                self.state.save_pod(record)
+                log.warning("pod sandbox %s: cleaning it up failed, kept for the next try: %s", record.id, exc)
+                continue
             self.state.remove_pod(record.id)
 
     @staticmethod
     def _delete_files(record: SandboxRecord) -> None:
-        shutil.rmtree(record.directory, ignore_errors=True)
+        """Unmount whatever is still mounted below the pod's directory, then remove it."""
+        directory = Path(record.directory)
+        unmount_below(directory)
+        if directory.exists():
+            shutil.rmtree(directory)
 
 
 def _run(argv: list[str]) -> None:
