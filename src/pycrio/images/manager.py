@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from pycrio.config import Config, ImageConfig
@@ -12,7 +13,8 @@ from pycrio.images.reference import resolve_candidates
 from pycrio.images.registries_conf import RegistriesConf
 from pycrio.images.registry import RegistryClient
 from pycrio.images.rootfs import mount_rootfs, release_rootfs
-from pycrio.images.store import ImageRecord, ImageStore
+from pycrio.images.store import ImageInUse, ImageRecord, ImageStore
+from pycrio.images.volumes import mount_image_volume
 
 log = logging.getLogger("pycrio.images")
 
@@ -53,6 +55,22 @@ class ImageManager:
         self.store.open()
         self.containers_dir.mkdir(parents=True, exist_ok=True)
 
+    def use_containers(self, in_use: Callable[[], Mapping[str, Iterable[str]]]) -> None:
+        """Where to learn which images the containers use (image id -> container ids): the daemon
+        passes the container records' view, so that RemoveImage refuses an image in use."""
+        self.store.in_use = in_use
+
+    def remove(self, reference: str) -> ImageRecord | None:
+        """Remove the image `reference` names; None if there is none. FAILED_PRECONDITION
+        (naming them) while containers use it: their overlays stand on its layers."""
+        record = self.lookup(reference)
+        try:
+            if record is None or not self.store.remove(record):
+                return None
+        except ImageInUse as exc:
+            raise ImageInUse(exc.image_id, exc.containers, reference) from None
+        return record
+
     def close(self) -> None:
         """Stop background workers and connections (daemon shutdown)."""
         self.puller.close()
@@ -70,12 +88,24 @@ class ImageManager:
         return self.store.find_record(*names)
 
     def prepare_rootfs(self, reference: str, container_id: str) -> Path:
-        """A ready root filesystem for a container of `reference` (overlay, or a copy)."""
+        """A ready root filesystem for a container of `reference` (overlay, or a copy).
+
+        From here until release_rootfs the image counts as used by the container, even before
+        its record exists: a RemoveImage in between is refused rather than pulling the layers
+        out from under the overlay."""
         record = self.lookup(reference)
         if record is None:
             raise NotFound(f"image {reference!r} is not present: pull it first")
+        record = self.store.lease(container_id, record.id)
         return mount_rootfs(self.store.layer_paths(record), self.containers_dir / container_id)
 
+    def mount_image_volume(self, image: ImageRecord, container_id: str, index: int) -> Path:
+        """The root filesystem of image volume `index` of a container; the image counts as used
+        by the container until release_rootfs (as for prepare_rootfs)."""
+        record = self.store.lease(container_id, image.id)
+        return mount_image_volume(self.store.layer_paths(record), self.containers_dir / container_id, index)
+
     def release_rootfs(self, container_id: str) -> None:
-        """Unmount and delete a container's root filesystem; fine if it is already gone."""
+        """Unmount and delete a container's root filesystem (and image volumes); fine if already gone."""
         release_rootfs(self.containers_dir / container_id)
+        self.store.release(container_id)

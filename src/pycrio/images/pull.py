@@ -155,13 +155,17 @@ class ImagePuller:
             span.set_attribute("manifest.digest", resolved.manifest_digest)
             span.set_attribute("layers", len(resolved.layers))
             span.set_attribute("source", str(via.ref))
-        with self._locks.hold(resolved.manifest_digest):
+        # Pinned from before anything present is reused until the record is committed: removing
+        # another image that shares a layer or blob must not delete it in between.
+        blobs = [resolved.config.digest, *(d.digest for d in resolved.layers)]
+        with self._locks.hold(resolved.manifest_digest), self.store.pinned(*blobs) as pins:
             config = json.loads(self._config_blob(resolved, via))
             diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
             if len(diff_ids) != len(resolved.layers):
                 raise DataLoss(
                     f"image {ref}: config lists {len(diff_ids)} layers, manifest {len(resolved.layers)}"
                 )
+            pins.add(*diff_ids)
             self._layers(resolved, diff_ids, via)
             with step_span("commit", **{"image.id": resolved.config.digest}):
                 return self.store.add(self._record(ref, resolved, diff_ids, config))

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import grpc
 
+from pycrio import durable
 from pycrio.errors import AlreadyExists, CRIError, InvalidArgument
 from pycrio.locks import KeyedLocks
 from pycrio.network.namespaces import is_namespace, pin_namespaces, run_in_netns, unpin_namespaces
@@ -496,9 +497,7 @@ class CNIManager:
         }
         path = self._cache_path(att.pod_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        durable.write_atomic(path, json.dumps(record))  # a DEL after a crash needs all of it
 
     def _read_cache(self, pod_id: str) -> dict[str, Any] | None:
         try:

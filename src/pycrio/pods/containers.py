@@ -212,9 +212,7 @@ class ContainerManager:
             if image is None:
                 raise NotFound(f"{where}: image {mount.image.image!r} is not present: pull it first")
             with step_span("mount_image_volume", **{"container.id": container_id, "image.id": image.id}):
-                rootfs = volumes.mount_image_volume(
-                    self.images.store.layer_paths(image), self.images.containers_dir / container_id, index
-                )
+                rootfs = self.images.mount_image_volume(image, container_id, index)  # leased: RemoveImage refuses it
             sources[index] = str(volumes.sub_path_source(rootfs, mount.image_sub_path, where))
             mount.image.image_ref = image.id  # reported by ContainerStatus (the KEP's digest field)
         return sources

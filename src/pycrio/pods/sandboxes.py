@@ -277,7 +277,10 @@ class SandboxManager:
     def _remove_infra(self, record: SandboxRecord) -> None:
         runtime = self.handlers.get(record.runtime_handler)
         handle = self._infra_handle(record)
-        runtime.stop(handle, 0)
+        try:
+            runtime.stop(handle, 0)
+        except NotFound:  # the runtime has no trace of it (a reboot took it): nothing to stop
+            log.info("pod %s: infra container %s is already gone", record.id, record.infra_id)
         runtime.delete(handle)
         record.infra_pid = 0
 

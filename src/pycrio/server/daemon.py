@@ -43,8 +43,9 @@ class Daemon:
         images.open()
         runroot = Path(config.runroot)
         runroot.mkdir(parents=True, exist_ok=True)
-        state = StateStore(Path(config.root) / "state")
+        state = StateStore(Path(config.root) / "state", runroot=runroot)  # marks what a reboot took
         state.open()
+        images.use_containers(state.images_in_use)
         handlers = RuntimeHandlers(config)
         cni = CNIManager(
             Path(config.network.network_dir), [Path(p) for p in config.network.plugin_dirs], runroot / "cni"

@@ -1,4 +1,4 @@
-"""RemoveImage: idempotent; frees the blobs and layers no other image uses."""
+"""RemoveImage: idempotent; refuses an image containers use; frees the blobs and layers no other image uses."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ def remove_image(daemon: Daemon, request: api_pb2.RemoveImageRequest) -> api_pb2
     reference = request.image.image
     if not reference:
         raise InvalidArgument("image reference must not be empty")
-    record = daemon.images.lookup(reference)
+    record = daemon.images.remove(reference)  # FAILED_PRECONDITION while containers use it
     if record is None:
         log.info("image %s is not present, nothing to remove", reference)
         return api_pb2.RemoveImageResponse()
-    daemon.images.store.remove(record)
     log.info("removed image %s (%s)", reference, record.id)
     return api_pb2.RemoveImageResponse()

@@ -50,6 +50,7 @@ class SandboxRecord:
     directory: str = ""  # <runroot>/pods/<id>
     infra_id: str = ""  # infra (catatonit) container when the pod shares its PID namespace
     infra_pid: int = 0
+    infra_pid_start: int = 0  # its start time (/proc/<pid>/stat), so a recycled pid is not taken for it
     complete: bool = False  # RunPodSandbox finished; an incomplete record after a crash is debris
 
     @property
