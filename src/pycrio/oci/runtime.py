@@ -1,8 +1,12 @@
 """The runtime interface: what the server needs from an OCI runtime, whatever drives it.
 
 `OCIRuntime` (conmon + runc, one monitor per container) implements it; a "pod" runtime (one monitor
-per pod) fits the same interface. Implementations log every command line they run at DEBUG on
-`pycrio.oci` as `running: <argv>` (span events) and wrap each operation in a step span.
+per pod) fits the same interface: `for_sandbox()` gives the instance that owns a pod's containers,
+the sandbox hooks create, restore and remove a pod's runtime side, `container_handle()` lays out
+a container's runtime files, and `report_exits()` makes the runtime tell the caller when a
+container may have exited (the caller then asks `status()`). Implementations log every command
+line they run at DEBUG on `pycrio.oci` as `running: <argv>` (span events) and wrap each operation
+in a step span.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 
@@ -34,6 +38,12 @@ _POLL_INTERVAL = 0.05
 _KILL_WAIT = 10.0
 _MAX_ERROR_CHARS = 1000
 
+# ExecSync output kept per stream (CRI-O's maxExecSyncSize); the rest is read and dropped.
+EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
+
+ExitCallback = Callable[[str], None]
+"""Called with a container id when that container may have exited (from the runtime's thread)."""
+
 
 @dataclass
 class ContainerHandle:
@@ -49,12 +59,23 @@ class ContainerHandle:
     pod_id: str = ""
 
 
+@dataclass(frozen=True)
+class SandboxHandle:
+    """What a runtime needs to know about one pod sandbox."""
+
+    id: str
+    directory: Path  # the pod's directory under the runroot; a pod's runtime side may live there
+    cgroup_parent: str = ""
+
+
 @dataclass
 class RuntimeStatus:
-    """A container's state as the runtime sees it; times are ns since the epoch."""
+    """A container's state as the runtime sees it; times are ns since the epoch, taken by the
+    runtime itself (started_at when it started the process, finished_at when it reaped it)."""
 
     state: str  # "created" | "running" | "stopped" | "unknown"
     pid: int = 0
+    pid_start_time: int = 0  # of `pid`, see process_start_time()
     exit_code: int | None = None
     started_at: int = 0
     finished_at: int = 0
@@ -64,12 +85,36 @@ class RuntimeStatus:
 
 @dataclass
 class ExecResult:
-    """The outcome of a synchronous exec; on timeout the caller decides what to report."""
+    """The outcome of a synchronous exec; on timeout the caller decides what to report.
+    Output past the limit was read and dropped: `*_truncated` says so."""
 
     exit_code: int
     stdout: bytes
     stderr: bytes
     timed_out: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
+def process_start_time(pid: int) -> int:
+    """Start time of a live (not zombie) process, in clock ticks since boot (field 22 of
+    /proc/<pid>/stat); 0 when there is no such process. A pid is only the process it was when
+    this is the value seen when it was recorded."""
+    if pid <= 0:
+        return 0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": comm may hold anything
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return 0
+    return int(fields[19])
+
+
+def same_process(pid: int, start_time: int) -> bool:
+    """Whether `pid` is alive and still the process whose start time was `start_time`."""
+    return start_time > 0 and process_start_time(pid) == start_time
 
 
 def runtime_error_text(stderr: bytes | str) -> str:
@@ -130,6 +175,61 @@ class Runtime(abc.ABC):
     """An OCI runtime as pycrio drives it; calls for different containers may run concurrently."""
 
     name: str
+    _exit_callback: ExitCallback | None = None
+
+    # -- pods and handles ------------------------------------------------------------------
+
+    def for_sandbox(self, sandbox_id: str) -> "Runtime":
+        """The instance that runs the containers of pod `sandbox_id` (a per-pod monitor is one
+        instance per pod); runtimes without per-pod state are one instance for every pod."""
+        return self
+
+    def create_sandbox(self, sandbox: SandboxHandle) -> None:
+        """Set up the pod's runtime side (a per-pod monitor) before its first container."""
+
+    def restore_sandbox(self, sandbox: SandboxHandle) -> None:
+        """Reattach to the pod's runtime side after a daemon restart."""
+
+    def remove_sandbox(self, sandbox: SandboxHandle) -> None:
+        """Release the pod's runtime side once its containers are removed; twice is fine."""
+
+    def container_handle(
+        self,
+        container_id: str,
+        bundle: Path,
+        log_path: Path,
+        *,
+        pod_id: str = "",
+        terminal: bool = False,
+        stdin: bool = False,
+        stdin_once: bool = False,
+    ) -> ContainerHandle:
+        """The handle of a container whose spec is in `bundle`; where the runtime keeps its own
+        files for it (state_dir) is the runtime's choice."""
+        return ContainerHandle(
+            id=container_id, bundle=bundle, log_path=log_path, state_dir=bundle / "runtime",
+            terminal=terminal, stdin=stdin, stdin_once=stdin_once, pod_id=pod_id,
+        )  # fmt: skip
+
+    # -- exits -----------------------------------------------------------------------------
+
+    def report_exits(self, callback: ExitCallback | None) -> None:
+        """From now on call `callback(container_id)` when a container of this runtime may have
+        exited (None: stop). The callback must be quick and must not raise."""
+        self._exit_callback = callback
+
+    def restore(self, handle: ContainerHandle) -> None:
+        """Resume supervising a container an earlier daemon run created (report its exit)."""
+
+    def _report_exit(self, container_id: str) -> None:
+        callback = self._exit_callback
+        if callback is not None:
+            try:
+                callback(container_id)
+            except Exception as exc:  # noqa: BLE001 - a bad callback must not stop the reporting
+                log.warning("exit report of container %s failed: %s", container_id, exc)
+
+    # -- containers ------------------------------------------------------------------------
 
     @abc.abstractmethod
     def create(self, handle: ContainerHandle) -> int:
@@ -152,8 +252,11 @@ class Runtime(abc.ABC):
         """The container's state; NotFound when the runtime has no trace of it."""
 
     @abc.abstractmethod
-    def exec_sync(self, handle: ContainerHandle, cmd: list[str], timeout: float | None) -> ExecResult:
-        """Run `cmd` in the running container and collect its output."""
+    def exec_sync(
+        self, handle: ContainerHandle, cmd: list[str], timeout: float | None, output_limit: int = EXEC_OUTPUT_LIMIT
+    ) -> ExecResult:
+        """Run `cmd` in the running container and collect its output, at most `output_limit`
+        bytes of each stream (the rest is read and dropped)."""
 
     @abc.abstractmethod
     def reopen_log(self, handle: ContainerHandle) -> None:

@@ -3,17 +3,25 @@
 conmon double-forks and stays behind as the container's subreaper: it writes the CRI log file,
 the exit file (`<state_dir>/exits/<id>`, content = exit code, mtime = finish time) and the OOM
 marker, so a container's exit code survives a daemon restart. runc is asked about everything else.
+
+Exits are reported as they happen: one inotify instance per runtime watches the exit directory
+of every container it supervises (CRI-O's exit monitor watches its one exits directory the same
+way) and hands each new exit file to the exit callback.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import select
+import selectors
 import shutil
 import signal
+import struct
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,17 +31,20 @@ from typing import Any, Callable, TypeVar
 from pycrio.errors import FailedPrecondition, InvalidArgument, NotFound
 from pycrio.oci import cgroups
 from pycrio.oci.runtime import (
+    EXEC_OUTPUT_LIMIT,
     STATE_CREATED,
     STATE_RUNNING,
     STATE_STOPPED,
     STATE_UNKNOWN,
     ContainerHandle,
     ExecResult,
+    ExitCallback,
     Runtime,
     RuntimeCommandError,
     RuntimeStatus,
     log,
     log_command,
+    process_start_time,
     run_command,
     runtime_error_text,
 )
@@ -73,6 +84,11 @@ class _Paths:
     @property
     def conmon_pidfile(self) -> Path:
         return self.state_dir / "conmon.pid"
+
+    @property
+    def conmon_start_file(self) -> Path:
+        # conmon's start time (process_start_time) when it was spawned: a recycled pid is not it
+        return self.state_dir / "conmon.start"
 
     @property
     def conmon_log(self) -> Path:
@@ -138,6 +154,56 @@ class OCIRuntime(Runtime):
         self.create_timeout = _CREATE_TIMEOUT
         self.command_timeout = _COMMAND_TIMEOUT
         self._available: tuple[float, tuple[bool, str]] | None = None
+        self._watcher: _ExitWatcher | None = None
+        self._watcher_lock = threading.Lock()
+
+    # -- handles and exits -----------------------------------------------------------------
+
+    def container_handle(
+        self,
+        container_id: str,
+        bundle: Path,
+        log_path: Path,
+        *,
+        pod_id: str = "",
+        terminal: bool = False,
+        stdin: bool = False,
+        stdin_once: bool = False,
+    ) -> ContainerHandle:
+        """conmon's files for the container live in `<bundle>/conmon` (see _Paths)."""
+        return ContainerHandle(
+            id=container_id, bundle=bundle, log_path=log_path, state_dir=bundle / "conmon",
+            terminal=terminal, stdin=stdin, stdin_once=stdin_once, pod_id=pod_id,
+        )  # fmt: skip
+
+    def report_exits(self, callback: ExitCallback | None) -> None:
+        super().report_exits(callback)
+        if callback is None:
+            with self._watcher_lock:
+                watcher, self._watcher = self._watcher, None
+            if watcher is not None:
+                watcher.close()
+
+    def restore(self, handle: ContainerHandle) -> None:
+        self._watch(handle)
+
+    def _watch(self, handle: ContainerHandle) -> None:
+        """Report the exit of `handle` (when exits are reported at all)."""
+        if self._exit_callback is None:
+            return
+        try:
+            with self._watcher_lock:
+                if self._watcher is None:
+                    self._watcher = _ExitWatcher(self.name, self._report_exit)
+                watcher = self._watcher
+            watcher.watch(handle.id, _Paths(handle).exit_dir)
+        except OSError as exc:  # e.g. ENOSPC: fs.inotify.max_user_watches; the safety re-check remains
+            log.warning("cannot watch the exit of container %s: %s", handle.id, exc)
+
+    def _unwatch(self, handle: ContainerHandle) -> None:
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.unwatch(handle.id)
 
     # -- Runtime ---------------------------------------------------------------------------
 
@@ -145,14 +211,20 @@ class OCIRuntime(Runtime):
         with step_span("runtime_create", **{"container.id": handle.id}):
             paths = _Paths(handle)
             paths.make()
-            for stale in (paths.exit_file, paths.started_file, *paths.oom_files):
+            for stale in (paths.exit_file, paths.started_file, paths.conmon_start_file, *paths.oom_files):
                 stale.unlink(missing_ok=True)
+            self._watch(handle)  # before conmon runs: no exit can come before the watch
             argv = self._conmon_argv(handle, paths)
             try:
-                return self._spawn_conmon(handle, paths, argv)
+                pid = self._spawn_conmon(handle, paths, argv)
             except BaseException:
                 self._cleanup_failed_create(handle, paths)
+                self._unwatch(handle)
                 raise
+            conmon = _read_int(paths.conmon_pidfile)
+            if conmon:
+                _write_atomic(paths.conmon_start_file, str(process_start_time(conmon)))
+            return pid
 
     def start(self, handle: ContainerHandle) -> None:
         with step_span("runtime_start", **{"container.id": handle.id}):
@@ -170,7 +242,8 @@ class OCIRuntime(Runtime):
             paths = _Paths(handle)
             self._runc("delete", "--force", handle.id, what=f"delete container {handle.id}")
             self._wait_conmon_gone(paths)
-            for path in (paths.pidfile, paths.conmon_pidfile, *paths.conmon_bundle_files):
+            self._unwatch(handle)
+            for path in (paths.pidfile, paths.conmon_pidfile, paths.conmon_start_file, *paths.conmon_bundle_files):
                 path.unlink(missing_ok=True)
 
     def status(self, handle: ContainerHandle) -> RuntimeStatus:
@@ -181,7 +254,9 @@ class OCIRuntime(Runtime):
         running = _running_under_conmon(paths)
         if running:
             # The common case on a busy node, answered from /proc without a `runc state` (~12 ms).
-            return RuntimeStatus(STATE_RUNNING, pid=running, started_at=_read_started(paths))
+            return RuntimeStatus(
+                STATE_RUNNING, pid=running, pid_start_time=process_start_time(running), started_at=_read_started(paths)
+            )
         state = self._runc_state(handle.id)
         if state is None:
             if _conmon_alive(paths):
@@ -189,7 +264,9 @@ class OCIRuntime(Runtime):
             raise NotFound(f"container {handle.id} not found by runtime {self.name}")
         return self._status_from_state(handle, paths, state)
 
-    def exec_sync(self, handle: ContainerHandle, cmd: list[str], timeout: float | None) -> ExecResult:
+    def exec_sync(
+        self, handle: ContainerHandle, cmd: list[str], timeout: float | None, output_limit: int = EXEC_OUTPUT_LIMIT
+    ) -> ExecResult:
         with step_span("runtime_exec", **{"container.id": handle.id}):
             if not cmd:
                 raise InvalidArgument("exec needs a command")
@@ -198,7 +275,7 @@ class OCIRuntime(Runtime):
                 raise FailedPrecondition(f"container {handle.id} is {current.state}, not running: cannot exec")
             pidfile = handle.state_dir / f"exec-{uuid.uuid4().hex}.pid"
             try:
-                return self._run_exec(handle, cmd, timeout, pidfile)
+                return self._run_exec(handle, cmd, timeout, pidfile, output_limit)
             finally:
                 pidfile.unlink(missing_ok=True)
 
@@ -337,7 +414,7 @@ class OCIRuntime(Runtime):
         except Exception as exc:  # the create error matters more than this one
             log.warning("cleanup after failed create of %s: %s", handle.id, exc)
         self._wait_conmon_gone(paths)
-        for path in (paths.pidfile, paths.conmon_pidfile, *paths.conmon_bundle_files):
+        for path in (paths.pidfile, paths.conmon_pidfile, paths.conmon_start_file, *paths.conmon_bundle_files):
             path.unlink(missing_ok=True)
 
     # -- status ----------------------------------------------------------------------------
@@ -366,19 +443,27 @@ class OCIRuntime(Runtime):
                 message="exit code unknown: conmon wrote no exit file",
             )
         pid = int(state.get("pid") or 0)
+        start = process_start_time(pid)
         if runc_status in ("created", "creating"):
-            return RuntimeStatus(STATE_CREATED, pid=pid)
+            return RuntimeStatus(STATE_CREATED, pid=pid, pid_start_time=start)
         if runc_status in ("running", "paused"):
             message = "paused" if runc_status == "paused" else ""
-            return RuntimeStatus(STATE_RUNNING, pid=pid, started_at=_read_started(paths), message=message)
-        return RuntimeStatus(STATE_UNKNOWN, pid=pid, message=f"{self.name} reports status {runc_status!r}")
+            return RuntimeStatus(
+                STATE_RUNNING, pid=pid, pid_start_time=start, started_at=_read_started(paths), message=message
+            )
+        return RuntimeStatus(
+            STATE_UNKNOWN, pid=pid, pid_start_time=start, message=f"{self.name} reports status {runc_status!r}"
+        )
 
     def _stopped_status(self, handle: ContainerHandle, paths: _Paths, exited: tuple[int, int]) -> RuntimeStatus:
         code, finished_at = exited
+        # The exit file's mtime has the file system's coarse clock (a tick behind time_ns()):
+        # a container that exits at once must not seem to finish before it started.
+        started_at = min(_read_started(paths), finished_at)
         return RuntimeStatus(
             STATE_STOPPED,
             exit_code=code,
-            started_at=_read_started(paths),
+            started_at=started_at,
             finished_at=finished_at,
             oom_killed=self._oom_killed(handle, paths),
         )
@@ -391,17 +476,28 @@ class OCIRuntime(Runtime):
 
     # -- exec ------------------------------------------------------------------------------
 
-    def _run_exec(self, handle: ContainerHandle, cmd: list[str], timeout: float | None, pidfile: Path) -> ExecResult:
+    def _run_exec(
+        self, handle: ContainerHandle, cmd: list[str], timeout: float | None, pidfile: Path, limit: int
+    ) -> ExecResult:
         argv = [*self._runc_prefix(), "exec", "--pid-file", str(pidfile), handle.id, *cmd]
         log_command(argv)
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
         )
+        output = _CappedOutput(proc, limit)
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return _abort_exec(proc, pidfile)
-        return ExecResult(proc.returncode, stdout, stderr)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            finished = output.collect(deadline)
+            if finished:
+                try:
+                    proc.wait(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
+                except subprocess.TimeoutExpired:
+                    finished = False
+            if not finished:
+                return _abort_exec(proc, pidfile, output)
+            return output.result(proc.returncode)
+        finally:
+            output.close()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -459,7 +555,7 @@ def _read_sync_message(fd: int, deadline: float) -> dict[str, Any] | None:
 # -- exec timeout --------------------------------------------------------------------------
 
 
-def _abort_exec(proc: subprocess.Popen[bytes], pidfile: Path) -> ExecResult:
+def _abort_exec(proc: subprocess.Popen[bytes], pidfile: Path, output: "_CappedOutput") -> ExecResult:
     """Kill a timed-out exec and return only once its processes are gone, not left as zombies.
 
     The command is runc exec's child (runc clones it with CLONE_PARENT), so runc reaps it and then
@@ -486,15 +582,61 @@ def _abort_exec(proc: subprocess.Popen[bytes], pidfile: Path) -> ExecResult:
         proc.wait()
     # orphans the command's parent could not reap are now the container init's: give it a moment
     _wait_for(lambda: not any(_exists(pid) for pid in tree), _EXEC_REAP_WAIT if tree else 0.0)
-    try:
-        stdout, stderr = proc.communicate(timeout=_EXEC_REAP_WAIT)
-    except subprocess.TimeoutExpired as exc:
-        # something in the container still holds the pipes: give up on the rest
-        stdout, stderr = exc.stdout or b"", exc.stderr or b""
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe:
-                pipe.close()
-    return ExecResult(-1, stdout or b"", stderr or b"", timed_out=True)
+    # something in the container may still hold the pipes: then give up on the rest
+    output.collect(time.monotonic() + _EXEC_REAP_WAIT)
+    result = output.result(-1)
+    result.timed_out = True
+    return result
+
+
+class _CappedOutput:
+    """Reads a process's stdout and stderr as they come, keeping at most `limit` bytes of each
+    (the rest is read and dropped, so the process never blocks on a full pipe)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], limit: int) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self._pipes = (proc.stdout, proc.stderr)
+        self._limit = max(limit, 0)
+        self._data = (bytearray(), bytearray())
+        self._truncated = [False, False]
+        self._selector = selectors.DefaultSelector()
+        for index, pipe in enumerate(self._pipes):
+            os.set_blocking(pipe.fileno(), False)
+            self._selector.register(pipe.fileno(), selectors.EVENT_READ, index)
+
+    def collect(self, deadline: float | None) -> bool:
+        """Read until both streams end (True) or `deadline` (monotonic) passes (False)."""
+        while self._selector.get_map():
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                return False
+            for key, _ in self._selector.select(wait):
+                index = key.data
+                try:
+                    chunk = os.read(key.fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    self._selector.unregister(key.fd)
+                    continue
+                kept = self._data[index]
+                room = self._limit - len(kept)
+                if room > 0:
+                    kept += chunk[:room]
+                if len(chunk) > room:
+                    self._truncated[index] = True
+        return True
+
+    def result(self, exit_code: int) -> ExecResult:
+        out, err = self._data
+        return ExecResult(
+            exit_code, bytes(out), bytes(err), stdout_truncated=self._truncated[0], stderr_truncated=self._truncated[1]
+        )
+
+    def close(self) -> None:
+        self._selector.close()
+        for pipe in self._pipes:
+            pipe.close()
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -535,6 +677,109 @@ def _ppid(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
+# -- exit monitor --------------------------------------------------------------------------
+
+_IN_CLOSE_WRITE = 0x00000008
+_IN_MOVED_TO = 0x00000080
+_IN_Q_OVERFLOW = 0x00004000
+_IN_IGNORED = 0x00008000
+_IN_ONLYDIR = 0x01000000
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then len bytes of name
+_libc: ctypes.CDLL | None = None
+
+
+def _inotify() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check_errno(result: int, what: str) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+class _ExitWatcher:
+    """One inotify instance on the exit directories of a runtime's containers: conmon writes
+    `<exit dir>/<id>` once it has reaped the container, and each such file is reported at once
+    (from this watcher's thread) to `report`. An overflowed event queue reports every container."""
+
+    def __init__(self, name: str, report: ExitCallback) -> None:
+        self._report = report
+        self._fd = _check_errno(_inotify().inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC), "inotify_init1")
+        self._lock = threading.Lock()
+        self._ids: dict[int, str] = {}  # watch descriptor -> container id
+        self._wds: dict[str, int] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._loop, name=f"exit-monitor-{name}", daemon=True)
+        self._thread.start()
+
+    def watch(self, container_id: str, exit_dir: Path) -> None:
+        mask = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_ONLYDIR
+        wd = _check_errno(
+            _inotify().inotify_add_watch(self._fd, os.fsencode(exit_dir), mask), f"inotify_add_watch {exit_dir}"
+        )
+        with self._lock:
+            self._ids[wd] = container_id
+            self._wds[container_id] = wd
+        if (exit_dir / container_id).exists():  # it exited before the watch (a restored container)
+            self._report(container_id)
+
+    def unwatch(self, container_id: str) -> None:
+        with self._lock:
+            wd = self._wds.pop(container_id, None)
+            if wd is not None:
+                self._ids.pop(wd, None)
+        if wd is not None:
+            _inotify().inotify_rm_watch(self._fd, wd)  # EINVAL once the directory is gone: fine
+
+    def close(self) -> None:
+        os.write(self._wake_w, b"x")
+        self._thread.join(5)
+        for fd in (self._fd, self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            try:
+                ready = {fd for fd, _ in poller.poll()}
+                if self._wake_r in ready:
+                    return
+                self._handle(os.read(self._fd, 1 << 16))
+            except BlockingIOError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - keep watching; the safety re-check covers a miss
+                log.warning("exit monitor: %s", exc)
+                time.sleep(0.1)
+
+    def _handle(self, data: bytes) -> None:
+        offset, exited = 0, []
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _, length = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0").decode(errors="replace")
+            offset += _EVENT.size + length
+            with self._lock:
+                if mask & _IN_Q_OVERFLOW:
+                    log.warning("exit monitor: inotify queue overflowed: checking every container")
+                    exited.extend(self._wds)
+                elif mask & _IN_IGNORED:  # the directory is gone (the container was removed)
+                    container_id = self._ids.pop(wd, None)
+                    if container_id is not None and self._wds.get(container_id) == wd:
+                        del self._wds[container_id]
+                elif self._ids.get(wd) == name:  # conmon renames its finished exit file into place
+                    exited.append(name)
+        for container_id in dict.fromkeys(exited):
+            self._report(container_id)
+
+
 # -- processes -----------------------------------------------------------------------------
 
 
@@ -542,6 +787,9 @@ def _conmon_pid(paths: _Paths) -> int:
     """The pid of this container's conmon while it runs, else 0 (zombies and recycled pids do not count)."""
     pid = _read_int(paths.conmon_pidfile)
     if not pid or not _alive(pid):
+        return 0
+    recorded = _read_int(paths.conmon_start_file)  # absent for conmons of older pycrio versions
+    if recorded and process_start_time(pid) != recorded:
         return 0
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

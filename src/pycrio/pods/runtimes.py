@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pycrio.config import Config
 from pycrio.errors import FailedPrecondition, InvalidArgument
-from pycrio.oci.runtime import Runtime
+from pycrio.oci.runtime import ExitCallback, Runtime
 from pycrio.oci.runtime_oci import OCIRuntime
 
 
@@ -40,6 +40,15 @@ class RuntimeHandlers:
         if not ok:
             raise FailedPrecondition(f"runtime handler {key!r} cannot run here: {why}")
         return runtime
+
+    def for_pod(self, name: str, pod_id: str) -> Runtime:
+        """The runtime instance that runs the containers of pod `pod_id` (handler `name`)."""
+        return self.get(name).for_sandbox(pod_id)
+
+    def report_exits(self, callback: ExitCallback | None) -> None:
+        """Have every handler report container exits to `callback` (None: stop)."""
+        for runtime in self._handlers.values():
+            runtime.report_exits(callback)
 
     def names(self) -> list[str]:
         """Handlers that can run here (usable runtimes only)."""

@@ -18,9 +18,9 @@ from pycrio.errors import CRIError, InvalidArgument, NotFound
 from pycrio.network.cni import CNIManager, PodNetworkRequest, PortMapping
 from pycrio.network.namespaces import pin_namespaces, unmount_below, unpin_namespaces
 from pycrio.oci import cgroups, spec
-from pycrio.oci.runtime import ContainerHandle
+from pycrio.oci.runtime import ContainerHandle, SandboxHandle
 from pycrio.pods.events import CREATED, DELETED, STARTED, STOPPED
-from pycrio.pods.containers import ContainerManager, sandbox_info
+from pycrio.pods.containers import ContainerManager, infra_handle, sandbox_info
 from pycrio.pods.runtimes import RuntimeHandlers
 from pycrio.state import SandboxRecord, StateStore
 from pycrio.state.records import SANDBOX_NOTREADY, SANDBOX_READY, encode_message
@@ -105,6 +105,10 @@ class SandboxManager:
             self.state.save_pod(record)
             return False
         try:
+            runtime.remove_sandbox(sandbox_handle(record))
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            log.warning("pod %s: removing its runtime side: %s", record.id, exc)
+        try:
             self._delete_files(record)
         except OSError as exc:
             log.warning("pod %s: removing its files is left for later: %s", record.id, exc)
@@ -116,6 +120,7 @@ class SandboxManager:
         directory = Path(record.directory)
         directory.mkdir(parents=True)
         self.state.save_pod(record)  # from here on a crash leaves a record restart can clean up
+        runtime.create_sandbox(sandbox_handle(record))
         opts = config.linux.security_context.namespace_options
         host_network = opts.network == api_pb2.NODE
         kinds = [] if host_network else ["net", "uts"]
@@ -154,7 +159,7 @@ class SandboxManager:
             record.ips = list(result.ips)
             self._write_hosts(directory, config, record.ips)
         if opts.pid == api_pb2.POD:
-            self._start_infra(record, runtime)
+            self._start_infra(record, runtime.for_sandbox(record.id))
         record.state = SANDBOX_READY
         record.complete = True
         self.state.save_pod(record)
@@ -193,20 +198,14 @@ class SandboxManager:
         rootfs = spec.infra_rootfs(bundle / "rootfs")
         oci_spec = spec.sandbox_infra_spec(sandbox_info(record), rootfs)
         (bundle / "config.json").write_text(json.dumps(oci_spec))
-        handle = ContainerHandle(
-            id=infra_id, bundle=bundle, log_path=bundle / "infra.log", state_dir=bundle / "conmon", pod_id=record.id
-        )
         record.infra_id = infra_id
+        handle = infra_handle(runtime, record)
         self.state.save_pod(record)
         record.infra_pid = runtime.create(handle)
         runtime.start(handle)
 
     def _infra_handle(self, record: SandboxRecord) -> ContainerHandle:
-        bundle = Path(record.directory) / "infra"
-        return ContainerHandle(
-            id=record.infra_id, bundle=bundle, log_path=bundle / "infra.log", state_dir=bundle / "conmon",
-            pod_id=record.id,
-        )
+        return infra_handle(self.handlers.for_pod(record.runtime_handler, record.id), record)
 
     def stop(self, pod_id: str) -> None:
         """Stop every container, tear down network and namespaces; stopping twice is fine."""
@@ -275,7 +274,7 @@ class SandboxManager:
             raise failures[0]
 
     def _remove_infra(self, record: SandboxRecord) -> None:
-        runtime = self.handlers.get(record.runtime_handler)
+        runtime = self.handlers.for_pod(record.runtime_handler, record.id)
         handle = self._infra_handle(record)
         try:
             runtime.stop(handle, 0)
@@ -294,6 +293,7 @@ class SandboxManager:
         with self.state.locks.hold(record.id):
             for container in self.state.containers_of(record.id):
                 self.containers.remove(container.id)
+            self.handlers.get(record.runtime_handler).remove_sandbox(sandbox_handle(record))
             with step_span("remove_pod_files", **{"pod.id": record.id}):
                 self._delete_files(record)
             self.state.remove_pod(record.id)
@@ -306,6 +306,10 @@ class SandboxManager:
         for record in self.state.list_pods():
             if record.complete:
                 self.state.reserve_name(sandbox_name(record.pod_config), record.id)
+                try:
+                    self.handlers.get(record.runtime_handler).restore_sandbox(sandbox_handle(record))
+                except CRIError as exc:
+                    log.warning("pod sandbox %s: cannot reattach its runtime side: %s", record.id, exc)
                 continue
             log.warning("pod sandbox %s was left half-created by an earlier run: removing it", record.id)
             try:
@@ -324,6 +328,11 @@ class SandboxManager:
         unmount_below(directory)
         if directory.exists():
             shutil.rmtree(directory)
+
+
+def sandbox_handle(record: SandboxRecord) -> SandboxHandle:
+    """What the pod's runtime is told about the pod (its sandbox hooks)."""
+    return SandboxHandle(id=record.id, directory=Path(record.directory), cgroup_parent=record.cgroup_parent)
 
 
 def _run(argv: list[str]) -> None:

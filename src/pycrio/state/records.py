@@ -94,12 +94,15 @@ class ContainerRecord:
     bundle: str
     state: str = CONTAINER_CREATED
     pid: int = 0
+    pid_start_time: int = 0  # of `pid` (/proc/<pid>/stat): a recycled pid is not this container's
     started_at: int = 0
     finished_at: int = 0
     exit_code: int = 0
     reason: str = ""
     message: str = ""
     user: list[int] = field(default_factory=list)  # uid, gid, additional gids of the first process
+    stop_signal: int = 0  # the signal StopContainer sends (config, else image, else SIGTERM); 0: not recorded
+    image_digest: str = ""  # the image as a repo digest reference (name@sha256:...), when it has one
 
     @property
     def container_config(self) -> api_pb2.ContainerConfig:
