@@ -347,3 +347,47 @@ def test_failed_teardown_at_start_up_keeps_the_record_for_the_next_try(
     assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"] == []
     assert allocated(tmp_path, pod_id) == [] and nat_rules_of(pod_id) == []
     assert not (d.base / "run" / "pods" / pod_id).exists()
+
+
+# --------------------------------------------------------------------------- what kubelet reads
+
+
+def test_pod_sandbox_status_carries_container_statuses_for_evented_pleg(
+    hd_daemon: PycrioDaemon, busybox: BuiltImage, tmp_path: Path
+) -> None:
+    d = hd_daemon
+    podfile = pod_file(tmp_path, "pleg", host_network=True)
+    pod_id = d.crictl("runp", str(podfile)).stdout.strip()
+    running = run_in_pod(d, tmp_path, pod_id, podfile, busybox.reference, "running", ["/bin/sleep", "1000"])
+    done = run_in_pod(d, tmp_path, pod_id, podfile, busybox.reference, "done", ["/bin/sh", "-c", "exit 3"])
+    assert wait_exited(d, done)["exitCode"] == 3
+
+    def status(verbose: bool) -> tuple[api_pb2.PodSandboxStatusResponse, int, int]:
+        with d.channel() as ch:
+            before = time.time_ns()
+            response = d.runtime(ch).PodSandboxStatus(
+                api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=verbose), timeout=10)
+            return response, before, time.time_ns()
+
+    plain, _, _ = status(False)
+    assert plain.status.id == pod_id and plain.timestamp == 0 and not plain.containers_statuses and not plain.info
+    verbose, before, after = status(True)
+    assert before <= verbose.timestamp <= after
+    states = {c.id: (c.state, c.exit_code, c.metadata.name) for c in verbose.containers_statuses}
+    assert states == {running: (api_pb2.CONTAINER_RUNNING, 0, "running"), done: (api_pb2.CONTAINER_EXITED, 3, "done")}
+    info = json.loads(verbose.info["info"])
+    assert info["runtimeHandler"] == "runc" and info["cgroupParent"].endswith(pod_id)
+
+    # Kubelet's evented PLEG asks without verbose: the daemon is told to answer it so.
+    d.stop()
+    (d.config_dir / "50-pod-events.conf").write_text("[pycrio.runtime]\nenable_pod_events = true\n")
+    d.start()
+    evented, before, after = status(False)
+    assert before <= evented.timestamp <= after and not evented.info
+    assert {c.id for c in evented.containers_statuses} == {running, done}
+
+    # And Status lists every handler, the default one ("") included, with its features.
+    with d.channel() as ch:
+        handlers = {h.name: h.features for h in d.runtime(ch).Status(api_pb2.StatusRequest(), timeout=10).runtime_handlers}
+    assert set(handlers) == {"", "runc", "crun"} and handlers[""] == handlers["runc"]
+    d.crictl("rmp", "-f", pod_id)

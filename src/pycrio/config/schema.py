@@ -265,6 +265,12 @@ class RuntimeConfig:
         metadata=_doc("Cgroup under which pods without a CRI cgroup_parent get theirs (<parent>/<pod id>).",
                       check_absolute_path),
     )
+    enable_pod_events: bool = field(
+        default=False,
+        metadata=_doc("PodSandboxStatus carries the pod's container statuses and their timestamp, which kubelet's "
+                      "evented PLEG (feature gate EventedPLEG) reads instead of asking per container; "
+                      "verbose calls get them anyway."),
+    )
     runtimes: dict[str, RuntimeHandler] = field(
         default_factory=default_runtimes,
         metadata={**_doc("Runtime handlers by name."), "table_of": RuntimeHandler},

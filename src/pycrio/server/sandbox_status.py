@@ -1,14 +1,38 @@
-"""PodSandboxStatus."""
+"""PodSandboxStatus. With `verbose`, or for kubelet's evented PLEG (`enable_pod_events`), also the
+statuses of the pod's containers and the time they were taken, as CRI-O does; `verbose` adds the
+pod's namespaces, cgroup and infra process."""
 
 from __future__ import annotations
 
+import json
+import time
+
 from pycrio.cri import api_pb2
+from pycrio.server.container_status import container_status_of
 from pycrio.server.daemon import Daemon
 from pycrio.state.records import SandboxRecord
 
 
 def pod_sandbox_status(daemon: Daemon, request: api_pb2.PodSandboxStatusRequest) -> api_pb2.PodSandboxStatusResponse:
-    return api_pb2.PodSandboxStatusResponse(status=sandbox_status_of(daemon.state.get_pod(request.pod_sandbox_id)))
+    pod = daemon.state.get_pod(request.pod_sandbox_id)
+    response = api_pb2.PodSandboxStatusResponse(status=sandbox_status_of(pod))
+    if request.verbose or daemon.config.runtime.enable_pod_events:
+        # Taken first: every status below is at least as recent as the timestamp says, which is
+        # what kubelet compares with its cache.
+        response.timestamp = time.time_ns()
+        response.containers_statuses.extend(
+            container_status_of(daemon.containers.refresh(c)) for c in daemon.state.containers_of(pod.id)
+        )
+    if request.verbose:
+        info = {
+            "sandboxDirectory": pod.directory,
+            "cgroupParent": pod.cgroup_parent,
+            "namespaces": pod.namespaces,
+            "runtimeHandler": pod.runtime_handler,
+            "pid": pod.infra_pid,
+        }
+        response.info["info"] = json.dumps(info, sort_keys=True)
+    return response
 
 
 def sandbox_status_of(pod: SandboxRecord) -> api_pb2.PodSandboxStatus:
