@@ -487,3 +487,80 @@ def test_concurrent_containers(oci: OCIEnv) -> None:
     assert {oci.runtime.status(h).exit_code for h in handles} == {137}
     for handle in handles:
         oci.runtime.delete(handle)
+
+
+# -- exits as events, checked pids, bounded exec output --------------------------------------
+
+
+def test_exits_are_reported_as_they_happen(oci: OCIEnv) -> None:
+    reported: list[tuple[str, float]] = []
+    got = threading.Event()
+
+    def report(container_id: str) -> None:
+        reported.append((container_id, time.time()))
+        got.set()
+
+    oci.runtime.report_exits(report)
+    try:
+        handle = oci.run(["sh", "-c", "sleep 0.5; exit 4"])
+        assert got.wait(10), "no exit reported"
+        cid, at = reported[0]
+        status = oci.runtime.status(handle)
+        assert (cid, status.exit_code) == (handle.id, 4)
+        assert at - status.finished_at / 1e9 < 0.3, "the report came late: polled, not watched"
+        # a container created before exits were reported (a daemon restart): restore() watches it,
+        # and an exit that happened before the watch is reported at once
+        oci.runtime.report_exits(None)
+        earlier = oci.run(["true"])
+        wait_stopped(oci, earlier)
+        got.clear()
+        oci.runtime.report_exits(report)
+        oci.runtime.restore(earlier)
+        assert got.wait(5) and reported[-1][0] == earlier.id
+        for h in (handle, earlier):
+            oci.runtime.delete(h)
+    finally:
+        oci.runtime.report_exits(None)
+
+
+def test_a_recycled_conmon_pid_is_not_taken_for_conmon(oci: OCIEnv) -> None:
+    """conmon dies and another process gets its pid, even one whose command line looks like
+    conmon's: deleting the container must not wait for it, let alone kill it."""
+    handle = oci.run(["sleep", "1000"])
+    conmon = conmon_pid(handle)
+    os.kill(conmon, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    impostor = None
+    while impostor is None and time.monotonic() < deadline:
+        if Path(f"/proc/{conmon}").exists():  # still a zombie being reaped
+            time.sleep(0.01)
+            continue
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(conmon - 1))
+        proc = subprocess.Popen(["/bin/sh", "-c", "sleep 600; :", "conmon", "-c", handle.id], start_new_session=True)
+        if proc.pid == conmon:
+            impostor = proc
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if impostor is None:
+        pytest.skip("could not get conmon's pid back (a busy machine)")
+    try:
+        started = time.monotonic()
+        oci.runtime.delete(handle)
+        assert time.monotonic() - started < 3, "delete waited for a process that is not conmon"
+        assert impostor.poll() is None, "delete killed a process that only had conmon's old pid"
+    finally:
+        os.killpg(impostor.pid, signal.SIGKILL)
+        impostor.wait()
+
+
+def test_exec_output_is_capped_per_stream(oci: OCIEnv) -> None:
+    handle = oci.run(["sleep", "1000"])
+    script = "i=0; while [ $i -lt 2000 ]; do echo 0123456789abcdef; echo e >&2; i=$((i+1)); done; exit 3"
+    result = oci.runtime.exec_sync(handle, ["sh", "-c", script], timeout=20, output_limit=1000)
+    assert result.exit_code == 3 and not result.timed_out
+    assert (len(result.stdout), len(result.stderr)) == (1000, 1000)
+    assert result.stdout_truncated and result.stderr_truncated
+    small = oci.runtime.exec_sync(handle, ["echo", "ok"], timeout=10, output_limit=1000)
+    assert (small.stdout, small.stdout_truncated) == (b"ok\n", False)
+    oci.runtime.delete(handle)
