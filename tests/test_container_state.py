@@ -143,6 +143,9 @@ class FakeHandlers:
     def names(self) -> list[str]:
         return ["fake"]
 
+    def name_of(self, name: str) -> str:
+        return name or "fake"
+
 
 class FakeImages:
     """What stopping needs of the image manager: no image records (SIGTERM it is)."""
@@ -151,6 +154,10 @@ class FakeImages:
         @staticmethod
         def find_record(*references: str) -> None:
             return None
+
+    @staticmethod
+    def release_rootfs(container_id: str) -> None:
+        pass
 
 
 class RecordingStore(StateStore):
@@ -445,3 +452,88 @@ def test_signals() -> None:
     for number in (signal.SIGTERM, signal.SIGKILL, signal.SIGRTMIN + 5, signal.SIGRTMAX - 2):
         assert signal_number(cri_signal(number)) == number
     assert cri_signal(signal.SIGTERM) == api_pb2.SIGNAL_SIGTERM
+
+
+# --- the runtime seams -------------------------------------------------------------------
+
+
+class PodRuntime(FakeRuntime):
+    """A runtime with one instance per pod (as a per-pod monitor will be), laying out its own
+    container files, and hearing about each pod's runtime side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pods: dict[str, FakeRuntime] = {}
+        self.hooks: list[tuple[str, str]] = []
+        self.handles: list[str] = []
+
+    def for_sandbox(self, sandbox_id: str) -> Runtime:
+        return self.pods.setdefault(sandbox_id, FakeRuntime())
+
+    def create_sandbox(self, sandbox: Any) -> None:
+        self.hooks.append(("create", sandbox.id))
+
+    def restore_sandbox(self, sandbox: Any) -> None:
+        self.hooks.append(("restore", sandbox.id))
+
+    def remove_sandbox(self, sandbox: Any) -> None:
+        self.hooks.append(("remove", sandbox.id))
+
+
+def test_runtime_seams_per_pod_instance_sandbox_hooks_and_handles(tmp_path: Path) -> None:
+    from pycrio.network.cni import CNIManager
+    from pycrio.pods.sandboxes import SandboxManager
+
+    base = PodRuntime()
+
+    class Handlers(FakeHandlers):
+        def for_pod(self, name: str, pod_id: str) -> Runtime:
+            return base.for_sandbox(pod_id)
+
+        def report_exits(self, callback: ExitCallback | None) -> None:
+            for runtime in (base, *base.pods.values()):
+                runtime.report_exits(callback)
+
+    # container files laid out by the runtime: the manager builds no handle itself
+    def container_handle(container_id: str, bundle: Path, log_path: Path, **kw: Any) -> ContainerHandle:
+        base.handles.append(container_id)
+        return ContainerHandle(id=container_id, bundle=bundle, log_path=log_path, state_dir=tmp_path / "mine", **kw)
+
+    store = StateStore(None)
+    config = Config(root=str(tmp_path / "root"), runroot=str(tmp_path / "run"))
+    containers = ContainerManager(config, store, Handlers(base), FakeImages(), EventBus())  # type: ignore[arg-type]
+    sandboxes = SandboxManager(config, store, Handlers(base), CNIManager(tmp_path, [], tmp_path / "cni"), containers)  # type: ignore[arg-type]
+    pod_config = api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name="seams", namespace="t", uid="u1"), hostname="seams"
+    )
+    pod_config.linux.cgroup_parent = "/pycrio-unit-seams"  # given: nothing of ours to remove
+    options = pod_config.linux.security_context.namespace_options
+    options.network, options.ipc, options.pid = api_pb2.NODE, api_pb2.NODE, api_pb2.CONTAINER
+    pod_id = sandboxes.run(pod_config, "fake")
+    assert base.hooks == [("create", pod_id)]
+
+    pod_runtime = base.for_sandbox(pod_id)
+    pod_runtime.container_handle = container_handle  # type: ignore[method-assign]
+    cid = "c" * 64
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    store.save_container(ContainerRecord(
+        id=cid, pod_id=pod_id, config=encode_message(api_pb2.ContainerConfig()), image="i", image_ref="i",
+        image_name="i", runtime_handler="fake", created_at=1, log_path=str(bundle / "log"), bundle=str(bundle),
+        stop_signal=int(signal.SIGTERM),
+    ))  # fmt: skip
+    pod_runtime.states[cid] = RuntimeStatus(STATE_CREATED, pid=1)
+    containers.start(cid)
+    assert ("start", cid) in pod_runtime.calls and ("start", cid) not in base.calls  # the pod's instance
+    assert cid in base.handles
+    containers.watch_exits()
+    pod_runtime.exit(cid, 9)  # the pod's instance reports the exit
+    assert store.get_container(cid).state == CONTAINER_EXITED
+
+    sandboxes.reconcile()
+    assert ("restore", pod_id) in base.hooks
+    sandboxes.stop(pod_id)
+    sandboxes.remove(pod_id)
+    assert base.hooks[-1] == ("remove", pod_id)
+    assert ("delete", cid) in pod_runtime.calls
+    containers.stop_watching()
