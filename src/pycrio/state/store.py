@@ -112,15 +112,16 @@ class StateStore:
                 self._container_gone(container, check.reason)
         else:
             for pod in pods:
-                problem = self._pod_problem(pod)
+                problem = self.pod_problem(pod)
                 if problem:
                     log.warning("pod sandbox %s: %s: it is NOTREADY", pod.id, problem)
                     self._pod_gone(pod)
         boot.record_boot(self.directory, runroot, check.boot_id)
 
     @staticmethod
-    def _pod_problem(pod: SandboxRecord) -> str:
-        """Why a READY pod cannot be ready any more ('' if nothing is wrong with it)."""
+    def pod_problem(pod: SandboxRecord) -> str:
+        """Why a READY pod cannot be ready any more: its infra process (checked by start time)
+        or one of its pinned namespaces is gone; '' if nothing is wrong with it."""
         if pod.state != SANDBOX_READY:
             return ""
         if pod.infra_pid and not boot.same_process(pod.infra_pid, pod.infra_pid_start):
@@ -149,6 +150,7 @@ class StateStore:
         elif not container.pid:
             return
         container.pid = 0
+        container.pid_start_time = 0
         self._write("containers", container.id, container)
 
     # --- images ----------------------------------------------------------------------------
