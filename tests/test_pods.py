@@ -78,13 +78,23 @@ def assert_nothing_left(daemon: PycrioDaemon) -> None:
     assert mounts == [], mounts
     procs = subprocess.run(["pgrep", "-af", "conmon"], capture_output=True, text=True).stdout
     assert base not in procs, procs
-    parent = f"/pycrio-podtest-{daemon.base.parent.name}"
-    assert [p for p in Path(f"/sys/fs/cgroup/memory{parent}").glob("*") if p.is_dir()] == [], "pod cgroups left"
-    cgroups.remove_cgroup(parent)  # the per-test parent itself, in every hierarchy
+    assert pod_cgroups(daemon) == [], "pod cgroups left"
+    cgroups.remove_cgroup(pod_cgroup_parent(daemon))  # the per-test parent itself, in every hierarchy
     links = subprocess.run(["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True).stdout
     assert links.strip() == "", links
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     assert TEST_SUBNET.split("/")[0].rsplit(".", 1)[0] not in rules
+
+
+def pod_cgroup_parent(daemon: PycrioDaemon) -> str:
+    return f"/pycrio-podtest-{daemon.base.parent.name}"
+
+
+def pod_cgroups(daemon: PycrioDaemon) -> list[Path]:
+    """The pods' cgroups below the test's parent, in this host's hierarchies: each v1 controller
+    (hybrid included) or the one v2 tree, as pycrio.oci.cgroups finds them."""
+    dirs = cgroups.controller_dirs(pod_cgroup_parent(daemon)).values()
+    return sorted(p for d in dirs if d.is_dir() for p in d.iterdir() if p.is_dir())
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -144,6 +154,8 @@ def test_full_lifecycle_with_crictl(pod_daemon: PycrioDaemon, busybox: BuiltImag
     assert wait_for_state(d, cid, "CONTAINER_RUNNING")["state"] == "CONTAINER_RUNNING"
     listed = json.loads(d.crictl("ps", "-a", "-o", "json").stdout)["containers"]
     assert [(c["id"], c["state"], c["podSandboxId"]) for c in listed] == [(cid, "CONTAINER_RUNNING", pod_id)]
+    # The leak check at the end looks where this host keeps the pod's cgroup (v1 or v2).
+    assert pod_id in {p.name for p in pod_cgroups(d)}
 
     deadline = time.monotonic() + 10
     logs = ""
@@ -341,9 +353,9 @@ def test_update_resources_and_reopen_log(pod_daemon, busybox, tmp_path) -> None:
     wait_for_state(d, cid, "CONTAINER_RUNNING")
     d.crictl("update", "--memory", str(64 * 1024 * 1024), cid)
     spec = json.loads(d.crictl("inspect", cid).stdout)["info"]["runtimeSpec"]
-    path = spec["linux"]["cgroupsPath"]
-    limit = Path(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes").read_text().strip()
-    assert int(limit) == 64 * 1024 * 1024
+    dirs = cgroups.controller_dirs(spec["linux"]["cgroupsPath"])
+    limit_file = dirs["unified"] / "memory.max" if "unified" in dirs else dirs["memory"] / "memory.limit_in_bytes"
+    assert int(limit_file.read_text().strip()) == 64 * 1024 * 1024
     log = tmp_path / "logs" / "upd" / "app.log"
     time.sleep(0.5)
     log.rename(log.with_suffix(".1"))
@@ -357,6 +369,8 @@ def test_update_resources_and_reopen_log(pod_daemon, busybox, tmp_path) -> None:
 
 
 def test_container_events_for_kubelets_evented_pleg(pod_daemon, busybox, tmp_path) -> None:
+    import threading
+
     d = pod_daemon
     events: list[api_pb2.ContainerEventResponse] = []
     channel = d.channel()
@@ -369,33 +383,47 @@ def test_container_events_for_kubelets_evented_pleg(pod_daemon, busybox, tmp_pat
         except grpc.RpcError:
             pass  # cancelled at the end of the test
 
-    import threading
+    def wait_for(subject: str, kind: int) -> None:
+        deadline = time.monotonic() + 10  # exits arrive from the exit watcher, asynchronously
+        while not any(e.container_id == subject and e.container_event_type == kind for e in events):
+            assert time.monotonic() < deadline, [(e.container_id[:6], e.container_event_type) for e in events]
+            time.sleep(0.1)
 
     reader = threading.Thread(target=collect)
     reader.start()
-    time.sleep(0.5)
+    # The subscription is live once an event reaches it: a throwaway host-network pod's CREATED.
+    probe_pod = d.crictl("runp", str(write_json(tmp_path / "pod-probe.json", {
+        "metadata": {"name": "probe", "namespace": "default", "uid": "uid-probe"},
+        "linux": {"security_context": {"namespace_options": {"network": 2}}}}))).stdout.strip()
+    wait_for(probe_pod, api_pb2.CONTAINER_CREATED_EVENT)
+    d.crictl("rmp", "-f", probe_pod)
     pod_id, cid = run_container(d, tmp_path, busybox.reference, "events", "short", ["/bin/sh", "-c", "sleep 1"])
     wait_for_state(d, cid, "CONTAINER_EXITED")
-    deadline = time.monotonic() + 5  # the exit watcher notices within a second or two
-    while not any(e.container_id == cid and e.container_event_type == api_pb2.CONTAINER_STOPPED_EVENT for e in events):
-        assert time.monotonic() < deadline, [(e.container_id[:6], e.container_event_type) for e in events]
-        time.sleep(0.1)
+    wait_for(cid, api_pb2.CONTAINER_STOPPED_EVENT)
     d.crictl("rm", cid)
     d.crictl("stopp", pod_id)
     d.crictl("rmp", pod_id)
-    time.sleep(0.5)
+    wait_for(cid, api_pb2.CONTAINER_DELETED_EVENT)
+    wait_for(pod_id, api_pb2.CONTAINER_DELETED_EVENT)
     stream.cancel()
     reader.join(5)
     channel.close()
-    by_container = [e.container_event_type for e in events if e.container_id == cid]
-    assert by_container == [api_pb2.CONTAINER_CREATED_EVENT, api_pb2.CONTAINER_STARTED_EVENT,
-                            api_pb2.CONTAINER_STOPPED_EVENT, api_pb2.CONTAINER_DELETED_EVENT]
-    by_pod = [e.container_event_type for e in events if e.container_id == pod_id]
-    assert by_pod == [api_pb2.CONTAINER_CREATED_EVENT, api_pb2.CONTAINER_STARTED_EVENT,
-                      api_pb2.CONTAINER_STOPPED_EVENT, api_pb2.CONTAINER_DELETED_EVENT]
-    started = next(e for e in events if e.container_id == cid and e.container_event_type == api_pb2.CONTAINER_STARTED_EVENT)
+
+    # What must hold per container (and for the pod), whatever else interleaves: each lifecycle
+    # event exactly once, in lifecycle order, with non-decreasing times; nothing after DELETED.
+    lifecycle = [api_pb2.CONTAINER_CREATED_EVENT, api_pb2.CONTAINER_STARTED_EVENT,
+                 api_pb2.CONTAINER_STOPPED_EVENT, api_pb2.CONTAINER_DELETED_EVENT]
+    for subject in (cid, pod_id):
+        own = [e for e in events if e.container_id == subject]
+        assert [e.container_event_type for e in own] == lifecycle
+        assert [e.created_at for e in own] == sorted(e.created_at for e in own)
+    # The container's events come while its pod exists: after the pod's CREATED, before its DELETED.
+    index = {(e.container_id, e.container_event_type): n for n, e in enumerate(events)}
+    assert index[(pod_id, api_pb2.CONTAINER_CREATED_EVENT)] < index[(cid, api_pb2.CONTAINER_CREATED_EVENT)]
+    assert index[(cid, api_pb2.CONTAINER_DELETED_EVENT)] < index[(pod_id, api_pb2.CONTAINER_DELETED_EVENT)]
+    started = events[index[(cid, api_pb2.CONTAINER_STARTED_EVENT)]]
     assert started.pod_sandbox_status.id == pod_id
-    assert [s.id for s in started.containers_statuses] == [cid]
+    assert cid in [s.id for s in started.containers_statuses]
 
 
 def test_port_mapping_reaches_the_pod(pod_daemon, busybox, tmp_path) -> None:
@@ -465,10 +493,27 @@ def test_parallel_clients_run_full_lifecycles(pod_daemon, busybox, tmp_path) -> 
     assert json.loads(d.crictl("pods", "-o", "json").stdout)["items"] == []
 
 
+def runc_containers(daemon: PycrioDaemon) -> dict[str, str]:
+    """id -> status of the containers runc knows under the daemon's runtime root."""
+    root = daemon.base / "run" / "runtimes" / "runc"
+    listed = subprocess.run(["runc", "--root", str(root), "list", "--format", "json"],
+                            capture_output=True, text=True, check=True).stdout
+    return {c["id"]: c["status"] for c in json.loads(listed or "null") or []}
+
+
+def conmon_of(container_id: str) -> list[str]:
+    procs = subprocess.run(["pgrep", "-af", "conmon"], capture_output=True, text=True).stdout
+    return [line for line in procs.splitlines() if f"-c {container_id}" in line]
+
+
 def test_restart_cleans_up_what_a_crash_left_half_made(pod_daemon, busybox, tmp_path) -> None:
     d = pod_daemon
     pod_id = d.crictl("runp", str(pod_config(tmp_path, "half"))).stdout.strip()
     kept_id = d.crictl("runp", str(pod_config(tmp_path, "whole"))).stdout.strip()
+    # A container runc created (its init waits for `start`, conmon watches it) ...
+    orphan = d.crictl("create", kept_id, str(container_config(tmp_path, busybox.reference, "orphan", ["/bin/sleep", "1000"])),
+                      str(pod_config(tmp_path, "whole"))).stdout.strip()
+    assert runc_containers(d)[orphan] == "created" and conmon_of(orphan)
     assert d.worker_processes()  # the image pull started the unpack workers
     d.stop(sig=9)
     # They follow the killed daemon instead of waiting forever for work.
@@ -476,18 +521,26 @@ def test_restart_cleans_up_what_a_crash_left_half_made(pod_daemon, busybox, tmp_
     while d.worker_processes() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert d.worker_processes() == []
-    # What a daemon killed inside RunPodSandbox / CreateContainer leaves: an unfinished pod
-    # record (its namespaces pinned, its IP taken) and a container bundle without a record.
+    # ... and what a daemon killed inside RunPodSandbox / CreateContainer leaves: an unfinished pod
+    # record (its namespaces pinned, its IP taken), and that container with its bundle and conmon
+    # but no record (killed between `runc create` and saving the record).
     record_path = d.base / "root" / "state" / "pods" / f"{pod_id}.json"
     record = json.loads(record_path.read_text())
     record["complete"] = False
     record_path.write_text(json.dumps(record))
-    orphan = d.base / "run" / "containers" / ("e" * 64)
-    orphan.mkdir(parents=True)
+    (d.base / "root" / "state" / "containers" / f"{orphan}.json").unlink()
+    bundle = d.base / "run" / "containers" / orphan
+    assert bundle.is_dir() and runc_containers(d)[orphan] == "created" and conmon_of(orphan)
     d.start()
     pods = json.loads(d.crictl("pods", "-o", "json").stdout)["items"]
     assert [p["id"] for p in pods] == [kept_id]
-    assert not orphan.exists()
+    assert json.loads(d.crictl("ps", "-a", "-o", "json").stdout)["containers"] == []
+    assert orphan not in runc_containers(d)
+    deadline = time.monotonic() + 10  # conmon sees its container go and exits
+    while conmon_of(orphan) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert conmon_of(orphan) == []
+    assert not bundle.exists()
     assert not (d.base / "run" / "pods" / pod_id).exists()
     assert "left half-created" in d.logs()
     # The surviving pod's name is still taken.
