@@ -29,9 +29,11 @@ Phases, in this order:
    ListContainers and ListPodSandbox at that many containers, ContainerStatus of a running
    container (`--calls` x `--rounds`), ExecSync on it (`--execs` x `--rounds`). Then more
    containers, created and NOT started (spread over the pods), up to `--containers` in all, and
-   ListContainers again. A created container costs pycrio a conmon and a `runc create`d process
+   ListContainers again (one round). A created container costs pycrio a conmon and a `runc create`d process
    (waiting on its exec fifo); containerd only writes metadata until StartContainer: the list is of
-   records either way.
+   records either way. Each unary measurement stops after 15 s per runtime and round (but
+   not before 3 calls), so a call that takes seconds does not hold the run for an hour: `n` in
+   the table says how many calls there are behind each number.
    Memory: the sum over the runtime's own processes, RSS and PSS (/proc/PID/smaps_rollup; PSS
    splits shared pages among the processes sharing them, so it adds up): pycrio = the daemon, its
    multiprocessing helpers and every conmon (one per container, the pod's infra container
@@ -111,6 +113,10 @@ CTRD_NETWORK = "pycrio-cmp-ctrd"
 CRITEST = VENV_BIN / "critest"
 RPC_TIMEOUT = 120.0
 WARMUP_CALLS = 50
+# Per runtime and round, a measurement stops after this long (but not before MIN_CALLS calls):
+# pycrio's ListContainers at hundreds of created containers takes seconds a call.
+BUDGET_S = 15.0
+MIN_CALLS = 3
 DAEMON_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "5000"}
 BIG_LAYERS = 5
 BIG_LAYER_SIZE = 10 * 1024 * 1024
@@ -195,19 +201,23 @@ def rotated(i: int) -> list[str]:
     return [RUNTIMES[(i + k) % len(RUNTIMES)] for k in range(len(RUNTIMES))]
 
 
-def timed_calls(call: Callable[[], Any], calls: int, warmup: int) -> list[int]:
-    """`warmup` untimed calls, then `calls` timed ones (ns each), client GC off meanwhile."""
+def timed_calls(call: Callable[[], Any], calls: int, warmup: int, budget_s: float) -> list[int]:
+    """`warmup` untimed calls, then `calls` timed ones (ns each), client GC off meanwhile; a slow
+    call stops the loop after `budget_s` seconds (at least MIN_CALLS are made)."""
     for _ in range(warmup):
         call()
-    latencies = [0] * calls
+    latencies = []
     clock = time.perf_counter_ns
+    deadline = clock() + int(budget_s * 1e9)
     gc.collect()
     gc.disable()
     try:
         for i in range(calls):
             t0 = clock()
             call()
-            latencies[i] = clock() - t0
+            latencies.append(clock() - t0)
+            if t0 > deadline and i + 1 >= MIN_CALLS:
+                break
     finally:
         gc.enable()
     return latencies
@@ -223,7 +233,7 @@ def unary_rounds(
     row = samples.setdefault(label, {r: [] for r in RUNTIMES})
     for r in range(rounds):
         for name in rotated(r):
-            row[name].extend(timed_calls(calls_of[name], calls, warmup))
+            row[name].extend(timed_calls(calls_of[name], calls, warmup, BUDGET_S))
 
 
 def list_containers(rt: Stub) -> Callable[[], Any]:
@@ -373,8 +383,9 @@ def populated_phase(rts: dict[str, Runtime], image: str, samples: Samples, memor
         add_created(rts, image, state, args.containers)
         counts = {n: len(r.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=RPC_TIMEOUT).containers)
                   for n, r in rts.items()}
+        # One round: today a call can take pycrio tens of seconds here (a `runc state` per created container).
         unary_rounds(samples, f"ListContainers ({args.containers} containers)",
-                     {n: list_containers(r.rt) for n, r in rts.items()}, args.calls, args.rounds, WARMUP_CALLS)
+                     {n: list_containers(r.rt) for n, r in rts.items()}, args.calls, 1, 1)
         memory[f"{args.pods} pods, {args.containers} containers"] = {n: memory_kib(r.processes()) for n, r in rts.items()}
         say(f"  at {args.containers} containers: listed {counts}")
     return state
@@ -460,7 +471,7 @@ def run_critest(name: str, endpoint: str, images: dict[str, str], work: Path, n:
                     value = json.loads(entry.get("Value", {}).get("AsJSON") or "null")
                     for m in (value or {}).get("Measurements") or []:
                         if m.get("Type") == "Duration" and m.get("Durations"):
-                            op = "run+create+start, stop+rm pod" \
+                            op = "pod+container start/stop" \
                                 if m["Name"] == "create PodSandbox and container" else m["Name"]
                             result.setdefault("critest PodContainer", {})[op] = [int(d) for d in m["Durations"]]
     except (OSError, ValueError, AttributeError, TypeError):
@@ -509,7 +520,7 @@ def _ms(v: float) -> str:
 
 
 def _x(v: float) -> str:
-    return "-" if math.isnan(v) else f"{v:.2f}x"
+    return "-" if math.isnan(v) else f"{v:.2f}x" if v < 100 else f"{v:.0f}x"
 
 
 def print_table(rows: dict[str, dict[str, Any]], memory: dict[str, dict[str, dict[str, int]]]) -> None:
