@@ -46,7 +46,8 @@ def write(path: Path, value: object) -> str:
     return str(path)
 
 
-def leftovers(peer: ContainerdPeer) -> list[str]:
+def leftovers(peer: ContainerdPeer, ids: list[str]) -> list[str]:
+    """What of this peer is still on the host; `ids`: its pods' and containers' (their cgroups)."""
     found = [f"shim {pid}" for pid in peer._shims()]
     found += [f"mount {line.split()[4]}" for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if f" {peer.directory}/" in line]
@@ -56,7 +57,7 @@ def leftovers(peer: ContainerdPeer) -> list[str]:
         found.append(str(peer.shim_socket_dir))
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     found += [f"iptables {line[:80]}" for line in rules.splitlines() if NETWORK in line]
-    found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob("*/k8s.io/*") if p.is_dir()]
+    found += [f"cgroup {p}" for i in ids for p in Path("/sys/fs/cgroup").glob(f"*/k8s.io/{i}")]
     return found
 
 
@@ -81,20 +82,22 @@ def test_pulls_by_source_name_through_the_mirror_and_runs_a_pod(mirrored: tuple[
     ctr = write(tmp_path / "ctr.json", {"metadata": {"name": "c"}, "image": {"image": IMAGE},
                                         "command": ["/bin/sleep", "1000"], "linux": {}})
     cid = peer.crictl("run", ctr, pod).stdout.strip()
+    pod_id = peer.crictl("pods", "-q").stdout.split()[0]
+    assert list(Path("/sys/fs/cgroup").glob(f"*/k8s.io/{cid}")), "runc made the container's cgroup"
     assert peer.crictl("exec", cid, "/bin/echo", "hello").stdout == "hello\n"
     assert peer._shims(), "a pod runs in a shim of this containerd"
     peer.stop()
-    assert leftovers(peer) == []
+    assert leftovers(peer, [cid, pod_id]) == []
     assert not peer.state_file.exists()
 
 
 def test_stop_cleans_up_after_a_killed_containerd(mirrored: tuple[TestRegistry, ContainerdPeer], tmp_path: Path) -> None:
     _, peer = mirrored
     pod = write(tmp_path / "pod.json", {"metadata": {"name": "p", "namespace": "t", "uid": "u2"}, "linux": {}})
-    peer.crictl("runp", pod)
+    pod_id = peer.crictl("runp", pod).stdout.strip()
     pid = peer.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     # A fresh object, as `python -m tests.conformance.peer_containerd stop` has: only the directory.
     ContainerdPeer(peer.directory, bridge=BRIDGE, network_name=NETWORK).stop()
-    assert leftovers(peer) == []
+    assert leftovers(peer, [pod_id]) == []
