@@ -104,11 +104,11 @@ RUNTIMES = (OFF, ON, CTRD)
 PYCRIO = (OFF, ON)
 
 BRIDGE = "pycriocmp0"  # pycrio's two daemons share it (host-local serialises them)
-SUBNET = "10.136.0.0/22"
+SUBNET = "10.160.0.0/22"
 NETWORK_NAME = "pycrio-bench-compare"
 HOST_LOCAL_DIR = Path("/var/lib/cni/networks") / NETWORK_NAME
 CTRD_BRIDGE = "ctrdpeer1"
-CTRD_SUBNET = "10.137.0.0/22"
+CTRD_SUBNET = "10.164.0.0/22"
 CTRD_NETWORK = "pycrio-cmp-ctrd"
 CRITEST = VENV_BIN / "critest"
 RPC_TIMEOUT = 120.0
