@@ -251,12 +251,10 @@ class OCIRuntime(Runtime):
         exited = _read_exit_file(paths.exit_file)
         if exited is not None:
             return self._stopped_status(handle, paths, exited)
-        running = _running_under_conmon(paths)
+        running, start = _running_under_conmon(paths)
         if running:
             # The common case on a busy node, answered from /proc without a `runc state` (~12 ms).
-            return RuntimeStatus(
-                STATE_RUNNING, pid=running, pid_start_time=process_start_time(running), started_at=_read_started(paths)
-            )
+            return RuntimeStatus(STATE_RUNNING, pid=running, pid_start_time=start, started_at=_read_started(paths))
         state = self._runc_state(handle.id)
         if state is None:
             if _conmon_alive(paths):
@@ -660,21 +658,25 @@ def _exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` exists and is not a zombie."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after "pid (comm)" (state, ppid, ...; [19] is the start
+    time), or None when there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def _ppid(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
 
 
 # -- exit monitor --------------------------------------------------------------------------
@@ -786,10 +788,11 @@ class _ExitWatcher:
 def _conmon_pid(paths: _Paths) -> int:
     """The pid of this container's conmon while it runs, else 0 (zombies and recycled pids do not count)."""
     pid = _read_int(paths.conmon_pidfile)
-    if not pid or not _alive(pid):
+    fields = _stat(pid) if pid else None
+    if fields is None or fields[0] in ("Z", "X"):
         return 0
     recorded = _read_int(paths.conmon_start_file)  # absent for conmons of older pycrio versions
-    if recorded and process_start_time(pid) != recorded:
+    if recorded and int(fields[19]) != recorded:
         return 0
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -803,19 +806,21 @@ def _conmon_alive(paths: _Paths) -> bool:
     return _conmon_pid(paths) != 0
 
 
-def _running_under_conmon(paths: _Paths) -> int:
-    """The init pid of a started container whose process still runs as conmon's child, else 0.
+def _running_under_conmon(paths: _Paths) -> tuple[int, int]:
+    """The init pid (and its start time) of a started container whose process still runs as
+    conmon's child, else (0, 0).
 
     conmon reaps the init process and then writes the exit file, so a live (non-zombie) init that
     is conmon's child, with no exit file, is running; checking the parent rules out recycled pids.
     """
     if not paths.started_file.exists():
-        return 0
+        return 0, 0
     pid = _read_int(paths.pidfile)
-    if not pid or not _alive(pid):
-        return 0
+    fields = _stat(pid) if pid else None
+    if fields is None or fields[0] in ("Z", "X"):
+        return 0, 0
     conmon = _conmon_pid(paths)
-    return pid if conmon and _ppid(pid) == conmon else 0
+    return (pid, int(fields[19])) if conmon and int(fields[1]) == conmon else (0, 0)
 
 
 def _signal_pid(pid: int, sig: int) -> None:

@@ -268,6 +268,12 @@ class ContainerManager:
         process, finished_at when it reaped it."""
         if record.state == CONTAINER_EXITED:
             return record  # final: nothing the runtime says later changes an exit
+        if (
+            status.state == STATE_RUNNING and record.state == CONTAINER_RUNNING and record.started_at
+            and status.message == record.message and status.pid in (0, record.pid)
+            and status.pid_start_time in (0, record.pid_start_time)
+        ):  # fmt: skip
+            return record  # the common case of every List and Status call: nothing new
         now = time.time_ns()
         if status.state == STATE_STOPPED:
             finished = status.finished_at or now
