@@ -639,3 +639,25 @@ def test_after_a_reboot_pods_are_notready_containers_exited_and_rmp_cleans_up(
     again = d.crictl("runp", str(_pod_file(tmp_path, "after"))).stdout.strip()
     assert json.loads(d.crictl("inspectp", again).stdout)["status"]["state"] == "SANDBOX_READY"
     d.crictl("rmp", "-f", again)
+
+
+def test_a_pod_whose_infra_process_dies_is_notready_at_once(ds_daemon: PycrioDaemon, tmp_path: Path) -> None:
+    """Not only after a restart: PodSandboxStatus re-checks the infra process (by its start time)."""
+    shared = {"security_context": {"namespace_options": {"pid": 0}}}  # POD: a catatonit infra process
+    pod_id = ds_daemon.crictl("runp", str(_pod_file(tmp_path, "infra", **shared))).stdout.strip()
+    with ds_daemon.channel() as channel:
+        status = ds_daemon.runtime(channel).PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True), timeout=10)
+    assert status.status.state == api_pb2.SANDBOX_READY
+    infra = json.loads(status.info["info"])["pid"]
+    assert infra > 0
+
+    os.kill(infra, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{infra}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert json.loads(ds_daemon.crictl("inspectp", pod_id).stdout)["status"]["state"] == "SANDBOX_NOTREADY"
+    listed = json.loads(ds_daemon.crictl("pods", "-o", "json").stdout)["items"]
+    assert [p["state"] for p in listed if p["id"] == pod_id] == ["SANDBOX_NOTREADY"]
+    ds_daemon.crictl("rmp", "-f", pod_id)

@@ -7,15 +7,19 @@ from typing import Iterator
 from pycrio.cri import api_pb2
 from pycrio.server.daemon import Daemon
 from pycrio.server.streaming_list import chunks
+from pycrio.state.store import StateStore
 
 
 def _matching(daemon: Daemon, flt: api_pb2.PodSandboxFilter) -> list[api_pb2.PodSandbox]:
-    pods = daemon.state.list_pods(
-        id_prefix=flt.id,
-        state=flt.state.state if flt.HasField("state") else None,
-        labels=dict(flt.label_selector),
-    )
-    return [p.to_cri() for p in pods]
+    pods = daemon.state.list_pods(id_prefix=flt.id, state=None, labels=dict(flt.label_selector))
+    items = []
+    for pod in pods:
+        item = pod.to_cri()
+        if StateStore.pod_problem(pod):  # infra process or namespaces gone: as PodSandboxStatus says
+            item.state = api_pb2.SANDBOX_NOTREADY
+        if not flt.HasField("state") or item.state == flt.state.state:
+            items.append(item)
+    return items
 
 
 def list_pod_sandbox(daemon: Daemon, request: api_pb2.ListPodSandboxRequest) -> api_pb2.ListPodSandboxResponse:

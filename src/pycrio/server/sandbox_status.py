@@ -11,6 +11,7 @@ from pycrio.cri import api_pb2
 from pycrio.server.container_status import container_status_of
 from pycrio.server.daemon import Daemon
 from pycrio.state.records import SandboxRecord
+from pycrio.state.store import StateStore
 
 
 def pod_sandbox_status(daemon: Daemon, request: api_pb2.PodSandboxStatusRequest) -> api_pb2.PodSandboxStatusResponse:
@@ -37,10 +38,13 @@ def pod_sandbox_status(daemon: Daemon, request: api_pb2.PodSandboxStatusRequest)
 
 def sandbox_status_of(pod: SandboxRecord) -> api_pb2.PodSandboxStatus:
     config = pod.pod_config
+    # A READY pod whose infra process died or whose pinned namespaces went away cannot run
+    # containers any more: say so at once (kubelet then recreates it) rather than at the next restart.
+    state = api_pb2.SANDBOX_NOTREADY if StateStore.pod_problem(pod) else pod.cri_state
     status = api_pb2.PodSandboxStatus(
         id=pod.id,
         metadata=config.metadata,
-        state=pod.cri_state,
+        state=state,
         created_at=pod.created_at,
         labels=config.labels,
         annotations=config.annotations,
