@@ -210,6 +210,22 @@ def test_a_container_that_exits_at_once_never_starts_after_it_finished(lc: Clien
         assert 0 < status.started_at <= status.finished_at, (status.started_at, status.finished_at)
 
 
+def test_listing_shows_exits_from_the_events_alone(lc: Client) -> None:
+    """ListContainers reads the records (it asks the runtime nothing): the exit event keeps them current."""
+    pod_id, pod = lc.run_pod("lister")
+    cid = lc.run(pod_id, pod, "brief", ["sh", "-c", "sleep 0.5; exit 3"])
+    idle = lc.create(pod_id, pod, lc.container_config("idle", ["sleep", "60"]))
+    deadline = time.monotonic() + 15
+    listed: dict[str, int] = {}
+    while time.monotonic() < deadline:  # no ContainerStatus call in between
+        listed = {c.id: c.state for c in lc.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers}
+        if listed.get(cid) == api_pb2.CONTAINER_EXITED:
+            break
+        time.sleep(0.1)
+    assert listed == {cid: api_pb2.CONTAINER_EXITED, idle: api_pb2.CONTAINER_CREATED}
+    assert lc.status(cid).status.exit_code == 3
+
+
 # --- stored pids ------------------------------------------------------------------------
 
 

@@ -16,7 +16,10 @@ def _matching(daemon: Daemon, flt: api_pb2.ContainerFilter) -> list[api_pb2.Cont
         state=flt.state.state if flt.HasField("state") else None,
         labels=dict(flt.label_selector),
     )
-    return [daemon.containers.refresh(c).to_cri() for c in containers]
+    # The records are current: exits arrive as events from the runtime and are recorded by the
+    # container's owner, so listing asks the runtime nothing (one status per container made a
+    # list of 100 cost 37 ms; ContainerStatus still checks its one container).
+    return [c.to_cri() for c in containers]
 
 
 def list_containers(daemon: Daemon, request: api_pb2.ListContainersRequest) -> api_pb2.ListContainersResponse:
