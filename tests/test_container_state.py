@@ -30,9 +30,8 @@ from pycrio.oci.runtime import (
     ExitCallback,
     Runtime,
     RuntimeStatus,
-    process_start_time,
-    same_process,
 )
+from pycrio.procfs import process_start_time, same_process
 from pycrio.pods.containers import (
     ContainerManager,
     container_log_path,

@@ -20,7 +20,6 @@ import sys
 import textwrap
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -30,10 +29,11 @@ import pytest
 from pycrio.cri import api_pb2
 from pycrio.images.store import ImageInUse, ImageRecord, ImageStore
 from pycrio.oci import cgroups
+from pycrio.procfs import process_start_time, same_process
 from pycrio.state import ContainerRecord, SandboxRecord, StateStore, boot
 from pycrio.state.records import encode_message
 from tests.harness import PycrioDaemon
-from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
+from tests.registry_fixture import ImageBuilder, TestRegistry
 
 BRIDGE = "pycriods5"
 SUBNET = "10.142.0.0/24"  # 10.136/22 is bench/compare.py's
@@ -237,7 +237,7 @@ def test_fresh_runroot_after_a_start_means_the_runtime_state_is_gone(tmp_path: P
     """Item: reboot. Records under root, runroot emptied (as a reboot does): pods NOTREADY,
     containers EXITED 255/Unknown with a message saying why, pids forgotten; exited ones untouched."""
     state_dir, runroot = tmp_path / "root" / "state", tmp_path / "run"
-    _records(state_dir, runroot, infra=(os.getpid(), boot.process_start(os.getpid()) or 0))
+    _records(state_dir, runroot, infra=(os.getpid(), process_start_time(os.getpid())))
     first = _open(state_dir, runroot)  # same boot, runroot intact: nothing changes
     assert first.get_pod("p1").state == "ready" and first.get_container("c1").state == "running"
     assert boot.read_marker(runroot) == boot.current_boot_id() == boot.read_marker(state_dir)
@@ -275,7 +275,7 @@ def test_records_without_markers_and_their_runroot_intact_are_left_alone(tmp_pat
 def test_a_recycled_infra_pid_makes_the_pod_notready(tmp_path: Path) -> None:
     """Never trust a stored pid: same pid, other start time -> not the infra process any more."""
     state_dir, runroot = tmp_path / "root" / "state", tmp_path / "run"
-    start = boot.process_start(os.getpid())
+    start = process_start_time(os.getpid())
     assert start
     _records(state_dir, runroot, infra=(os.getpid(), start + 1))
     state = _open(state_dir, runroot)
@@ -286,8 +286,8 @@ def test_the_store_remembers_which_process_the_infra_pid_is(tmp_path: Path) -> N
     state = StateStore(tmp_path)
     pod = _pod("p1", infra_pid=os.getpid())
     state.save_pod(pod)
-    assert pod.infra_pid_start == boot.process_start(os.getpid())
-    assert boot.same_process(os.getpid(), pod.infra_pid_start) and not boot.same_process(os.getpid(), 1)
+    assert pod.infra_pid_start == process_start_time(os.getpid())
+    assert same_process(os.getpid(), pod.infra_pid_start) and not same_process(os.getpid(), 1)
 
 
 def test_images_in_use_counts_image_volumes(tmp_path: Path) -> None:

@@ -96,27 +96,6 @@ class ExecResult:
     stderr_truncated: bool = False
 
 
-def process_start_time(pid: int) -> int:
-    """Start time of a live (not zombie) process, in clock ticks since boot (field 22 of
-    /proc/<pid>/stat); 0 when there is no such process. A pid is only the process it was when
-    this is the value seen when it was recorded."""
-    if pid <= 0:
-        return 0
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": comm may hold anything
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return 0
-    return int(fields[19])
-
-
-def same_process(pid: int, start_time: int) -> bool:
-    """Whether `pid` is alive and still the process whose start time was `start_time`."""
-    return start_time > 0 and process_start_time(pid) == start_time
-
-
 def runtime_error_text(stderr: bytes | str) -> str:
     """The readable part of a runtime's error output: logrus `msg="..."` values, else the text."""
     text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr

@@ -44,10 +44,10 @@ from pycrio.oci.runtime import (
     RuntimeStatus,
     log,
     log_command,
-    process_start_time,
     run_command,
     runtime_error_text,
 )
+from pycrio.procfs import process_start_time, stat_fields
 from pycrio.tracing import step_span
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -661,24 +661,14 @@ def _exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after "pid (comm)" (state, ppid, ...; [19] is the start
-    time), or None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()
-
-
 def _alive(pid: int) -> bool:
     """Whether `pid` exists and is not a zombie."""
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[0] not in ("Z", "X")
 
 
 def _ppid(pid: int) -> int:
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return int(fields[1]) if fields else 0
 
 
@@ -791,7 +781,7 @@ class _ExitWatcher:
 def _conmon_pid(paths: _Paths) -> int:
     """The pid of this container's conmon while it runs, else 0 (zombies and recycled pids do not count)."""
     pid = _read_int(paths.conmon_pidfile)
-    fields = _stat(pid) if pid else None
+    fields = stat_fields(pid) if pid else None
     if fields is None or fields[0] in ("Z", "X"):
         return 0
     recorded = _read_int(paths.conmon_start_file)  # absent for conmons of older pycrio versions
@@ -818,7 +808,7 @@ def _init_under_conmon(paths: _Paths) -> tuple[int, int]:
     is conmon's child, with no exit file, is alive; checking the parent rules out recycled pids.
     """
     pid = _read_int(paths.pidfile)
-    fields = _stat(pid) if pid else None
+    fields = stat_fields(pid) if pid else None
     if fields is None or fields[0] in ("Z", "X"):
         return 0, 0
     conmon = _conmon_pid(paths)

@@ -45,11 +45,10 @@ from pycrio.oci.runtime import (
     ExecResult,
     Runtime,
     RuntimeStatus,
-    process_start_time,
-    same_process,
 )
 from pycrio.pods.events import CREATED, DELETED, STARTED, STOPPED, EventBus
 from pycrio.pods.runtimes import RuntimeHandlers
+from pycrio.procfs import process_start_time, same_process
 from pycrio.state import ContainerRecord, SandboxRecord, StateStore
 from pycrio.state.records import (
     CONTAINER_CREATED,
@@ -403,7 +402,7 @@ class ContainerManager:
         that process (a recycled pid would put the container in a stranger's namespace)."""
         if not pod.infra_pid:
             return None
-        start = getattr(pod, "infra_pid_start", 0)
+        start = pod.infra_pid_start
         if start:
             alive = same_process(pod.infra_pid, start)
         else:  # a record from before start times were kept: ask the runtime who its infra is

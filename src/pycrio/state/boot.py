@@ -1,4 +1,4 @@
-"""Did the node reboot since the records were written? And is a stored pid still the same process?
+"""Did the node reboot since the records were written?
 
 Records live under `root` (persistent); namespaces, bundles, conmon and runc state live under
 `runroot` (a tmpfs on a real node). Like CRI-O's version file, a marker `boot-id` is written to
@@ -12,8 +12,7 @@ which boot the records were last served in. At the next start:
   runtime state they point at is lost. Records older than the markers count as lost only if
   none of their runroot directories is there any more (an upgrade must not stop live pods).
 
-Process identity: a pid is only the process it was if its start time (field 22 of
-/proc/<pid>/stat, clock ticks since boot) is the one seen when it was stored.
+Process identity (is a stored pid still that process?) is pycrio.procfs's.
 """
 
 from __future__ import annotations
@@ -86,23 +85,3 @@ def record_boot(state_dir: Path, runroot: Path, boot_id: str) -> None:
     """After recovery: the records now belong to this boot, and runroot is this boot's."""
     write_marker(state_dir, boot_id)
     write_marker(runroot, boot_id)
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot; None if there is no such process (or a zombie)."""
-    if pid <= 0:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def same_process(pid: int, start: int) -> bool:
-    """Whether `pid` still is the process that had start time `start` (0: not recorded, unknown)."""
-    now = process_start(pid)
-    return now is not None and (start == 0 or now == start)

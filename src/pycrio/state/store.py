@@ -21,6 +21,7 @@ from typing import TypeVar
 from pycrio import durable
 from pycrio.errors import AlreadyExists, InvalidArgument, NotFound
 from pycrio.locks import KeyedLocks
+from pycrio.procfs import process_start_time, same_process
 from pycrio.state import boot
 from pycrio.state.records import (
     CONTAINER_CREATED,
@@ -124,7 +125,7 @@ class StateStore:
         or one of its pinned namespaces is gone; '' if nothing is wrong with it."""
         if pod.state != SANDBOX_READY:
             return ""
-        if pod.infra_pid and not boot.same_process(pod.infra_pid, pod.infra_pid_start):
+        if pod.infra_pid and not _is_infra(pod):
             return f"its infra process {pod.infra_pid} is gone"
         for kind, path in sorted(pod.namespaces.items()):
             if not _is_namespace(Path(path)):
@@ -187,7 +188,7 @@ class StateStore:
 
     def save_pod(self, pod: SandboxRecord) -> None:
         if pod.infra_pid and not pod.infra_pid_start:  # remember which process the pid is
-            pod.infra_pid_start = boot.process_start(pod.infra_pid) or 0
+            pod.infra_pid_start = process_start_time(pod.infra_pid)
         with self._lock:
             self._pods[pod.id] = pod
         self._write("pods", pod.id, pod)
@@ -276,6 +277,14 @@ def _check(record: SandboxRecord | ContainerRecord, path: Path) -> None:
         record.pod_config if isinstance(record, SandboxRecord) else record.container_config
     except Exception as exc:  # noqa: BLE001 - base64 or protobuf errors: an unusable record
         raise ValueError(f"config does not decode: {exc}") from None
+
+
+def _is_infra(pod: SandboxRecord) -> bool:
+    """Whether the pod's stored infra pid still is its infra process (a record from before start
+    times were kept: any live process with that pid)."""
+    if pod.infra_pid_start:
+        return same_process(pod.infra_pid, pod.infra_pid_start)
+    return process_start_time(pod.infra_pid) > 0
 
 
 def _is_namespace(path: Path) -> bool:

@@ -1,0 +1,32 @@
+"""Process identity from /proc: a pid is only the process it was if its start time (field 22 of
+/proc/<pid>/stat, clock ticks since boot) is the one seen when it was stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after "pid (comm)" (state, ppid, ...; [19] is the start
+    time), or None when there is no such process."""
+    if pid <= 0:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()  # comm may hold anything, ")" included
+
+
+def process_start_time(pid: int) -> int:
+    """Start time of a live (not zombie) process, in clock ticks since boot; 0 when there is
+    no such process."""
+    fields = stat_fields(pid)
+    if fields is None or len(fields) < 20 or fields[0] in ("Z", "X"):
+        return 0
+    return int(fields[19])
+
+
+def same_process(pid: int, start_time: int) -> bool:
+    """Whether `pid` is alive and still the process whose start time was `start_time`."""
+    return start_time > 0 and process_start_time(pid) == start_time
