@@ -82,7 +82,6 @@ import grpc  # noqa: E402
 
 from bench.lifecycle import CALLS as LIFECYCLE_CALLS  # noqa: E402
 from bench.lifecycle import (  # noqa: E402
-    CONTAINER_COMMAND,
     EXEC_COMMAND,
     PodRun,
     container_config,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.harness import PycrioDaemon, tool  # noqa: E402
+from tests.harness import PycrioDaemon  # noqa: E402
 from tests.registry_fixture import TestRegistry  # noqa: E402
 
 BUILD = ROOT / "build" / "conformance"
