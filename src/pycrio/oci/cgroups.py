@@ -178,35 +178,35 @@ def _read_v1(path: str) -> CgroupStats | None:
     if not any(d.is_dir() for d in dirs.values()):
         return None
     memory = dirs.get("memory")
-    usage = _read_int(memory / "memory.usage_in_bytes") if memory else 0
-    stat = _read_keyed(memory / "memory.stat") if memory else {}
-    oom = _read_keyed(memory / "memory.oom_control") if memory else {}
+    usage = read_int(memory / "memory.usage_in_bytes") if memory else 0
+    stat = read_keyed(memory / "memory.stat") if memory else {}
+    oom = read_keyed(memory / "memory.oom_control") if memory else {}
     return CgroupStats(
-        cpu_usage_ns=_read_int(dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in dirs else 0,
+        cpu_usage_ns=read_int(dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in dirs else 0,
         memory_usage_bytes=usage,
         memory_working_set_bytes=max(0, usage - stat.get("total_inactive_file", 0)),
         memory_rss_bytes=stat.get("total_rss", 0),
         oom_kills=oom.get("oom_kill", 0),
-        pids=_read_int(dirs["pids"] / "pids.current") if "pids" in dirs else 0,
+        pids=read_int(dirs["pids"] / "pids.current") if "pids" in dirs else 0,
     )
 
 
 def _read_v2(directory: Path) -> CgroupStats | None:
     if not directory.is_dir():
         return None
-    usage = _read_int(directory / "memory.current")
-    stat = _read_keyed(directory / "memory.stat")
+    usage = read_int(directory / "memory.current")
+    stat = read_keyed(directory / "memory.stat")
     return CgroupStats(
-        cpu_usage_ns=_read_keyed(directory / "cpu.stat").get("usage_usec", 0) * 1000,
+        cpu_usage_ns=read_keyed(directory / "cpu.stat").get("usage_usec", 0) * 1000,
         memory_usage_bytes=usage,
         memory_working_set_bytes=max(0, usage - stat.get("inactive_file", 0)),
         memory_rss_bytes=stat.get("anon", 0),
-        oom_kills=_read_keyed(directory / "memory.events").get("oom_kill", 0),
-        pids=_read_int(directory / "pids.current"),
+        oom_kills=read_keyed(directory / "memory.events").get("oom_kill", 0),
+        pids=read_int(directory / "pids.current"),
     )
 
 
-def _read_int(file: Path) -> int:
+def read_int(file: Path) -> int:
     """The integer in a one-value cgroup file; 0 when missing or "max"."""
     try:
         return int(file.read_text().strip())
@@ -214,7 +214,7 @@ def _read_int(file: Path) -> int:
         return 0
 
 
-def _read_keyed(file: Path) -> dict[str, int]:
+def read_keyed(file: Path) -> dict[str, int]:
     """A flat-keyed cgroup file ("key value" per line); empty when missing."""
     try:
         text = file.read_text()

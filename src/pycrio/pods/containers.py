@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import grpc
 
+from pycrio import durable
 from pycrio.config import Config
 from pycrio.cri import api_pb2
 from pycrio.errors import CRIError, FailedPrecondition, InvalidArgument, NotFound
@@ -592,9 +593,7 @@ def _merge_spec_resources(path: Path, update: dict[str, Any]) -> None:
             current[key].update(value)
         else:
             current[key] = value
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    tmp.write_text(json.dumps(oci_spec))
-    tmp.replace(path)
+    durable.write_atomic(path, json.dumps(oci_spec))
 
 
 def container_log_path(pod: SandboxRecord, config: api_pb2.ContainerConfig, container_id: str) -> Path:

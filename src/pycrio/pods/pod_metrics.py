@@ -212,38 +212,39 @@ class PodMetricsCollector:
 def _cgroup_v1(sink: _Sink, dirs: dict[str, Path]) -> None:
     cpuacct, cpu, memory, blkio = (dirs.get(n, Path("/nonexistent")) for n in ("cpuacct", "cpu", "memory", "blkio"))
     hz = os.sysconf("SC_CLK_TCK")
-    ticks = _keyed(cpuacct / "cpuacct.stat")
-    sink.add("container_cpu_usage_seconds_total", _int(cpuacct / "cpuacct.usage") // NS_PER_S)
+    ticks = cgroups.read_keyed(cpuacct / "cpuacct.stat")
+    sink.add("container_cpu_usage_seconds_total", cgroups.read_int(cpuacct / "cpuacct.usage") // NS_PER_S)
     sink.add("container_cpu_user_seconds_total", ticks.get("user", 0) // hz)
     sink.add("container_cpu_system_seconds_total", ticks.get("system", 0) // hz)
-    throttling = _keyed(cpu / "cpu.stat")
+    throttling = cgroups.read_keyed(cpu / "cpu.stat")
     sink.add("container_cpu_cfs_periods_total", throttling.get("nr_periods", 0))
     sink.add("container_cpu_cfs_throttled_periods_total", throttling.get("nr_throttled", 0))
     sink.add("container_cpu_cfs_throttled_seconds_total", throttling.get("throttled_time", 0) // NS_PER_S)
-    sink.add("container_spec_cpu_period", _int(cpu / "cpu.cfs_period_us"))
-    quota = _int(cpu / "cpu.cfs_quota_us")  # -1: no quota (cAdvisor then has no series either)
+    sink.add("container_spec_cpu_period", cgroups.read_int(cpu / "cpu.cfs_period_us"))
+    quota = cgroups.read_int(cpu / "cpu.cfs_quota_us")  # -1: no quota (cAdvisor then has no series either)
     if quota > 0:
         sink.add("container_spec_cpu_quota", quota)
-    sink.add("container_spec_cpu_shares", _int(cpu / "cpu.shares"))
+    sink.add("container_spec_cpu_shares", cgroups.read_int(cpu / "cpu.shares"))
 
-    usage = _int(memory / "memory.usage_in_bytes")
-    stat = _keyed(memory / "memory.stat")
+    usage = cgroups.read_int(memory / "memory.usage_in_bytes")
+    stat = cgroups.read_keyed(memory / "memory.stat")
     sink.add("container_memory_usage_bytes", usage)
     sink.add("container_memory_working_set_bytes", max(0, usage - stat.get("total_inactive_file", 0)))
-    sink.add("container_memory_max_usage_bytes", _int(memory / "memory.max_usage_in_bytes"))
+    sink.add("container_memory_max_usage_bytes", cgroups.read_int(memory / "memory.max_usage_in_bytes"))
     sink.add("container_memory_rss", stat.get("total_rss", 0))
     sink.add("container_memory_cache", stat.get("total_cache", 0))
     sink.add("container_memory_mapped_file", stat.get("total_mapped_file", 0))
     sink.add("container_memory_swap", stat.get("total_swap", 0))
-    sink.add("container_memory_kernel_usage", _int(memory / "memory.kmem.usage_in_bytes"))
-    sink.add("container_memory_failcnt", _int(memory / "memory.failcnt"))
+    sink.add("container_memory_kernel_usage", cgroups.read_int(memory / "memory.kmem.usage_in_bytes"))
+    sink.add("container_memory_failcnt", cgroups.read_int(memory / "memory.failcnt"))
     for failure in ("pgfault", "pgmajfault"):
         sink.add("container_memory_failures_total", stat.get(failure, 0), failure, "container")
         sink.add("container_memory_failures_total", stat.get(f"total_{failure}", 0), failure, "hierarchy")
-    sink.add("container_oom_events_total", _keyed(memory / "memory.oom_control").get("oom_kill", 0))
-    sink.add("container_spec_memory_limit_bytes", _limit(_int(memory / "memory.limit_in_bytes")))
-    sink.add("container_spec_memory_reservation_limit_bytes", _limit(_int(memory / "memory.soft_limit_in_bytes")))
-    sink.add("container_spec_memory_swap_limit_bytes", _limit(_int(memory / "memory.memsw.limit_in_bytes")))
+    sink.add("container_oom_events_total", cgroups.read_keyed(memory / "memory.oom_control").get("oom_kill", 0))
+    sink.add("container_spec_memory_limit_bytes", _limit(cgroups.read_int(memory / "memory.limit_in_bytes")))
+    soft_limit = cgroups.read_int(memory / "memory.soft_limit_in_bytes")
+    sink.add("container_spec_memory_reservation_limit_bytes", _limit(soft_limit))
+    sink.add("container_spec_memory_swap_limit_bytes", _limit(cgroups.read_int(memory / "memory.memsw.limit_in_bytes")))
 
     service_bytes = serviced = []
     for prefix in ("blkio.throttle.", "blkio.", "blkio.bfq."):  # throttle counts all I/O; CFQ/BFQ per scheduler
@@ -262,7 +263,7 @@ def _cgroup_v1(sink: _Sink, dirs: dict[str, Path]) -> None:
 
 
 def _cgroup_v2(sink: _Sink, directory: Path) -> None:
-    cpu = _keyed(directory / "cpu.stat")
+    cpu = cgroups.read_keyed(directory / "cpu.stat")
     sink.add("container_cpu_usage_seconds_total", cpu.get("usage_usec", 0) // 1_000_000)
     sink.add("container_cpu_user_seconds_total", cpu.get("user_usec", 0) // 1_000_000)
     sink.add("container_cpu_system_seconds_total", cpu.get("system_usec", 0) // 1_000_000)
@@ -273,27 +274,27 @@ def _cgroup_v2(sink: _Sink, directory: Path) -> None:
     sink.add("container_spec_cpu_period", int(period) if period.isdigit() else 100_000)
     if quota.isdigit():
         sink.add("container_spec_cpu_quota", int(quota))
-    weight = _int(directory / "cpu.weight") or 100
+    weight = cgroups.read_int(directory / "cpu.weight") or 100
     sink.add("container_spec_cpu_shares", 2 + (weight - 1) * 262142 // 9999)  # runc's shares->weight, inverted
 
-    usage = _int(directory / "memory.current")
-    stat = _keyed(directory / "memory.stat")
+    usage = cgroups.read_int(directory / "memory.current")
+    stat = cgroups.read_keyed(directory / "memory.stat")
     sink.add("container_memory_usage_bytes", usage)
     sink.add("container_memory_working_set_bytes", max(0, usage - stat.get("inactive_file", 0)))
-    sink.add("container_memory_max_usage_bytes", _int(directory / "memory.peak"))
+    sink.add("container_memory_max_usage_bytes", cgroups.read_int(directory / "memory.peak"))
     sink.add("container_memory_rss", stat.get("anon", 0))
     sink.add("container_memory_cache", stat.get("file", 0))
     sink.add("container_memory_mapped_file", stat.get("file_mapped", 0))
-    sink.add("container_memory_swap", _int(directory / "memory.swap.current"))
+    sink.add("container_memory_swap", cgroups.read_int(directory / "memory.swap.current"))
     sink.add("container_memory_kernel_usage", stat.get("kernel", stat.get("kernel_stack", 0) + stat.get("slab", 0)))
     sink.add("container_memory_failcnt", 0)
     for failure in ("pgfault", "pgmajfault"):
         for scope in ("container", "hierarchy"):
             sink.add("container_memory_failures_total", stat.get(failure, 0), failure, scope)
-    sink.add("container_oom_events_total", _keyed(directory / "memory.events").get("oom_kill", 0))
-    sink.add("container_spec_memory_limit_bytes", _int(directory / "memory.max"))
-    sink.add("container_spec_memory_reservation_limit_bytes", _int(directory / "memory.low"))
-    sink.add("container_spec_memory_swap_limit_bytes", _int(directory / "memory.swap.max"))
+    sink.add("container_oom_events_total", cgroups.read_keyed(directory / "memory.events").get("oom_kill", 0))
+    sink.add("container_spec_memory_limit_bytes", cgroups.read_int(directory / "memory.max"))
+    sink.add("container_spec_memory_reservation_limit_bytes", cgroups.read_int(directory / "memory.low"))
+    sink.add("container_spec_memory_swap_limit_bytes", cgroups.read_int(directory / "memory.swap.max"))
 
     for line in _text(directory / "io.stat").splitlines():
         device_id, *pairs = line.split()
@@ -320,7 +321,7 @@ def _processes(sink: _Sink, directory: Path, unified: bool) -> None:
     threads = _text(directory / ("cgroup.threads" if unified else "tasks")).split()
     sink.add("container_processes", len(pids))
     sink.add("container_threads", len(threads))
-    sink.add("container_threads_max", _int(directory / "pids.max"))  # "max" reads as 0: unlimited
+    sink.add("container_threads_max", cgroups.read_int(directory / "pids.max"))  # "max" reads as 0: unlimited
     fds = sockets = 0
     for pid in pids:
         try:
@@ -421,22 +422,6 @@ def _text(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
-
-
-def _int(path: Path) -> int:
-    try:
-        return int(_text(path).strip())
-    except ValueError:  # empty, or "max"
-        return 0
-
-
-def _keyed(path: Path) -> dict[str, int]:
-    result = {}
-    for line in _text(path).splitlines():
-        key, _, value = line.partition(" ")
-        if value.strip().lstrip("-").isdigit():
-            result[key] = int(value)
-    return result
 
 
 def _blkio_lines(path: Path) -> list[tuple[int, int, str, int]]:
