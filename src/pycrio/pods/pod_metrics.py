@@ -201,8 +201,9 @@ class PodMetricsCollector:
         upper = self.containers_dir / record.id / "upper"
         if upper.is_dir():
             _filesystem(sink, upper)
-        if record.pid:
-            _ulimits(sink, record.pid)
+        pid = self.containers.live_pid(record)  # 0 if the stored pid is no longer the container's
+        if pid:
+            _ulimits(sink, pid)
         return api_pb2.ContainerMetrics(container_id=record.id, metrics=sink.metrics)
 
 
