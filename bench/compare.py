@@ -89,6 +89,7 @@ from bench.lifecycle import (  # noqa: E402
     percentile,
     pod_config,
 )
+from pycrio import procfs  # noqa: E402
 from pycrio.cri import api_pb2, api_pb2_grpc  # noqa: E402
 from pycrio.oci import cgroups  # noqa: E402
 from tests.conformance.peer_containerd import CONTAINERD, SHIM, ContainerdPeer  # noqa: E402
@@ -164,15 +165,10 @@ def pycrio_processes(daemon: PycrioDaemon) -> Callable[[], list[int]]:
             return []
         found = [daemon.proc.pid, *daemon.worker_processes()]
         base = str(daemon.base).encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(b"conmon") and any(base in a for a in argv):
-                found.append(int(entry.name))
+        for pid in procfs.all_pids():
+            args = procfs.argv(pid)
+            if args and args[0].endswith(b"conmon") and any(base in a for a in args):
+                found.append(pid)
         return found
 
     return pids

@@ -26,6 +26,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from pycrio import procfs
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DIRS = [re.compile(p) for p in (
     r"/tmp/pytest-of-[^/]+/", r"/tmp/pycrio-demo-[^/ ]+", r"/tmp/pycrio-bench-[^/ ]+",
@@ -63,16 +65,13 @@ def test_cgroups() -> list[Path]:
 def processes_to_kill(cgroups: list[Path]) -> set[int]:
     pids: set[int] = set()
     me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
+    for pid in procfs.all_pids():
+        if pid == me:
             continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+        cmdline = b" ".join(procfs.argv(pid)).decode(errors="replace")
         if in_test_dir(cmdline) and ("pycrio" in cmdline or "conmon" in cmdline or "containerd" in cmdline
                                      or "registry" in cmdline or "jaeger" in cmdline):
-            pids.add(int(proc.name))
+            pids.add(pid)
     for cgroup in cgroups:
         try:
             pids.update(int(p) for p in (cgroup / "cgroup.procs").read_text().split())

@@ -30,3 +30,19 @@ def process_start_time(pid: int) -> int:
 def same_process(pid: int, start_time: int) -> bool:
     """Whether `pid` is alive and still the process whose start time was `start_time`."""
     return start_time > 0 and process_start_time(pid) == start_time
+
+
+def all_pids() -> list[int]:
+    """Every pid in the process table right now."""
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def argv(pid: int) -> list[bytes]:
+    """The command line of `pid` as its arguments; [] when it is gone (or a kernel thread)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    if not raw:
+        return []
+    return raw.removesuffix(b"\0").split(b"\0")  # each argument ends in a NUL

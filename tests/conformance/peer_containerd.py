@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pycrio import procfs  # noqa: E402
 from tests.harness import VENV_BIN, tool  # noqa: E402
 from tests.registry_fixture import TestRegistry  # noqa: E402
 
@@ -361,18 +362,13 @@ disabled_plugins = {json.dumps(list(DISABLED_PLUGINS))}
     def _shims(self) -> list[int]:
         """Pids of containerd-shim-runc-v2 processes serving this instance (`-address <our socket>`)."""
         pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
+        for pid in procfs.all_pids():
+            argv = procfs.argv(pid)
             if not argv or not argv[0].endswith(b"containerd-shim-runc-v2"):
                 continue
             if b"-address" in argv and argv.index(b"-address") + 1 < len(argv):
                 if argv[argv.index(b"-address") + 1] == str(self.socket).encode():
-                    pids.append(int(entry.name))
+                    pids.append(pid)
         return pids
 
     def _unmount_all(self) -> None:

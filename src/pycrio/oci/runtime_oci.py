@@ -47,7 +47,7 @@ from pycrio.oci.runtime import (
     run_command,
     runtime_error_text,
 )
-from pycrio.procfs import process_start_time, stat_fields
+from pycrio.procfs import all_pids, process_start_time, stat_fields
 from pycrio.tracing import step_span
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -644,11 +644,10 @@ def _process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants, parents before children (collected before any is killed:
     killed parents lose their children to another reaper)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            ppid = _ppid(int(entry.name))
-            if ppid:
-                children.setdefault(ppid, []).append(int(entry.name))
+    for child in all_pids():
+        ppid = _ppid(child)
+        if ppid:
+            children.setdefault(ppid, []).append(child)
     tree, index = [pid], 0
     while index < len(tree):
         tree.extend(children.get(tree[index], []))
