@@ -16,6 +16,7 @@ import pytest
 
 from pycrio.cri import api_pb2
 from pycrio.oci import cgroups
+from tests.cni_fixture import bridge_network
 from tests.harness import PycrioDaemon
 from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
 
@@ -24,12 +25,7 @@ FX_SUBNET = "10.132.0.0/24"
 
 
 def fx_conflist(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    ipam = {"type": "host-local", "ranges": [[{"subnet": FX_SUBNET}]], "routes": [{"dst": "0.0.0.0/0"}]}
-    bridge = {"type": "bridge", "bridge": FX_BRIDGE, "isGateway": True, "ipMasq": True, "ipam": ipam}
-    conf = {"cniVersion": "1.0.0", "name": "pycrio-fx", "plugins": [bridge]}
-    (directory / "10-fx.conflist").write_text(json.dumps(conf))
-    return directory
+    return bridge_network(directory, "pycrio-fx", FX_BRIDGE, FX_SUBNET, filename="10-fx.conflist")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -32,6 +32,7 @@ from pycrio.oci import cgroups
 from pycrio.procfs import process_start_time, same_process
 from pycrio.state import ContainerRecord, SandboxRecord, StateStore, boot
 from pycrio.state.records import encode_message
+from tests.cni_fixture import bridge_network
 from tests.harness import PycrioDaemon
 from tests.registry_fixture import ImageBuilder, TestRegistry
 
@@ -304,17 +305,7 @@ def test_images_in_use_counts_image_volumes(tmp_path: Path) -> None:
 
 
 def _conflist(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "10-dstest.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0",
-        "name": NETWORK,
-        "plugins": [
-            {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": True,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ],
-    }))
-    return directory
+    return bridge_network(directory, NETWORK, BRIDGE, SUBNET, portmap="portmap", filename="10-dstest.conflist")
 
 
 def _cgroup_parent(daemon: PycrioDaemon) -> str:

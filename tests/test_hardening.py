@@ -17,6 +17,7 @@ import pytest
 
 from pycrio.cri import api_pb2
 from pycrio.oci import cgroups
+from tests.cni_fixture import bridge_network
 from tests.harness import PycrioDaemon
 from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
 
@@ -28,14 +29,8 @@ PLUGIN_DIRS = ["/usr/lib/cni", "/opt/cni/bin"]
 
 def hd_conflist(directory: Path, ipam_dir: Path, portmap_type: str = "portmap") -> Path:
     """Our own bridge network, host-local keeping its allocations in `ipam_dir` (one file per IP)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ipam = {"type": "host-local", "dataDir": str(ipam_dir), "ranges": [[{"subnet": HD_SUBNET}]],
-            "routes": [{"dst": "0.0.0.0/0"}]}
-    bridge = {"type": "bridge", "bridge": HD_BRIDGE, "isGateway": True, "ipMasq": True, "ipam": ipam}
-    portmap = {"type": portmap_type, "capabilities": {"portMappings": True}}
-    conf = {"cniVersion": "1.0.0", "name": "pycrio-hd", "plugins": [bridge, portmap]}
-    (directory / "10-hd.conflist").write_text(json.dumps(conf))
-    return directory
+    return bridge_network(directory, "pycrio-hd", HD_BRIDGE, HD_SUBNET, portmap=portmap_type, ipam_dir=ipam_dir,
+                          filename="10-hd.conflist")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -20,6 +20,7 @@ import pytest
 
 from pycrio.cri import api_pb2, api_pb2_grpc
 from pycrio.oci import cgroups
+from tests.cni_fixture import bridge_network
 from tests.harness import PycrioDaemon
 from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
 
@@ -42,11 +43,7 @@ def busybox(image_builder: ImageBuilder) -> BuiltImage:
 
 @pytest.fixture
 def lc(make_daemon, tmp_path: Path, registry: TestRegistry, busybox: BuiltImage) -> Iterator["Client"]:
-    netdir = tmp_path / "net.d"
-    netdir.mkdir()
-    ipam = {"type": "host-local", "ranges": [[{"subnet": SUBNET}]], "routes": [{"dst": "0.0.0.0/0"}]}
-    bridge = {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": True, "ipam": ipam}
-    (netdir / "10-lc.conflist").write_text(json.dumps({"cniVersion": "1.0.0", "name": "pycrio-lc", "plugins": [bridge]}))
+    netdir = bridge_network(tmp_path / "net.d", "pycrio-lc", BRIDGE, SUBNET, filename="10-lc.conflist")
     parent = f"/pycrio-lc-{tmp_path.name}"
     daemon = make_daemon(
         config_text=(

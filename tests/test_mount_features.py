@@ -22,6 +22,7 @@ import pytest
 
 from pycrio.cri import api_pb2, api_pb2_grpc
 from pycrio.oci import cgroups, features
+from tests.cni_fixture import bridge_network
 from tests.harness import PycrioDaemon
 from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry, _Layout
 
@@ -74,17 +75,7 @@ def other_image(image_builder: ImageBuilder) -> BuiltImage:
 
 
 def _conflist(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    plugin = {
-        "type": "bridge",
-        "bridge": BRIDGE,
-        "isGateway": True,
-        "ipMasq": True,
-        "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]], "routes": [{"dst": "0.0.0.0/0"}]},
-    }
-    config = {"cniVersion": "1.0.0", "name": "pycrio-mounttest", "plugins": [plugin]}
-    (directory / "10-mounttest.conflist").write_text(json.dumps(config))
-    return directory
+    return bridge_network(directory, "pycrio-mounttest", BRIDGE, SUBNET, filename="10-mounttest.conflist")
 
 
 @pytest.fixture(scope="module")

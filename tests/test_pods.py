@@ -12,6 +12,7 @@ import pytest
 
 from pycrio.cri import api_pb2
 from pycrio.oci import cgroups
+from tests.cni_fixture import bridge_network
 from tests.harness import PycrioDaemon, tracing_args
 from tests.otlp_receiver import OTLPReceiver
 from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
@@ -21,28 +22,8 @@ TEST_SUBNET = "10.129.0.0/24"
 
 
 def conflist(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "10-test.conflist").write_text(
-        json.dumps(
-            {
-                "cniVersion": "1.0.0",
-                "name": "pycrio-test",
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": TEST_BRIDGE,
-                        "isGateway": True,
-                        "ipMasq": True,
-                        "hairpinMode": True,
-                        "ipam": {"type": "host-local", "ranges": [[{"subnet": TEST_SUBNET}]],
-                                 "routes": [{"dst": "0.0.0.0/0"}]},
-                    },
-                    {"type": "portmap", "capabilities": {"portMappings": True}},
-                ],
-            }
-        )
-    )
-    return directory
+    return bridge_network(directory, "pycrio-test", TEST_BRIDGE, TEST_SUBNET, portmap="portmap", hairpin=True,
+                          filename="10-test.conflist")
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.cni_fixture import bridge_network  # noqa: E402
 from tests.harness import PycrioDaemon  # noqa: E402
 from tests.registry_fixture import TestRegistry  # noqa: E402
 
@@ -139,17 +140,8 @@ def print_summary(results: Results, expected: Expected, runtime: str, seconds: f
 
 
 def conflist(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "10-conformance.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0",
-        "name": "pycrio-conformance",
-        "plugins": [
-            {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": True, "hairpinMode": True,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ],
-    }))
-    return directory
+    return bridge_network(directory, "pycrio-conformance", BRIDGE, SUBNET, portmap="portmap", hairpin=True,
+                          filename="10-conformance.conflist")
 
 
 def registries_conf(path: Path, hosts: list[str], registry: str) -> Path:

@@ -17,6 +17,7 @@ import pytest
 
 from pycrio.cri import api_pb2
 from pycrio.oci import cgroups
+from tests.cni_fixture import bridge_network
 from tests.conformance.images import build
 from tests.harness import PycrioDaemon
 from tests.registry_fixture import TestRegistry
@@ -111,17 +112,8 @@ class Env:
 
 
 def conflist(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "10-conformance.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0",
-        "name": "pycrio-conformance-images",
-        "plugins": [
-            {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": True, "hairpinMode": True,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ],
-    }))
-    return directory
+    return bridge_network(directory, "pycrio-conformance-images", BRIDGE, SUBNET, portmap="portmap", hairpin=True,
+                          filename="10-conformance.conflist")
 
 
 @pytest.fixture(scope="module")
