@@ -158,6 +158,10 @@ class FakeImages:
     def release_rootfs(container_id: str) -> None:
         pass
 
+    @staticmethod
+    def unmount_rootfs(container_id: str) -> None:
+        pass
+
 
 class RecordingStore(StateStore):
     """An in-memory store that remembers every record it was given, and what it said then."""

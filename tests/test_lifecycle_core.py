@@ -423,3 +423,56 @@ def test_container_status_resources_stop_signal_image_ref_and_hostname(lc: Clien
     assert (stopped.state, stopped.exit_code) == (api_pb2.CONTAINER_EXITED, 0)
     plain = lc.create(pod_id, pod, lc.container_config("plain", ["/bin/sleep", "10"]))
     assert lc.status(plain).status.stop_signal == api_pb2.SIGNAL_SIGTERM
+
+
+# --- an exited container is released at its exit ------------------------------------------
+
+
+def _runtime_knows(lc: Client, cid: str) -> bool:
+    root = lc.daemon.base / "run" / "runtimes" / "runc"
+    return subprocess.run(["runc", "--root", str(root), "state", cid], capture_output=True).returncode == 0
+
+
+def _mounted_under(cid: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if f"/{cid}/" in line.split()[4] or line.split()[4].endswith(f"/{cid}")]
+
+
+def _conmon_of(cid: str) -> str:
+    return subprocess.run(["pgrep", "-af", f"conmon.*-c {cid}"], capture_output=True, text=True).stdout
+
+
+def test_a_container_that_exits_on_its_own_is_released_at_once_and_kept_until_removed(lc: Client) -> None:
+    """As containerd does on the exit event: the runtime deletes the container and its rootfs is
+    unmounted right away, while its record, exit code, log and writable layer stay for
+    ContainerStatus, logs and stats until RemoveContainer."""
+    pod_id, pod = lc.run_pod("retire")
+    cid = lc.run(pod_id, pod, "leaver", ["sh", "-c", "echo kept > /written; echo bye; exit 4"])
+    assert lc.wait_exited(cid).exit_code == 4
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (_runtime_knows(lc, cid) or _mounted_under(cid) or _conmon_of(cid)):
+        time.sleep(0.05)
+    assert not _runtime_knows(lc, cid), "runc still holds the exited container"
+    assert _mounted_under(cid) == [], "the exited container's rootfs is still mounted"
+    assert _conmon_of(cid) == ""
+    status = lc.status(cid).status
+    assert status.state == api_pb2.CONTAINER_EXITED and status.exit_code == 4 and status.reason == "Error"
+    assert "bye" in Path(status.log_path).read_text()
+    uppers = list((lc.daemon.base / "root").rglob(f"{cid}/upper/written"))
+    assert [p.read_text() for p in uppers] == ["kept\n"], "the writable layer must stay until RemoveContainer"
+    lc.rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=30)
+    assert not list((lc.daemon.base / "root").rglob(f"{cid}/upper")), "RemoveContainer leaves the writable layer"
+    with pytest.raises(grpc.RpcError) as err:
+        lc.status(cid)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_stop_container_returns_with_the_runtime_done_with_it(lc: Client) -> None:
+    pod_id, pod = lc.run_pod("stopper")
+    cid = lc.run(pod_id, pod, "sleeper", ["sleep", "1000"])
+    assert _runtime_knows(lc, cid) and _mounted_under(cid)
+    lc.rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=0), timeout=30)
+    assert not _runtime_knows(lc, cid) and _mounted_under(cid) == [] and _conmon_of(cid) == ""
+    assert lc.status(cid).status.state == api_pb2.CONTAINER_EXITED
+    lc.rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=30)
+    assert cid not in {c.id for c in lc.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers}

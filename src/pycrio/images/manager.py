@@ -12,9 +12,10 @@ from pycrio.images.pull import ImagePuller
 from pycrio.images.reference import resolve_candidates
 from pycrio.images.registries_conf import RegistriesConf
 from pycrio.images.registry import RegistryClient
-from pycrio.images.rootfs import mount_rootfs, release_rootfs
+from pycrio.images.rootfs import mount_rootfs, release_rootfs, unmount_rootfs
 from pycrio.images.store import ImageInUse, ImageRecord, ImageStore
 from pycrio.images.volumes import mount_image_volume
+from pycrio.trash import Trash
 
 log = logging.getLogger("pycrio.images")
 
@@ -31,6 +32,7 @@ class ImageManager:
         )
         self.puller = ImagePuller(self.store, self.client, self.config)
         self.containers_dir = self.directory / "containers"
+        self.trash = Trash(self.directory / ".trash")  # removed container trees, deleted in the background
 
     def set_registries(self, registries: RegistriesConf) -> None:
         """Use these registries.conf rules from the next pull on (start-up and SIGHUP)."""
@@ -105,7 +107,12 @@ class ImageManager:
         record = self.store.lease(container_id, image.id)
         return mount_image_volume(self.store.layer_paths(record), self.containers_dir / container_id, index)
 
+    def unmount_rootfs(self, container_id: str) -> None:
+        """Unmount a container's root filesystem and image volumes once it has exited; its files
+        (the writable layer) stay until release_rootfs."""
+        unmount_rootfs(self.containers_dir / container_id)
+
     def release_rootfs(self, container_id: str) -> None:
         """Unmount and delete a container's root filesystem (and image volumes); fine if already gone."""
-        release_rootfs(self.containers_dir / container_id)
+        release_rootfs(self.containers_dir / container_id, self.trash.discard)
         self.store.release(container_id)

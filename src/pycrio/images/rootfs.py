@@ -15,6 +15,7 @@ import shutil
 import stat
 import tempfile
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -73,8 +74,9 @@ def mount_rootfs(layers: list[Path], container_dir: Path, force_copy: bool = Fal
     return rootfs
 
 
-def release_rootfs(container_dir: Path) -> None:
-    """Unmount the container's rootfs if mounted and remove `container_dir` entirely; idempotent."""
+def release_rootfs(container_dir: Path, discard: Callable[[Path], None] | None = None) -> None:
+    """Unmount the container's rootfs if mounted and remove `container_dir` entirely (through
+    `discard`, e.g. a Trash, when given); idempotent."""
     if not os.path.lexists(container_dir):
         return
     mode_file = container_dir / MODE_FILE
@@ -82,7 +84,14 @@ def release_rootfs(container_dir: Path) -> None:
     log.debug("releasing %s rootfs in %s", mode, container_dir)
     # Whatever the record says: never remove a tree that still has something mounted in it.
     _unmount_all(container_dir)
-    _remove(container_dir)
+    (discard or _remove)(container_dir)
+
+
+def unmount_rootfs(container_dir: Path) -> None:
+    """Unmount the container's rootfs and image volumes, keeping their files (the writable layer
+    stays countable until release_rootfs); idempotent."""
+    if os.path.lexists(container_dir):
+        _unmount_all(container_dir)
 
 
 def overlay_supported(scratch: Path) -> bool:

@@ -19,14 +19,16 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import secrets
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 
@@ -60,6 +62,7 @@ from pycrio.state.records import (
     encode_message,
 )
 from pycrio.tracing import step_span
+from pycrio.trash import Trash
 
 log = logging.getLogger("pycrio.pods")
 
@@ -89,10 +92,14 @@ class ContainerManager:
         self.images = images
         self.events = events
         self.directory = Path(config.runroot) / "containers"
+        self.bundle_trash = Trash(Path(config.runroot) / ".trash")  # removed bundles, deleted in the background
         self._stop_watching = threading.Event()
         self._pending: set[str] = set()  # containers whose exit was reported and not yet recorded
         self._pending_lock = threading.Lock()
         self._held = threading.local()  # the container locks this thread holds (see _owning)
+        self._retiring: queue.SimpleQueue[str] = queue.SimpleQueue()  # exited on their own, to retire
+        self._retirer: threading.Thread | None = None
+        self._retirer_lock = threading.Lock()
 
     # --- exits -----------------------------------------------------------------------------
 
@@ -186,6 +193,8 @@ class ContainerManager:
         those that happened meanwhile), reserve their names, and drop bundles and root
         filesystems of containers that were never recorded."""
         self.handlers.report_exits(self.exit_reported)
+        self.bundle_trash.empty()
+        self.images.trash.empty()
         known = {c.id for c in self.state.list_containers()}
         for record in self.state.list_containers():
             pod = self._pod_or_none(record.pod_id)
@@ -213,6 +222,8 @@ class ContainerManager:
         for record in self.state.list_containers():
             if record.state in LIVE_STATES:
                 self.exit_reported(record.id)  # exits that happened while no daemon watched
+            elif record.state == CONTAINER_EXITED and not record.retired:
+                self._retire_later(record.id)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -302,9 +313,47 @@ class ContainerManager:
             self.events.publish(new.id, new.pod_id, STARTED)
         if new.state == CONTAINER_EXITED:
             self.events.publish(new.id, new.pod_id, STOPPED)
+            self._retire_later(new.id)
         if new.state != record.state:
             log.debug("container %s: %s -> %s", new.id, record.state, new.state)
         return new
+
+    # --- retirement: what the runtime holds for an exited container ---------------------------
+
+    def _retire(self, record: ContainerRecord) -> ContainerRecord:
+        """Let the runtime release an exited container (runtime delete: its state, cgroup and
+        conmon; then its rootfs mounts), as containerd does on the exit event. Its record, log
+        and writable layer stay until RemoveContainer. The container's lock is held."""
+        if record.state != CONTAINER_EXITED or record.retired:
+            return record
+        try:
+            self.runtime(record).delete(self.handle(record))
+        except NotFound:
+            pass  # the runtime has no trace of it already
+        with step_span("unmount_rootfs", **{"container.id": record.id}):
+            self.images.unmount_rootfs(record.id)
+        retired = dataclasses.replace(record, retired=True)
+        self.state.save_container(retired)
+        return retired
+
+    def _retire_later(self, container_id: str) -> None:
+        """Retire `container_id` from the retirer thread (it exited on its own: nobody waits)."""
+        self._retiring.put(container_id)
+        with self._retirer_lock:
+            if self._retirer is None or not self._retirer.is_alive():
+                self._retirer = threading.Thread(target=self._retire_loop, name="container-retire", daemon=True)
+                self._retirer.start()
+
+    def _retire_loop(self) -> None:
+        while True:
+            container_id = self._retiring.get()
+            try:
+                with self._owning(container_id):
+                    self._retire(self._record(container_id))
+            except NotFound:
+                pass  # removed meanwhile
+            except Exception as exc:  # noqa: BLE001 - RemoveContainer deletes it again and reports errors
+                log.warning("releasing the runtime state of exited container %s: %s", container_id, exc)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -501,12 +550,18 @@ class ContainerManager:
                 return  # removed meanwhile
 
     def _stop(self, container_id: str, timeout: int) -> ContainerRecord:
+        """Stop the container and retire it; it is stopped even when retiring fails (logged:
+        RemoveContainer retries and reports it)."""
         record = self._observe(container_id)
-        if record.state == CONTAINER_EXITED:
+        if record.state != CONTAINER_EXITED:
+            # Created, running or unknown alike: the runtime signals whatever process there is.
+            self.runtime(record).stop(self.handle(record), timeout, self._stop_signal(record))
+            record = self._observe(container_id)
+        try:
+            return self._retire(record)
+        except CRIError as exc:
+            log.warning("container %s stopped, but its runtime state stays: %s", container_id, exc)
             return record
-        # Created, running or unknown alike: the runtime signals whatever process there is.
-        self.runtime(record).stop(self.handle(record), timeout, self._stop_signal(record))
-        return self._observe(container_id)
 
     def remove(self, container_id: str) -> None:
         """Stop (at once) and delete a container; removing one that is gone is fine."""
@@ -519,10 +574,11 @@ class ContainerManager:
                 record = self._stop(record.id, 0)
             except NotFound:
                 return
-            self.runtime(record).delete(self.handle(record))
-            with step_span("unmount_rootfs", **{"container.id": record.id}):
+            if not record.retired:
+                self.runtime(record).delete(self.handle(record))
+            with step_span("remove_rootfs", **{"container.id": record.id}):
                 self.images.release_rootfs(record.id)
-                shutil.rmtree(record.bundle, ignore_errors=True)
+                self.bundle_trash.discard(Path(record.bundle))
             pod = self._pod_or_none(record.pod_id)
             if pod is not None:
                 self.state.release_name(container_name(record.container_config, pod))

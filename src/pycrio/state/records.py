@@ -103,6 +103,7 @@ class ContainerRecord:
     user: list[int] = field(default_factory=list)  # uid, gid, additional gids of the first process
     stop_signal: int = 0  # the signal StopContainer sends (config, else image, else SIGTERM); 0: not recorded
     image_digest: str = ""  # the image as a repo digest reference (name@sha256:...), when it has one
+    retired: bool = False  # exited, and the runtime let go of it (runtime delete done, rootfs unmounted)
 
     @property
     def container_config(self) -> api_pb2.ContainerConfig:
