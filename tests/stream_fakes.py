@@ -90,7 +90,7 @@ class FakeSpdyStream:
         self.remote_closed = False  # the client sent FIN or RST
         self.local_closed = False  # we sent FIN
         self.reset_status: int | None = None  # we sent RST
-        self.client_reset_sent = False
+        self.client_reset_sent = False  # the client sent RST (reset_status is then CANCEL too)
         self.writes: list[bytes] = []  # everything the server wrote, in order
 
     # server side (the contract)
@@ -106,7 +106,7 @@ class FakeSpdyStream:
         await self.to_client.put(data)
 
     async def close(self) -> None:
-        if not self.local_closed:
+        if self.reset_status is None and not self.local_closed:
             self.local_closed = True
             await self.to_client.finish()
 
@@ -127,6 +127,8 @@ class FakeSpdyStream:
     async def client_reset(self) -> None:
         self.remote_closed = True
         self.client_reset_sent = True
+        if self.reset_status is None:
+            self.reset_status = 5  # as spdy.SpdyStream: set once reset either way
         await self.to_server.finish()
         await self.to_client.finish()
 

@@ -48,6 +48,7 @@ class Pod:
     def __init__(self) -> None:
         self.ports: dict[int, int] = {}
         self.dialed: list[int] = []
+        self.writers: list[asyncio.StreamWriter] = []  # our ends of the pod connections
         self.servers: list[asyncio.AbstractServer] = []
 
     async def serve(self, pod_port: int, handler: Handler) -> None:
@@ -64,7 +65,9 @@ class Pod:
             probe.close()
             await probe.wait_closed()
             return await asyncio.open_connection("127.0.0.1", free)
-        return await asyncio.open_connection("127.0.0.1", self.ports[port])
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.ports[port])
+        self.writers.append(writer)
+        return reader, writer
 
     def close(self) -> None:
         for s in self.servers:
@@ -297,6 +300,29 @@ def test_spdy_session_end_closes_pod_connections() -> None:
         await served
         await asyncio.wait_for(closed.wait(), 2)
         pod.close()
+    arun(main())
+
+
+def test_spdy_client_reset_drops_that_connection_only() -> None:
+    """client-go resets the data stream on a local error: that pod connection ends, not the others."""
+    async def main() -> None:
+        async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()
+            await asyncio.sleep(30)  # ignores the EOF, never replies, never closes
+        pod = Pod()
+        await pod.serve(80, deaf)
+        await pod.serve(81, echo)
+        async with spdy_forward(Request(kind="portforward"), pod) as (session, served, _c):
+            error, data = client_connection(session, 80, 0)
+            other_error, other = client_connection(session, 81, 1)
+            await data.client_send(b"request")
+            await asyncio.sleep(0.05)
+            await data.client_reset()
+            assert await error.client_read_all() == b""
+            assert pod.writers[0].is_closing(), "the reset connection's pod side is closed"
+            await other.client_send(b"still here")
+            assert await other.client_read() == b"still here"
+            assert not served.done()
     arun(main())
 
 

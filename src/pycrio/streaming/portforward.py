@@ -213,15 +213,22 @@ class _SpdyPortForward:
                 await self._write_error(pair.error, msg, close=True)
                 await pair.data.close()
                 return
-            pumps = [asyncio.ensure_future(_upload(pair.data.read, writer, self.counters)),
-                     asyncio.ensure_future(self._download(reader, pair.data))]
+            up = asyncio.ensure_future(_upload(pair.data.read, writer, self.counters))
+            down = asyncio.ensure_future(self._download(reader, pair.data))
             try:
-                await asyncio.gather(*pumps)
+                done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+                if up in done and getattr(pair.data, "reset_status", None) is not None:
+                    # a reset, not a FIN: the client dropped the connection, the pod's reply too
+                    down.cancel()
+                results = await asyncio.gather(up, down, return_exceptions=True)
             finally:
-                for pump in pumps:
-                    pump.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
+                up.cancel()
+                down.cancel()
+                await asyncio.gather(up, down, return_exceptions=True)
                 await _close_writer(writer)
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
             await pair.error.close()
         except asyncio.CancelledError:
             pair.data.reset()
