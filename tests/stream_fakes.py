@@ -7,8 +7,10 @@ unread bytes a writer may leave before its write waits)."""
 from __future__ import annotations
 
 import asyncio
+import socket
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 
 @dataclass(frozen=True)
@@ -260,3 +262,33 @@ class FakeWebSocket:
         while (m := await self.client_recv(timeout)) is not None:
             messages.append(m)
         return messages
+
+
+@asynccontextmanager
+async def spdy_pair() -> AsyncIterator[tuple[Any, Any]]:
+    """A real spdy.SpdySession pair (server, client) over a socketpair, both frame loops running."""
+    from pycrio.streaming.spdy import SpdySession
+
+    a, b = socket.socketpair()
+    server_reader, server_writer = await asyncio.open_connection(sock=a)
+    client_reader, client_writer = await asyncio.open_connection(sock=b)
+    server = SpdySession(server_reader, server_writer, server=True)
+    client = SpdySession(client_reader, client_writer, server=False)
+    loops = [asyncio.ensure_future(server.run()), asyncio.ensure_future(client.run())]
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        await server.close()
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+
+
+async def read_all(stream: Any, timeout: float = 5.0) -> bytes:
+    """Everything a real SpdyStream delivers until the peer's FIN (or reset)."""
+    out = b""
+    async with asyncio.timeout(timeout):
+        while chunk := await stream.read():
+            out += chunk
+    return out

@@ -11,7 +11,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from pycrio.streaming.portforward import serve_portforward
 from pycrio.streaming.session import SessionCounters
-from tests.stream_fakes import FakeSpdySession, FakeWebSocket, Request, SpdyTransport, WebSocketTransport
+from tests.stream_fakes import (FakeSpdySession, FakeWebSocket, Request, SpdyTransport, WebSocketTransport,
+                                read_all, spdy_pair)
 
 
 def arun(coro: Awaitable[Any], timeout: float = 20.0) -> Any:
@@ -406,4 +407,41 @@ def test_websocket_bad_port_query_closes() -> None:
         await serve_portforward(Request(kind="portforward"), WebSocketTransport(ws, "", {"port": ["http"]}),
                                 Pod().dial, SessionCounters())
         assert ws.closed and ws.sent == []
+    arun(main())
+
+
+def test_real_spdy_session() -> None:
+    """Port-forward over a real SpdySession pair, the client doing what client-go's
+    handleConnection does; a refused dial on one connection, an echo on two others."""
+    async def main() -> None:
+        pod = Pod()
+        await pod.serve(80, echo)
+        counters = SessionCounters()
+        async with spdy_pair() as (server, client):
+            served = asyncio.ensure_future(serve_portforward(
+                Request(kind="portforward", pod_id="podR"), SpdyTransport(server, "portforward.k8s.io"),
+                pod.dial, counters))
+
+            async def connection(port: int, request_id: int, payload: bytes) -> tuple[bytes, bytes]:
+                headers = {"streamType": "error", "port": str(port), "requestID": str(request_id)}
+                error = await client.open_stream(headers)
+                await error.close()
+                data = await client.open_stream({**headers, "streamType": "data"})
+                await data.write(payload)
+                await data.close()
+                got = await read_all(data)
+                data.reset()
+                return got, await read_all(error)
+            big = os.urandom(300_000)
+            results = await asyncio.gather(connection(80, 0, big), connection(9999, 1, b"x"),
+                                           connection(80, 2, b"small"))
+            assert results[0] == (big, b"")
+            assert results[2] == (b"small", b"")
+            assert results[1][0] == b""
+            assert results[1][1].startswith(b"error forwarding port 9999 to pod podR, uid : ")
+            assert counters.bytes_out == len(big) + 5
+            assert not served.done()
+            await client.close()
+            await asyncio.wait_for(served, 5)
+        pod.close()
     arun(main())

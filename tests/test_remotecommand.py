@@ -12,7 +12,8 @@ import pytest
 
 from pycrio.streaming.remotecommand import ResizeDecoder, serve_remotecommand
 from pycrio.streaming.session import ClientGone, ExecOutcome, SessionIO, TerminalSize
-from tests.stream_fakes import FakeSpdySession, FakeWebSocket, Request, SpdyTransport, WebSocketTransport
+from tests.stream_fakes import (FakeSpdySession, FakeWebSocket, Request, SpdyTransport, WebSocketTransport,
+                                read_all, spdy_pair)
 
 EXIT3_MESSAGE = ("command terminated with non-zero exit code: "
                  "error executing command [sh -c exit 3], exit code 3")
@@ -402,4 +403,49 @@ def test_spdy_extra_streams_refused_and_v1_stdin_closed() -> None:
             return ExecOutcome(exit_code=0)
         await serve_remotecommand(Request(stdin=True), SpdyTransport(session, "channel.k8s.io"), run)
         assert bogus.reset_status == 3
+    arun(main())
+
+
+@pytest.mark.parametrize("protocol", ["channel.k8s.io", "v2.channel.k8s.io", "v3.channel.k8s.io",
+                                      "v4.channel.k8s.io", "v5.channel.k8s.io"])
+def test_real_spdy_session(protocol: str) -> None:
+    """The whole exchange over a real SpdySession pair, the client side doing what client-go does:
+    streams error, stdin, stdout, stderr (+ resize from v3 with a tty), stdin FIN, reads to EOF."""
+    async def main() -> None:
+        async with spdy_pair() as (server, client):
+            version = 1 if protocol == "channel.k8s.io" else int(protocol[1])
+            tty = version >= 3
+            sizes: list[TerminalSize] = []
+
+            async def run(io: SessionIO) -> ExecOutcome:
+                if tty:
+                    sizes.append(await io.resizes.get())
+                data = b""
+                while chunk := await io.read_stdin():
+                    data += chunk
+                await io.write_stdout(data.upper())
+                await io.write_stderr(b"to stderr")
+                return ExecOutcome(exit_code=3)
+            request = Request(stdin=True, tty=tty)
+            served = asyncio.ensure_future(serve_remotecommand(request, SpdyTransport(server, protocol), run))
+            streams = {"error": await client.open_stream({"streamType": "error"}),
+                       "stdin": await client.open_stream({"streamType": "stdin"}),
+                       "stdout": await client.open_stream({"streamType": "stdout"})}
+            if not tty:
+                streams["stderr"] = await client.open_stream({"streamType": "stderr"})
+            else:
+                streams["resize"] = await client.open_stream({"streamType": "resize"})
+                await streams["resize"].write(b'{"Width":132,"Height":43}\n')
+            await streams["stdin"].write(b"hello ")
+            await streams["stdin"].write(b"spdy")
+            await streams["stdin"].close()
+            out = await read_all(streams["stdout"])
+            err = b"" if tty else await read_all(streams["stderr"])
+            status = await read_all(streams["error"])
+            result = await served
+            assert result.exit_code == 3
+            assert (out, err) == ((b"HELLO SPDYto stderr", b"") if tty else (b"HELLO SPDY", b"to stderr"))
+            assert status == (EXIT3_JSON if version >= 4 else EXIT3_MESSAGE).encode()
+            assert sizes == ([TerminalSize(132, 43)] if tty else [])
+            await asyncio.wait_for(server.closed.wait(), 2)
     arun(main())

@@ -92,6 +92,11 @@ async def _upload(read: Callable[[], Awaitable[bytes]], writer: asyncio.StreamWr
         log.debug("port-forward upload ended: %s", exc)
 
 
+async def _discard(stream: Any) -> None:
+    while await stream.read():
+        pass
+
+
 async def _close_writer(writer: asyncio.StreamWriter) -> None:
     writer.close()
     try:
@@ -202,6 +207,14 @@ class _SpdyPortForward:
 
     async def _forward(self, pair: _Pair) -> None:
         port = int(pair.data.headers[PORT_HEADER])
+        # the client sends nothing on the error stream, but unread data would hold the frame loop
+        discard = asyncio.ensure_future(_discard(pair.error))
+        try:
+            await self._forward_pair(pair, port)
+        finally:
+            discard.cancel()
+
+    async def _forward_pair(self, pair: _Pair, port: int) -> None:
         try:
             try:
                 reader, writer = await _connect(self.request, self.dial, port)

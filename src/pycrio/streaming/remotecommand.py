@@ -163,6 +163,11 @@ async def _wait_stdin_room(io: SessionIO) -> None:
         await asyncio.sleep(0.005)
 
 
+async def _discard(stream: Any) -> None:
+    while await stream.read():
+        pass
+
+
 async def serve_remotecommand(
     request: StreamRequest,
     transport: SpdyTransport | WebSocketTransport,
@@ -318,10 +323,14 @@ class _SpdyRemoteCommand(_RemoteCommand):
         return io
 
     def start(self, io: SessionIO) -> None:
-        if io.stdin_enabled:
-            self.spawn(self._pump_stdin(io, self.streams[STREAM_STDIN]))
-        if STREAM_RESIZE in self.streams:
-            self.spawn(self._pump_resize(io, self.streams[STREAM_RESIZE]))
+        for kind, stream in self.streams.items():
+            if kind == STREAM_STDIN and io.stdin_enabled:
+                self.spawn(self._pump_stdin(io, stream))
+            elif kind == STREAM_RESIZE:
+                self.spawn(self._pump_resize(io, stream))
+            else:
+                # nothing is expected there, but unread data would hold the SPDY frame loop
+                self.spawn(_discard(stream))
         self.spawn(self._watch(io))
 
     async def _pump_stdin(self, io: SessionIO, stream: Any) -> None:
@@ -340,6 +349,7 @@ class _SpdyRemoteCommand(_RemoteCommand):
                 return
             for size in decoder.feed(data):
                 io.resizes.put_nowait(size)
+        await _discard(stream)
 
     async def _watch(self, io: SessionIO) -> None:
         """The client is gone once the SPDY connection ends; streams it opens late are refused."""
