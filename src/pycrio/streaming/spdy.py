@@ -875,6 +875,7 @@ class SpdySession:
             for stream in self._streams.values():
                 stream.send_window += delta
             self._enable_flow_control()
+            self._wake_writers()
         streams = frame.get(SETTINGS_MAX_CONCURRENT_STREAMS)
         if streams is not None:
             self.peer_max_concurrent_streams = streams
