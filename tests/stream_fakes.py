@@ -110,6 +110,7 @@ class FakeSpdyStream:
     async def close(self) -> None:
         if self.reset_status is None and not self.local_closed:
             self.local_closed = True
+            self.session.close_order.append(self.headers.get("streamtype", ""))
             await self.to_client.finish()
 
     def reset(self, status: int = 5) -> None:
@@ -158,6 +159,7 @@ class FakeSpdySession:
         self.ended = False
         self.close_calls = 0
         self.streams: list[FakeSpdyStream] = []
+        self.close_order: list[str] = []  # stream types, in the order the server half-closed them
         self._next_id = 1
 
     async def accept(self) -> FakeSpdyStream | None:

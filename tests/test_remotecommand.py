@@ -182,9 +182,10 @@ def test_websocket_v5_close_signal_ends_stdin() -> None:
     arun(main())
 
 
-def test_websocket_v4_has_no_close_signal() -> None:
-    """Before v5 255 is no signal (an unknown channel, dropped); stdin ends with the connection."""
-    async def main() -> None:
+def test_websocket_v4_close_signal_and_connection_end() -> None:
+    """client-go sends [255, 0] at stdin EOF whatever the version; honoured in v4 too (k8s drops
+    it there and the command never sees EOF). Without it stdin ends with the connection."""
+    async def main(send_close: bool) -> None:
         ws = FakeWebSocket()
         seen: list[SessionIO] = []
 
@@ -194,13 +195,19 @@ def test_websocket_v4_has_no_close_signal() -> None:
         served = asyncio.ensure_future(serve_remotecommand(
             Request(stdin=True), WebSocketTransport(ws, "v4.channel.k8s.io"), run))
         ws.client_send(b"\x00a")
-        ws.client_send(b"\xff\x00")
-        await asyncio.sleep(0.1)
-        assert not served.done(), "a v4 close signal must not end stdin"
-        await ws.client_close()
-        assert (await served).exit_code == 0
-        assert seen[0].client_gone.is_set()
-    arun(main())
+        ws.client_send(b"\xff\x00\x00")  # not a close signal: dropped (v4 does not end the session)
+        await asyncio.sleep(0.05)
+        assert not served.done()
+        if send_close:
+            ws.client_send(b"\xff\x00")
+            assert (await served).exit_code == 0
+            assert ws.sent[-1] == b"\x03" + SUCCESS_JSON.encode()
+        else:
+            await ws.client_close()
+            assert (await served).exit_code == 0
+            assert seen[0].client_gone.is_set()
+    arun(main(True))
+    arun(main(False))
 
 
 def test_websocket_base64_stdin() -> None:
@@ -448,4 +455,16 @@ def test_real_spdy_session(protocol: str) -> None:
             assert status == (EXIT3_JSON if version >= 4 else EXIT3_MESSAGE).encode()
             assert sizes == ([TerminalSize(132, 43)] if tty else [])
             await asyncio.wait_for(server.closed.wait(), 2)
+    arun(main())
+
+
+def test_spdy_error_stream_closed_before_outputs() -> None:
+    """A v1 client returns at its outputs' EOF: the error must be complete before them."""
+    async def main() -> None:
+        session = FakeSpdySession()
+        open_client_streams(session, stdin=False)
+        await serve_remotecommand(Request(), SpdyTransport(session, "channel.k8s.io"),
+                                  outputs_then(ExecOutcome(exit_code=3)))
+        assert session.close_order[0] == "error"
+        assert set(session.close_order) == {"error", "stdout", "stderr"}
     arun(main())

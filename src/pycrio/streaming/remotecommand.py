@@ -270,20 +270,29 @@ class _SpdyRemoteCommand(_RemoteCommand):
         self.streams: dict[str, Any] = {}
         self.accepting: asyncio.Future[Any] | None = None
 
-    def _expected(self) -> tuple[int, set[str]]:
+    def _expected(self) -> tuple[set[str], set[str]]:
+        """The stream types the request needs, and every type this version knows."""
         known = {STREAM_ERROR, STREAM_STDIN, STREAM_STDOUT, STREAM_STDERR}
-        count = 1 + bool(self.request.stdin) + bool(self.request.stdout) + self.want_stderr
+        required = {STREAM_ERROR}
+        if self.request.stdin:
+            required.add(STREAM_STDIN)
+        if self.request.stdout:
+            required.add(STREAM_STDOUT)
+        if self.want_stderr:
+            required.add(STREAM_STDERR)
         if self.version >= 3:
             known.add(STREAM_RESIZE)
-            count += self.tty
-        return count, known
+            if self.tty:
+                required.add(STREAM_RESIZE)
+        return required, known
 
     async def open(self) -> str:
-        expected, known = self._expected()
+        # k8s counts streams up to the number the request implies; waiting for the types instead
+        # also serves a client that opens a stream the request did not ask for (stdin without -i)
+        required, known = self._expected()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        received = 0
-        while received < expected:
+        while not required <= self.streams.keys():
             if self.accepting is None:
                 self.accepting = asyncio.ensure_future(self.session.accept())
             remaining = deadline - loop.time()
@@ -293,16 +302,7 @@ class _SpdyRemoteCommand(_RemoteCommand):
             stream, self.accepting = self.accepting.result(), None
             if stream is None:
                 return "the client closed the connection before creating its streams"
-            kind = stream.headers.get(STREAM_TYPE_HEADER, "")
-            if kind not in known:
-                log.warning("%s session: unexpected stream type %r", self.request.kind, kind)
-                stream.reset(_REFUSED_STREAM)
-                continue
-            old = self.streams.get(kind)
-            if old is not None:
-                old.reset(_REFUSED_STREAM)
-            self.streams[kind] = stream
-            received += 1
+            self._take(stream, known)
         if self.version == 1 and STREAM_STDIN in self.streams:
             # as k8s v1: the server's half of stdin is closed at once (it only reads it)
             await self.streams[STREAM_STDIN].close()
@@ -351,8 +351,20 @@ class _SpdyRemoteCommand(_RemoteCommand):
                 io.resizes.put_nowait(size)
         await _discard(stream)
 
+    def _take(self, stream: Any, known: set[str]) -> str:
+        """Keeps a stream of a known type not seen yet (its type); refuses any other ("")."""
+        kind = stream.headers.get(STREAM_TYPE_HEADER, "")
+        if kind not in known or kind in self.streams:
+            why = "a second" if kind in self.streams else "an unexpected"
+            log.warning("%s session: %s stream of type %r refused", self.request.kind, why, kind)
+            stream.reset(_REFUSED_STREAM)
+            return ""
+        self.streams[kind] = stream
+        return kind
+
     async def _watch(self, io: SessionIO) -> None:
-        """The client is gone once the SPDY connection ends; streams it opens late are refused."""
+        """The client is gone once the SPDY connection ends. Streams it opens late are kept
+        (and closed at the end, as the client reads them to EOF) if of a known type not seen yet."""
         closed = asyncio.ensure_future(self.session.closed.wait())
         try:
             while True:
@@ -364,8 +376,11 @@ class _SpdyRemoteCommand(_RemoteCommand):
                 stream, self.accepting = self.accepting.result(), None
                 if stream is None:
                     break
-                log.warning("%s session: extra stream %r refused", self.request.kind, stream.headers)
-                stream.reset(_REFUSED_STREAM)
+                kind = self._take(stream, self._expected()[1])
+                if kind == STREAM_RESIZE:
+                    self.spawn(self._pump_resize(io, stream))
+                elif kind:
+                    self.spawn(_discard(stream))  # a stream the request did not ask for
         finally:
             closed.cancel()
         io.client_gone.set()
@@ -378,8 +393,9 @@ class _SpdyRemoteCommand(_RemoteCommand):
     async def shutdown(self) -> None:
         if self.accepting is not None:
             self.accepting.cancel()
-        # outputs first, the error stream last: the client reads all of them to EOF
-        order = [STREAM_STDOUT, STREAM_STDERR, STREAM_STDIN, STREAM_RESIZE, STREAM_ERROR]
+        # the client reads each to EOF. The error stream first: a v1 client stops at the outputs'
+        # EOF and reports an error only if it has read the whole error stream by then
+        order = [STREAM_ERROR, STREAM_STDOUT, STREAM_STDERR, STREAM_STDIN, STREAM_RESIZE]
         for kind in order:
             stream = self.streams.get(kind)
             if stream is None:
@@ -401,7 +417,7 @@ class _WebSocketRemoteCommand(_RemoteCommand):
         protocol = transport.protocol or ""
         self.base64 = "base64" in protocol
         self.json_status = protocol.startswith(("v4.", "v5."))
-        self.stream_close = protocol == "v5.channel.k8s.io"
+        self.stream_close = protocol == "v5.channel.k8s.io"  # a malformed close ends the session
         self.send_lock = asyncio.Lock()
         self.stdin_open = bool(request.stdin)
 
@@ -452,11 +468,13 @@ class _WebSocketRemoteCommand(_RemoteCommand):
                     message = message.encode()
                 if not message:
                     continue
-                if self.stream_close and message[0] == CHANNEL_CLOSE:
-                    if len(message) != 2 or message[1] > CHANNEL_RESIZE:
+                if message[0] == CHANNEL_CLOSE and not self.base64:
+                    if self.stream_close and (len(message) != 2 or message[1] > CHANNEL_RESIZE):
                         log.warning("%s session: bad close signal %r; closing", self.request.kind, message)
                         break
-                    if message[1] == CHANNEL_STDIN:
+                    # client-go sends it whatever the version; before v5 k8s drops it (255 is no
+                    # channel) and stdin never ends. Honoured here: no valid v4 message starts with 255
+                    if message[1:] == bytes((CHANNEL_STDIN,)):
                         self._close_stdin(io)
                     continue
                 channel = message[0] - ord("0") if self.base64 else message[0]
