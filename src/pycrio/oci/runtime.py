@@ -12,6 +12,7 @@ in a step span.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import re
 import shlex
@@ -20,12 +21,15 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import grpc
 
-from pycrio.errors import CRIError
+from pycrio.errors import CRIError, Unimplemented
 from pycrio.tracing import step_span
+
+if TYPE_CHECKING:
+    from pycrio.streaming.session import SessionIO
 
 log = logging.getLogger("pycrio.oci")
 
@@ -248,6 +252,23 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def available(self) -> tuple[bool, str]:
         """Whether this runtime can run containers on this host, and why not."""
+
+    # -- streaming (async, on the stream server's loop) -----------------------------------
+
+    async def exec_stream(self, handle: ContainerHandle, cmd: list[str], io: "SessionIO") -> int:
+        """Run `cmd` in the running container wired to the client's streams; its exit code."""
+        raise Unimplemented(f"runtime {self.name} cannot stream an exec")
+
+    async def attach_stream(self, handle: ContainerHandle, io: "SessionIO") -> None:
+        """Connect the client's streams to the container's own stdio until either ends."""
+        raise Unimplemented(f"runtime {self.name} cannot attach to a container")
+
+    async def dial_port(
+        self, netns_path: str | None, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection to `port` on localhost in the network namespace `netns_path`
+        (None: the host's)."""
+        raise Unimplemented(f"runtime {self.name} cannot forward ports")
 
     def stop(self, handle: ContainerHandle, timeout: int, stop_signal: int = signal.SIGTERM) -> None:
         """Signal the container, wait up to `timeout` s, then SIGKILL it; a stopped one is left alone."""

@@ -11,6 +11,7 @@ way) and hands each new exit file to the exit callback.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import json
@@ -26,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from pycrio.errors import FailedPrecondition, InvalidArgument, NotFound
 from pycrio.oci import cgroups
@@ -49,6 +50,9 @@ from pycrio.oci.runtime import (
 )
 from pycrio.procfs import all_pids, process_start_time, stat_fields
 from pycrio.tracing import step_span
+
+if TYPE_CHECKING:
+    from pycrio.streaming.session import SessionIO
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 AVAILABLE_TTL = 30.0
@@ -323,6 +327,25 @@ class OCIRuntime(Runtime):
                 f"use runc, or boot with cgroups v2 only (systemd.unified_cgroup_hierarchy=1)"
             )
         return True, ""
+
+    # -- streaming (async, on the stream server's loop; see streams_oci) ---------------------
+
+    async def exec_stream(self, handle: ContainerHandle, cmd: list[str], io: SessionIO) -> int:
+        from pycrio.oci import streams_oci  # it builds on this module
+
+        return await streams_oci.exec_stream(self, handle, cmd, io)
+
+    async def attach_stream(self, handle: ContainerHandle, io: SessionIO) -> None:
+        from pycrio.oci import streams_oci
+
+        await streams_oci.attach_stream(self, handle, io)
+
+    async def dial_port(
+        self, netns_path: str | None, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        from pycrio.oci import streams_oci
+
+        return await streams_oci.dial_port(netns_path, port)
 
     # -- create ----------------------------------------------------------------------------
 
