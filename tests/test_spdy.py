@@ -43,7 +43,7 @@ from pycrio.streaming.spdy import (
     SynStreamFrame,
     WindowUpdateFrame,
 )
-from tests.spdy_record import DATA, ExecServer, build_client, pattern, run_client
+from tests.spdy_record import DATA, ExecServer, ForwardServer, build_client, pattern, run_client
 
 
 def run(coro: Awaitable[Any], timeout: float = 30) -> Any:
@@ -229,6 +229,21 @@ def test_recorded_client_tty_and_ping_frames_decode() -> None:
     ping = frames_of((DATA / "exec-ping.client.bin").read_bytes())
     assert PingFrame(1) in ping  # client-go pings every 5 s, odd ids
     assert any(isinstance(f, RstStreamFrame) and f.status == CANCEL for f in ping)
+
+
+def test_recorded_client_portforward_frames_decode() -> None:
+    frames = frames_of((DATA / "portforward.client.bin").read_bytes())
+    syns = {(f.headers["requestid"][0], f.headers["streamtype"][0]): f
+            for f in frames if isinstance(f, SynStreamFrame)}
+    assert set(syns) == {("0", "error"), ("0", "data"), ("1", "error"), ("1", "data")}
+    assert all(f.headers["port"] == ["8080"] and len(f.headers) == 3 for f in syns.values())
+    # the client half-closes each error stream at once (it never writes to it)
+    for rid in "01":
+        assert DataFrame(syns[(rid, "error")].stream_id, b"", FLAG_FIN) in frames
+        assert DataFrame(syns[(rid, "data")].stream_id, pattern(5)) in frames
+    request = (DATA / "portforward.request.http").read_text()
+    assert "X-Stream-Protocol-Version: portforward.k8s.io" in request
+    assert "conn=1 bytes=5" in (DATA / "portforward.client-result.txt").read_text()
 
 
 def test_recorded_server_frames_are_what_the_client_accepted() -> None:
@@ -749,6 +764,26 @@ def test_ping_is_echoed_and_timed() -> None:
     run(main())
 
 
+def test_ping_flood_from_a_peer_that_does_not_read_is_bounded() -> None:
+    async def main() -> None:
+        session, peer, task = await _raw()
+        count = 200_000  # 2.4 MB of PINGs, 2.4 MB of echoes nobody reads
+        peer.send_raw(FrameEncoder().encode(PingFrame(1)) * count)
+        await asyncio.sleep(1.0)
+        transport = session._writer.transport  # type: ignore[attr-defined]
+        assert transport.get_write_buffer_size() <= 384 * 1024
+        assert session.frames_in < count  # the loop stopped reading: the socket pushes back
+        echoes = 0
+        while echoes < count:  # once read, every PING is answered
+            f = await peer.recv()
+            assert f is not None
+            echoes += isinstance(f, PingFrame)
+        await session.close()
+        await task
+
+    run(main(), 60)
+
+
 @pytest.mark.parametrize("bad", ["version 2", "not zlib", "rst length", "data stream 0", "inflates too far"])
 def test_malformed_input_closes_the_session_with_goaway(bad: str) -> None:
     async def main() -> None:
@@ -889,6 +924,28 @@ def test_real_client_tty_streams(go_client: Path) -> None:
     assert result.returncode == 0, result.raw
     assert [s["streamtype"] for s in server.exchanges[0].streams] == ["error", "stdin", "stdout", "resize"]
     assert result.stdout_sha256 == hashlib.sha256(pattern(3)).hexdigest()
+
+
+def test_real_client_portforward_10_connections(go_client: Path) -> None:
+    """crictl port-forward's client: 10 connections at once, 1 MiB each way on each."""
+    server = ForwardServer()
+
+    async def main() -> Any:
+        await server.start()
+        try:
+            return await run_client(go_client, server.url(), "-portforward", "8080",
+                                    "-send", str(1 << 20), "-conns", "10")
+        finally:
+            await server.stop()
+
+    result = run(main(), 120)
+    assert result.returncode == 0, result.raw
+    want = hashlib.sha256(pattern(1 << 20)).hexdigest()
+    assert [c["sha256"] for c in result.conns] == [want] * 10
+    ex = server.exchanges[0]
+    assert not ex.error and ex.stdin_bytes == 10 << 20
+    pairs = {(s["requestid"], s["streamtype"]) for s in ex.streams}
+    assert pairs == {(str(i), kind) for i in range(10) for kind in ("error", "data")}
 
 
 def test_real_client_ping_is_answered(go_client: Path) -> None:

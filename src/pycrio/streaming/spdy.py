@@ -88,6 +88,7 @@ MAX_CONTROL_PAYLOAD = 1 << 20  # k8s headers are a few hundred bytes
 MAX_HEADER_BLOCK = 1 << 20  # inflated header block
 MAX_HEADER_COUNT = 1000
 DATA_CHUNK = 64 * 1024  # what one write() puts in a DATA frame at most
+MAX_UNFLUSHED = 256 * 1024  # the frame loop waits for the writer past this
 
 # The SPDY/3 header compression dictionary (draft-mbelshe-httpbis-spdy-00 2.6.10.1): 65
 # length-prefixed words, then a run of common values. Its adler32 (the zlib dict id) is 0xe3c6a7c2.
@@ -265,11 +266,8 @@ def decode_header_block(raw: bytes) -> Headers:
         value = take(v_len)
         if not name:
             raise SpdyError("empty header name")
-        try:
-            key = name.decode().lower()
-            values = value.decode().split("\x00")
-        except UnicodeDecodeError as e:
-            raise SpdyError(f"header block is not UTF-8: {e}") from None
+        key = name.decode(errors="replace").lower()
+        values = value.decode(errors="replace").split("\x00")
         headers.setdefault(key, []).extend(values)
     if pos != len(view):
         raise SpdyError(f"{len(view) - pos} bytes after the header block")
@@ -670,6 +668,7 @@ class SpdySession:
         self._peer_gone_away = False
         self._run_task: asyncio.Task | None = None
         self._shutting_down = False
+        self._unflushed = 0  # bytes written since the last drain
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._last_activity = loop.time()
@@ -700,6 +699,9 @@ class SpdySession:
                 frame = self._decoder.decode(head, payload)
                 if frame is not None:
                     await self._handle(frame)
+                if self._unflushed > MAX_UNFLUSHED:
+                    # replies (PING, RST, WINDOW_UPDATE) to a peer that does not read: push back
+                    await self._drain()
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             log.debug("SPDY session: connection ended: %r", e)
         except SpdyError as e:
@@ -804,7 +806,6 @@ class SpdySession:
         elif isinstance(frame, PingFrame):
             if (frame.ping_id & 1) != (self._next_ping & 1):
                 self._send_frame(frame)  # the peer's: echo it
-                await self._drain()
             else:
                 fut = self._pings.get(frame.ping_id)
                 if fut is not None and not fut.done():
@@ -977,6 +978,7 @@ class SpdySession:
             self._loop.create_task(self._shutdown(GOAWAY_OK))
             return
         self.frames_out += 1
+        self._unflushed += len(data)
         self._last_activity = self._loop.time()
 
     async def _drain(self) -> None:
@@ -985,6 +987,7 @@ class SpdySession:
         try:
             async with self._drain_lock:
                 await self._writer.drain()
+                self._unflushed = 0
         except (ConnectionError, OSError, RuntimeError) as e:
             log.debug("SPDY session: drain failed: %r", e)
             self._loop.create_task(self._shutdown(GOAWAY_OK))
