@@ -29,6 +29,7 @@ import asyncio
 import logging
 import struct
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence, Union
 
@@ -503,8 +504,7 @@ class SpdyStream:
         self.reset_status: int | None = None  # set once reset either way
         self.replied = asyncio.Event()  # SYN_REPLY seen (streams we opened) or sent
         self._settled = asyncio.Event()  # replied, reset or session ended: open_stream() returns
-        self._chunks: list[bytes] = []
-        self._head = 0
+        self._chunks: deque[bytes] = deque()
         self.buffered = 0
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
@@ -522,13 +522,8 @@ class SpdyStream:
         while True:
             if self.reset_status is not None:
                 return b""
-            if self._head < len(self._chunks):
-                chunk = self._chunks[self._head]
-                self._chunks[self._head] = b""
-                self._head += 1
-                if self._head == len(self._chunks):
-                    self._chunks.clear()
-                    self._head = 0
+            if self._chunks:
+                chunk = self._chunks.popleft()
                 self._consumed(len(chunk))
                 return chunk
             if self.remote_closed:
@@ -581,7 +576,6 @@ class SpdyStream:
         self.remote_closed = self.local_closed = True
         dropped = self.buffered
         self._chunks.clear()
-        self._head = 0
         self.buffered = 0
         self._readable.set()
         self._room.set()
