@@ -76,6 +76,7 @@ class Env:
         stdin: bool = False,
         stdin_once: bool = False,
         netns: Path | None = None,
+        start: bool = True,
     ) -> ContainerHandle:
         """Create and start a container (its own network namespace, or the one pinned at `netns`)."""
         cid = f"s{uuid.uuid4().hex[:12]}"
@@ -92,7 +93,8 @@ class Env:
             cid, bundle, self.base / "logs" / f"{cid}.log", terminal=terminal, stdin=stdin, stdin_once=stdin_once
         )
         self.runtime.create(handle)
-        self.runtime.start(handle)
+        if start:
+            self.runtime.start(handle)
         return handle
 
 
@@ -247,6 +249,29 @@ def test_exec_output_waits_for_a_slow_client(env: Env) -> None:
     finish(env, handle)
 
 
+def test_exec_ends_with_its_command_when_a_background_child_let_go_of_the_output(env: Env) -> None:
+    """runc copies the command's output until every holder closed it (a background child that
+    keeps it holds the session, as with CRI-O); one that let go of it does not."""
+    handle = env.run(["sleep", "1000"])
+    fds = open_fds()
+    io, out, _ = session()
+    started = time.monotonic()
+    assert run(env.runtime.exec_stream(handle, ["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo hi"], io)) == 0
+    assert bytes(out.data) == b"hi\n"
+    assert time.monotonic() - started < 5
+    assert open_fds() == fds
+    finish(env, handle)
+
+
+def test_exec_streams_the_client_did_not_ask_for_are_dropped(env: Env) -> None:
+    handle = env.run(["sleep", "1000"])
+    out = Sink()
+    io = SessionIO(tty=False, stdin_enabled=False, stdout_enabled=True, stderr_enabled=False, stdout_sink=out)
+    assert run(env.runtime.exec_stream(handle, ["sh", "-c", "echo visible; echo hidden >&2; echo end"], io)) == 0
+    assert bytes(out.data) == b"visible\nend\n"
+    finish(env, handle)
+
+
 def test_exec_in_a_stopped_container_is_refused(env: Env) -> None:
     handle = env.run(["true"])
     assert env.runtime.wait_stopped(handle, 10)
@@ -378,15 +403,15 @@ def test_sessions_leave_no_fd_thread_or_process(env: Env) -> None:
             io.feed_stdin(b"x\n")
             io.feed_stdin(b"")
             codes.append(await env.runtime.exec_stream(handle, ["sh", "-c", "cat >/dev/null; exit 7"], io))
-        # and concurrently, on the stream server's kind of loop
-        ios = [session()[0] for _ in range(6)]
+        # and 20 at once
+        ios = [session()[0] for _ in range(20)]
         runs = (env.runtime.exec_stream(handle, ["sh", "-c", f"exit {i}"], io) for i, io in enumerate(ios))
         codes += await asyncio.gather(*runs)
         return codes
 
-    run(sessions())  # warm up: the loop and the child watcher make their first fds once
+    run(sessions(), timeout=60)  # warm up: the loop and the child watcher make their first fds once
     fds, threads = open_fds(), threading.active_count()
-    assert run(sessions()) == [7, 7, 7, 7, 0, 1, 2, 3, 4, 5]
+    assert run(sessions(), timeout=60) == [7, 7, 7, 7, *range(20)]
     deadline = time.monotonic() + 5
     while threading.active_count() > threads and time.monotonic() < deadline:
         time.sleep(0.05)  # the child watcher's waitpid threads end with their processes
@@ -447,6 +472,40 @@ def test_attach_sends_stdin_and_separates_output(env: Env) -> None:
     run(again())
     assert env.runtime.status(handle).state == "running"
     assert b"got hello" in handle.log_path.read_bytes()  # conmon logged it too
+    finish(env, handle)
+
+
+def test_attach_large_input_and_output(env: Env) -> None:
+    """Input is sent in packets conmon reads whole; output comes in conmon's 8 KiB packets."""
+    handle = env.run(READ_LOOP, stdin=True)
+    line = b"x" * 50000
+
+    async def scenario() -> None:
+        io, out, _ = session(stdin=True)
+        task = asyncio.ensure_future(env.runtime.attach_stream(handle, io))
+        await asyncio.sleep(0.2)
+        io.feed_stdin(line + b"\n")
+        await out.wait_for(b"got " + line + b"\n")
+        io.client_gone.set()
+        await task
+
+    run(scenario())
+    finish(env, handle)
+
+
+def test_attach_to_a_created_container_sees_its_first_output(env: Env) -> None:
+    """kubectl run -it: the attach can come before the start; conmon listens from create on."""
+    handle = env.run(["sh", "-c", "echo first; echo second"], start=False)
+
+    async def scenario() -> None:
+        io, out, _ = session()
+        task = asyncio.ensure_future(env.runtime.attach_stream(handle, io))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(env.runtime.start, handle)
+        await task
+        assert bytes(out.data) == b"first\nsecond\n"
+
+    run(scenario())
     finish(env, handle)
 
 

@@ -3,9 +3,11 @@
 Everything here runs on the stream server's loop; what blocks (reading /proc, setns) goes to a
 thread. The client's side of a session is a `SessionIO`.
 
-- exec: `runc exec` of the command, as CRI-O does. Without a tty its stdin/stdout/stderr are
-  pipes (stdin /dev/null unless asked for), copied with back-pressure; the client's stdin EOF
-  closes the stdin pipe. With a tty runc is not detached: it gets a pty of ours as its own stdio
+- exec: `runc exec` of the command, as CRI-O does. Without a tty runc's stdin/stdout/stderr are
+  pipes of ours (stdin /dev/null unless asked for), copied with back-pressure; the client's stdin
+  EOF closes the stdin pipe. (runc relays them through pipes of its own and exits only once the
+  command's output is closed by all its holders: a background child that keeps it keeps the
+  session, as with CRI-O.) With a tty runc is not detached: it gets a pty of ours as its own stdio
   and copies between it and the container's pty (runc 1.1 takes `--console-socket` only with
   `--detach`, and a detached exec's process is reparented away from us, its exit code lost).
   The first terminal size goes into the process spec's `consoleSize` (set before the process
@@ -45,7 +47,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from pycrio.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from pycrio.oci.runtime import STATE_RUNNING, ContainerHandle, log, log_command
+from pycrio.oci.runtime import (
+    STATE_CREATED,
+    STATE_RUNNING,
+    ContainerHandle,
+    RuntimeCommandError,
+    log,
+    log_command,
+)
 from pycrio.oci.runtime_oci import (
     _EXEC_REAP_WAIT,
     _exists,
@@ -119,7 +128,7 @@ class _Exec:
         self.io = io
         self.proc: asyncio.subprocess.Process | None = None
         self.exited = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks: list[asyncio.Future[Any]] = []
 
     async def spawn(self) -> asyncio.subprocess.Process:
         raise NotImplementedError
@@ -136,7 +145,10 @@ class _Exec:
     async def run(self) -> int:
         try:
             log_command(self.argv)
-            self.proc = await self.spawn()
+            try:
+                self.proc = await self.spawn()
+            except OSError as exc:  # runc missing, out of fds or processes
+                raise RuntimeCommandError(self.argv, str(exc), what="exec") from exc
             outputs = [asyncio.ensure_future(t) for t in self.output_tasks()]
             inputs = [asyncio.ensure_future(t) for t in self.input_tasks()]
             self.tasks = [*outputs, *inputs]
@@ -160,10 +172,7 @@ class _Exec:
                 await asyncio.shield(self._abort())
             raise
         finally:
-            for task in self.tasks:
-                task.cancel()
-            if self.tasks:
-                await asyncio.wait(self.tasks)
+            await _end_tasks(self.tasks)
             self.close()
 
     async def _reap(self, wait: "asyncio.Future[int]") -> None:
@@ -180,9 +189,16 @@ class _Exec:
         await asyncio.to_thread(_kill_exec, self.pidfile, self.proc.pid)
         await self._reap(asyncio.ensure_future(self.proc.wait()))
 
+    async def copy_out(self, fd: int, write: Callable[[bytes], Awaitable[None]]) -> None:
+        while chunk := await self.after_exit(_read_fd(fd, _CHUNK)):
+            try:
+                await write(chunk)
+            except ClientGone:
+                return
+
     async def after_exit(self, read: Awaitable[bytes]) -> bytes:
         """`read` while the process runs; once it exited, its output may trickle in only for
-        _DRAIN_WAIT more (a background child of the command can hold the pipe for ever)."""
+        _DRAIN_WAIT more (runc is gone then: only a stray holder of our end could keep it open)."""
         future = asyncio.ensure_future(read)
         if not self.exited.is_set():
             exited = asyncio.ensure_future(self.exited.wait())
@@ -199,47 +215,62 @@ class _Exec:
 
 
 class _PipeExec(_Exec):
-    """No tty: pipes for the streams the client asked for, /dev/null for the others."""
+    """No tty: pipes of ours for the streams the client asked for, /dev/null for the others
+    (plain fds: closing them at the end does not depend on the command's background children)."""
+
+    def __init__(self, argv: list[str], pidfile: Path, io: SessionIO) -> None:
+        super().__init__(argv, pidfile, io)
+        self.stdin = self.stdout = self.stderr = -1
 
     async def spawn(self) -> asyncio.subprocess.Process:
-        pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
-        return await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=pipe if self.io.stdin_enabled else null,
-            stdout=pipe if self.io.stdout_enabled else null,
-            stderr=pipe if self.io.stderr_enabled else null,
-            start_new_session=True,  # the daemon's signals are not the exec's
-        )
+        null = asyncio.subprocess.DEVNULL
+        child: list[int] = []
+        try:
+            ends = {}
+            for name, enabled, ours in (("stdin", self.io.stdin_enabled, 1), ("stdout", self.io.stdout_enabled, 0),
+                                        ("stderr", self.io.stderr_enabled, 0)):  # fmt: skip
+                if not enabled:
+                    ends[name] = null
+                    continue
+                pipe = os.pipe()
+                child.append(pipe[1 - ours])
+                ends[name] = pipe[1 - ours]
+                os.set_blocking(pipe[ours], False)
+                setattr(self, name, pipe[ours])
+            return await asyncio.create_subprocess_exec(
+                *self.argv, **ends, start_new_session=True  # the daemon's signals are not the exec's
+            )
+        finally:
+            for fd in child:
+                os.close(fd)  # runc and the command hold them now
 
     def output_tasks(self) -> list[Awaitable[None]]:
-        assert self.proc is not None
         tasks = []
-        if self.proc.stdout is not None:
-            tasks.append(self._copy_out(self.proc.stdout, self.io.write_stdout))
-        if self.proc.stderr is not None:
-            tasks.append(self._copy_out(self.proc.stderr, self.io.write_stderr))
+        if self.stdout >= 0:
+            tasks.append(self.copy_out(self.stdout, self.io.write_stdout))
+        if self.stderr >= 0:
+            tasks.append(self.copy_out(self.stderr, self.io.write_stderr))
         return tasks
 
     def input_tasks(self) -> list[Awaitable[None]]:
-        assert self.proc is not None
-        return [self._copy_in(self.proc.stdin)] if self.proc.stdin is not None else []
+        return [self._copy_in()] if self.stdin >= 0 else []
 
-    async def _copy_out(self, reader: asyncio.StreamReader, write: Callable[[bytes], Awaitable[None]]) -> None:
-        while chunk := await self.after_exit(reader.read(_CHUNK)):
-            try:
-                await write(chunk)
-            except ClientGone:
-                return
+    def close(self) -> None:
+        for name in ("stdin", "stdout", "stderr"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
-    async def _copy_in(self, writer: asyncio.StreamWriter) -> None:
+    async def _copy_in(self) -> None:
         try:
             while chunk := await self.io.read_stdin():
-                writer.write(chunk)
-                await writer.drain()
-        except (BrokenPipeError, ConnectionResetError):
+                await _write_fd(self.stdin, chunk)
+        except BrokenPipeError:
             pass  # the command closed its stdin or exited: the rest of the input has no reader
         finally:
-            writer.close()  # EOF for the command (`echo hi | crictl exec -i c cat` ends)
+            os.close(self.stdin)  # EOF for the command (`echo hi | crictl exec -i c cat` ends)
+            self.stdin = -1
 
 
 class _TtyExec(_Exec):
@@ -266,7 +297,7 @@ class _TtyExec(_Exec):
             os.close(slave)  # runc holds it now: its exit is our EOF (EIO) on the master
 
     def output_tasks(self) -> list[Awaitable[None]]:
-        return [self._copy_out()]
+        return [self.copy_out(self.master, self.io.write_stdout)]
 
     def input_tasks(self) -> list[Awaitable[None]]:
         tasks = [self._resize()]
@@ -279,13 +310,6 @@ class _TtyExec(_Exec):
             os.close(self.master)
             self.master = -1
 
-    async def _copy_out(self) -> None:
-        while chunk := await self.after_exit(_read_fd(self.master, _CHUNK)):
-            try:
-                await self.io.write_stdout(chunk)
-            except ClientGone:
-                return
-
     async def _copy_in(self) -> None:
         last = b"\n"
         try:
@@ -295,7 +319,7 @@ class _TtyExec(_Exec):
             if not self.io.client_gone.is_set():
                 # A terminal has no half-close: end the input as a user would, with ^D (twice
                 # after a partial line: the first one only hands the line to the reader).
-                await _write_fd(self.master, _EOT if last == b"\n" else _EOT * 2)
+                await _write_fd(self.master, _EOT if last in (b"\n", b"\r") else _EOT * 2)
         except OSError as exc:
             if exc.errno not in (errno.EIO, errno.EBADF):
                 raise
@@ -330,7 +354,10 @@ def _write_process_file(handle: ContainerHandle, cmd: list[str], size: TerminalS
     spec = json.loads((handle.bundle / "config.json").read_text())
     process: dict[str, Any] = dict(spec.get("process") or {})
     process.update(args=list(cmd), terminal=True, consoleSize={"height": size.height, "width": size.width})
-    path.write_text(json.dumps(process))
+    # it holds the container's environment: for root's eyes only, like config.json's directory
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(process))
 
 
 def _exit_code(returncode: int) -> int:
@@ -411,7 +438,8 @@ async def attach_stream(runtime: "OCIRuntime", handle: ContainerHandle, io: Sess
     """Connect the client to the container's stdio through conmon until the container's output
     ends (it exited), the client goes, or (as CRI-O) the client's stdin ends on a container that
     keeps its stdin open without a tty."""
-    await _require_running(runtime, handle, "attach to it")
+    # conmon listens from create on (CRI-O attaches to created containers too)
+    await _require_running(runtime, handle, "attach to it", (STATE_RUNNING, STATE_CREATED))
     paths = _Paths(handle)
     sock = await _connect_attach(handle, paths.handle.bundle / "attach")
     ctl = _open_ctl(handle, paths.ctl_fifo) if io.tty and handle.terminal else -1
@@ -430,9 +458,7 @@ async def attach_stream(runtime: "OCIRuntime", handle: ContainerHandle, io: Sess
                 waits.add(stdin)  # stdin stays open for the next attach: this session ends here
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
+        await _end_tasks(tasks)
         sock.close()
         if ctl >= 0:
             os.close(ctl)
@@ -618,7 +644,20 @@ def _setns(fd: int, what: str) -> None:
 # -- shared --------------------------------------------------------------------------------
 
 
-async def _require_running(runtime: "OCIRuntime", handle: ContainerHandle, what: str) -> None:
+async def _end_tasks(tasks: list[asyncio.Future[Any]]) -> None:
+    """Cancel a session's tasks, wait for them, and log what failed in them."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("stream session task failed: %r", task.exception())
+
+
+async def _require_running(
+    runtime: "OCIRuntime", handle: ContainerHandle, what: str, states: tuple[str, ...] = (STATE_RUNNING,)
+) -> None:
     status = await asyncio.to_thread(runtime.status, handle)
-    if status.state != STATE_RUNNING:
-        raise FailedPrecondition(f"container {handle.id} is {status.state}, not running: cannot {what}")
+    if status.state not in states:
+        raise FailedPrecondition(f"container {handle.id} is {status.state}, not {' or '.join(states)}: cannot {what}")
