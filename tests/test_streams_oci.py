@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -25,7 +26,7 @@ import pytest
 
 from pycrio.errors import FailedPrecondition, NotFound, Unavailable, Unimplemented
 from pycrio.network.namespaces import pin_namespaces, run_in_netns, unpin_namespaces
-from pycrio.oci import ContainerHandle, OCIRuntime, Runtime
+from pycrio.oci import ContainerHandle, OCIRuntime, Runtime, streams_oci
 from pycrio.procfs import all_pids, argv, stat_fields
 from pycrio.streaming.session import SessionIO, TerminalSize
 from tests.registry_fixture import free_port
@@ -616,6 +617,37 @@ def test_dial_port_in_the_pod_netns(env: Env, pod_netns: Path) -> None:
     # nothing listens on the host's 8080 for this: the connection was made in the pod
     assert threading.active_count() <= threads  # the namespace threads ended
     finish(env, handle)
+
+
+def test_dial_port_falls_back_to_ipv6_loopback(pod_netns: Path) -> None:
+    """CRI-O dials "localhost": a server listening only on ::1 in the pod is reached too."""
+    if not Path("/proc/net/if_inet6").exists():
+        pytest.skip("no IPv6 on this host")
+
+    def listener() -> socket.socket:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.bind(("::1", 0))
+        sock.listen()
+        sock.setblocking(False)
+        return sock
+
+    async def scenario() -> bytes:
+        server = await streams_oci._in_netns(str(pod_netns), listener)  # made inside the pod's netns
+        try:
+            port = server.getsockname()[1]
+            loop = asyncio.get_running_loop()
+            reader, writer = await dial(str(pod_netns), port)
+            peer, _ = await loop.sock_accept(server)
+            with peer:
+                writer.write(b"over v6")
+                await writer.drain()
+                data = await loop.sock_recv(peer, 100)
+            writer.close()
+            return data
+        finally:
+            server.close()
+
+    assert run(scenario()) == b"over v6"
 
 
 def test_dial_port_refused_says_where(pod_netns: Path) -> None:
