@@ -51,6 +51,7 @@ class ReceivedSpan:
     status_message: str
     start_ns: int = 0
     end_ns: int = 0
+    links: list[tuple[str, str]] = field(default_factory=list)  # (trace_id, span_id) of each link
 
     def log_events(self) -> list[dict[str, Any]]:
         return [attrs for name, attrs in self.events if name == "log"]
@@ -84,6 +85,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
                             status_message=s.status.message,
                             start_ns=s.start_time_unix_nano,
                             end_ns=s.end_time_unix_nano,
+                            links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
                         )
                     )
         with self.cond:

@@ -40,7 +40,7 @@ from pycrio.pods.containers import (
     signal_number,
 )
 from pycrio.pods.events import CREATED, STARTED, STOPPED, EventBus, LifecycleEvent
-from pycrio.server.container_exec import bounded_output
+from pycrio.server.container_execsync import bounded_output
 from pycrio.state import ContainerRecord, SandboxRecord, StateStore
 from pycrio.state.records import (
     CONTAINER_CREATED,

@@ -84,6 +84,14 @@ def _check_consistency(loaded: LoadedConfig) -> None:
             f"{where}: {ROOT_TABLE}.runtime.default_runtime: {runtime.default_runtime!r} is not a configured "
             f"runtime ({known})"
         )
+    api = loaded.config.api
+    if bool(api.stream_tls_cert) != bool(api.stream_tls_key):
+        where = loaded.files[-1] if loaded.files else "configuration"
+        given, missing = ("stream_tls_cert", "stream_tls_key") if api.stream_tls_cert else ("stream_tls_key", "stream_tls_cert")
+        raise ConfigError(f"{where}: {ROOT_TABLE}.api.{missing}: must be set too when {given} is set")
+    if api.stream_tls_ca and not api.stream_tls_cert:
+        where = loaded.files[-1] if loaded.files else "configuration"
+        raise ConfigError(f"{where}: {ROOT_TABLE}.api.stream_tls_ca: client certificates need stream_tls_cert and stream_tls_key")
 
 
 def _apply_file(loaded: LoadedConfig, path: Path) -> None:

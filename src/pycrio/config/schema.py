@@ -7,6 +7,7 @@ The loader, the validator and the `pycrio config` writer all walk this one descr
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -67,6 +68,39 @@ def check_port(value: int) -> str | None:
     return None
 
 
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(value: str) -> float:
+    """Seconds in a Go-style duration ("4h", "1h30m", "90s", "500ms"); ValueError if it is not one."""
+    text = value.strip()
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {value!r}")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def check_duration(value: str) -> str | None:
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        return f"must be a duration like 4h, 30m, 90s or 500ms, got {value!r}"
+    return None if seconds > 0 else f"must be longer than 0, got {value!r}"
+
+
+def check_stream_address(value: str) -> str | None:
+    if not value or any(c in value for c in " /[]") or value.count(":") == 1:
+        return f"must be an IP address or host name without a port (like 127.0.0.1 or ::1), got {value!r}"
+    return None
+
+
+def check_stream_port(value: int) -> str | None:
+    if not 0 <= value < 65536:
+        return f"must be a TCP port between 1 and 65535, or 0 for a free one, got {value}"
+    return None
+
+
 def check_absolute_or_empty(value: str) -> str | None:
     return check_absolute_path(value) if value else None
 
@@ -98,6 +132,36 @@ class APIConfig:
     listen: str = field(
         default="/run/pycrio/pycrio.sock",
         metadata=_doc("Path of the unix socket on which pycrio serves the CRI v1 gRPC API.", check_absolute_path),
+    )
+    stream_address: str = field(
+        default="127.0.0.1",
+        metadata=_doc(
+            "Address the stream server (Exec, Attach, PortForward over SPDY and WebSocket) listens on.",
+            check_stream_address,
+        ),
+    )
+    stream_port: int = field(
+        default=0,
+        metadata=_doc("TCP port of the stream server; 0 picks a free port (crictl info shows it).", check_stream_port),
+    )
+    stream_tls_cert: str = field(
+        default="",
+        metadata=_doc("PEM certificate of the stream server; with stream_tls_key it serves https (reloaded when the files change).", check_absolute_or_empty),
+    )
+    stream_tls_key: str = field(
+        default="", metadata=_doc("PEM private key of stream_tls_cert.", check_absolute_or_empty)
+    )
+    stream_tls_ca: str = field(
+        default="",
+        metadata=_doc("PEM CA bundle: when set, stream clients must present a certificate it signed.", check_absolute_or_empty),
+    )
+    stream_idle_timeout: str = field(
+        default="4h",
+        metadata=_doc("A stream connection with no traffic either way for this long is closed (like 4h, 30m, 90s).", check_duration),
+    )
+    stream_token_ttl: str = field(
+        default="1m",
+        metadata=_doc("How long the single-use URL an Exec, Attach or PortForward call returns stays valid.", check_duration),
     )
 
 

@@ -203,10 +203,11 @@ class CRIMetrics:
         return attributes
 
     def add_observer(
-        self, name: str, callback: Callable[[], dict[str, float]], description: str, unit: str = "1"
+        self, name: str, callback: Callable[[], dict[str, float]], description: str, unit: str = "1",
+        gauge: bool = False,
     ) -> None:
         """Publish `callback`'s cumulative {kind: value} totals as the observable counter `name`
-        (attribute "kind"); read at every export and scrape."""
+        (attribute "kind"), or its current values as a gauge; read at every export and scrape."""
         if self._provider is None:
             return
         if name in self._observers:
@@ -221,7 +222,8 @@ class CRIMetrics:
                 return []
             return [Observation(value, {"kind": kind}) for kind, value in values.items()]
 
-        self._meter.create_observable_counter(name, callbacks=[observe], unit=unit, description=description)
+        create = self._meter.create_observable_gauge if gauge else self._meter.create_observable_counter
+        create(name, callbacks=[observe], unit=unit, description=description)
 
     def describe(self) -> dict[str, Any]:
         """The configuration in effect, for Status(verbose)."""

@@ -121,6 +121,27 @@ def publish_image_metrics(metrics: CRIMetrics, daemon: Daemon) -> None:
     )
 
 
+def publish_stream_metrics(metrics: CRIMetrics, daemon: Daemon) -> None:
+    """Streaming sessions and their bytes by kind (exec, attach, portforward)."""
+    stats = daemon.streams.stats
+    metrics.add_observer(
+        "pycrio.streaming.active_sessions", lambda: stats.snapshot()["active"],
+        "Streaming sessions open now, by kind: exec, attach, portforward.", "{session}", gauge=True,
+    )  # fmt: skip
+    metrics.add_observer(
+        "pycrio.streaming.sessions", lambda: stats.snapshot()["sessions"],
+        "Streaming sessions served, by kind.", "{session}",
+    )  # fmt: skip
+    metrics.add_observer(
+        "pycrio.streaming.received", lambda: stats.snapshot()["bytes_in"],
+        "Bytes from streaming clients (stdin, port-forward uploads), by kind.", "By",
+    )  # fmt: skip
+    metrics.add_observer(
+        "pycrio.streaming.sent", lambda: stats.snapshot()["bytes_out"],
+        "Bytes to streaming clients (stdout and stderr, port-forward downloads), by kind.", "By",
+    )  # fmt: skip
+
+
 def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = None) -> int:
     """Run the daemon; returns the process exit code. SIGHUP reloads through `load_again`."""
     config = loaded.config
@@ -144,12 +165,19 @@ def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = 
             daemon.images.set_registries(loaded.registries)
         if metrics is not None:
             publish_image_metrics(metrics, daemon)
+            publish_stream_metrics(metrics, daemon)
     except BaseException:
         if metrics is not None:
             metrics.shutdown(1.0)
         tracing.shutdown(1.0)
         raise
     daemon.reconcile()
+    try:
+        daemon.streams.start()
+    except OSError as exc:
+        api = config.api
+        daemon.close()
+        raise StartupError(f"cannot serve streams on {api.stream_address}:{api.stream_port}: {exc}") from None
     interceptor = CRIServerInterceptor(spans=tracing, metrics=metrics)
     short_pool = ThreadPoolExecutor(max_workers=SHORT_WORKERS, thread_name_prefix="cri")
     long_pool = ThreadPoolExecutor(max_workers=LONG_WORKERS, thread_name_prefix="cri-long")

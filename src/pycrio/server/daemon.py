@@ -14,6 +14,7 @@ from pycrio.pods.containers import ContainerManager
 from pycrio.pods.events import EventBus
 from pycrio.pods.runtimes import RuntimeHandlers
 from pycrio.pods.sandboxes import SandboxManager
+from pycrio.pods.streams import StreamManager
 from pycrio.state import StateStore
 from pycrio.tracing import Tracing
 
@@ -33,6 +34,7 @@ class Daemon:
     containers: ContainerManager
     sandboxes: SandboxManager
     events: EventBus
+    streams: StreamManager
     tracing: Tracing | None = None
     metrics: "CRIMetrics | None" = None
     started_at: float = field(default_factory=time.time)
@@ -53,6 +55,7 @@ class Daemon:
         events = EventBus()
         containers = ContainerManager(config, state, handlers, images, events)
         sandboxes = SandboxManager(config, state, handlers, cni, containers)
+        streams = StreamManager(config, state, containers, handlers)
         return cls(
             config=config,
             state=state,
@@ -62,6 +65,7 @@ class Daemon:
             containers=containers,
             sandboxes=sandboxes,
             events=events,
+            streams=streams,
             tracing=tracing,
             metrics=metrics,
         )
@@ -76,5 +80,6 @@ class Daemon:
         self.containers.watch_exits()
 
     def close(self) -> None:
+        self.streams.stop()
         self.containers.stop_watching()
         self.images.close()

@@ -14,11 +14,14 @@ import grpc
 from pycrio.cri import api_pb2, api_pb2_grpc
 from pycrio.errors import Unimplemented
 from pycrio.server import (
+    container_attach,
     container_create,
     container_events,
     container_exec,
+    container_execsync,
     container_list,
     container_log,
+    container_portforward,
     container_remove,
     container_start,
     container_stop,
@@ -67,7 +70,10 @@ HANDLERS: dict[str, dict[str, Handler]] = {
         "StartContainer": container_start.start_container,
         "StopContainer": container_stop.stop_container,
         "RemoveContainer": container_remove.remove_container,
-        "ExecSync": container_exec.exec_sync,
+        "ExecSync": container_execsync.exec_sync,
+        "Exec": container_exec.exec_,
+        "Attach": container_attach.attach,
+        "PortForward": container_portforward.port_forward,
         "GetContainerEvents": container_events.get_container_events,
         "UpdateContainerResources": container_update.update_container_resources,
         "ReopenContainerLog": container_log.reopen_container_log,

@@ -53,6 +53,7 @@ def status(daemon: Daemon, request: api_pb2.StatusRequest) -> api_pb2.StatusResp
         )
         if daemon.tracing is not None:
             response.info["tracing"] = json.dumps(daemon.tracing.describe(), sort_keys=True)
+        response.info["streaming"] = json.dumps(daemon.streams.describe(), sort_keys=True)
         response.info["metrics"] = json.dumps(
             daemon.metrics.describe() if daemon.metrics is not None else {"enabled": False}, sort_keys=True
         )
