@@ -29,6 +29,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from pycrio.cri import api_pb2, api_pb2_grpc
 from pycrio.streaming.server import (
     REMOTECOMMAND_SPDY_PROTOCOLS,
     SpdyTransport,
@@ -723,3 +724,320 @@ def test_tls_setup_errors_raise_at_start(tmp_path: Path, handler: EchoHandler) -
     with pytest.raises(OSError):  # ssl.SSLError is an OSError
         StreamServer(StreamServerConfig(tls_cert=str(bad), tls_key=str(bad)), handler).start()
     assert not [t for t in threading.enumerate() if t.name == "stream-server"]
+
+
+# --- with the real SPDY session (spdy.py) ----------------------------------------------------------
+
+
+class SpdyEchoHandler:
+    """Echoes every stream the client opens, upper-cased, then half-closes it."""
+
+    def __init__(self) -> None:
+        self.transports: list[SpdyTransport] = []
+
+    async def serve_remotecommand(self, request: StreamRequest, transport: Any) -> None:
+        await self.serve_portforward(request, transport)
+
+    async def serve_portforward(self, request: StreamRequest, transport: Any) -> None:
+        self.transports.append(transport)
+        while (stream := await transport.session.accept()) is not None:
+            asyncio.get_running_loop().create_task(self._echo(stream))
+
+    @staticmethod
+    async def _echo(stream: Any) -> None:
+        while data := await stream.read():
+            await stream.write(data.upper())
+        await stream.close()
+
+
+class AsyncWSClientTunnel:
+    """Client side of a WebSocket carrying SPDY bytes: readexactly/write/drain/close for a session."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ws: WSConnection) -> None:
+        self.reader, self.writer, self.ws = reader, writer, ws
+        self.buffer = bytearray()
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            data = await self.reader.read(65536)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(self.buffer), n)
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, BytesMessage):
+                    self.buffer += event.data
+                elif isinstance(event, CloseConnection):
+                    raise asyncio.IncompleteReadError(bytes(self.buffer), n)
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(self.ws.send(BytesMessage(data=data)))
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def test_real_spdy_session_direct_and_tunnelled() -> None:
+    pytest.importorskip("pycrio.streaming.spdy")
+    from pycrio.streaming.spdy import SpdySession
+
+    handler = SpdyEchoHandler()
+    server = StreamServer(StreamServerConfig(idle_timeout=30), handler)
+    server.start()
+    host, port = "127.0.0.1", int(server.base_url.rsplit(":", 1)[1])
+
+    async def roundtrip(session: SpdySession) -> list[bytes]:
+        runner = asyncio.create_task(session.run())
+        out = []
+        for n in range(3):  # concurrent streams, as port-forward's data/error pairs
+            stream = await session.open_stream({"streamType": "data", "port": "80", "requestID": str(n)})
+            await stream.write(b"hello %d" % n)
+            out.append(await stream.read())
+            await stream.close()
+            assert await stream.read() == b""  # the server's FIN
+        await session.close()
+        await asyncio.wait_for(runner, 5)
+        return out
+
+    async def direct() -> list[bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        url = server.url_for(PORTFORWARD)
+        writer.write(
+            f"POST {path_of(url)} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+            "X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        try:
+            return await roundtrip(SpdySession(reader, writer, server=False))
+        finally:
+            writer.close()
+
+    async def tunnelled() -> list[bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        url = server.url_for(PORTFORWARD)
+        writer.write(ws.send(Request(host=host, target=path_of(url), subprotocols=["SPDY/3.1+portforward.k8s.io"])))
+        accepted = None
+        while accepted is None:
+            ws.receive_data(await reader.read(65536))
+            accepted = next((e for e in ws.events() if isinstance(e, AcceptConnection)), None)
+        assert accepted.subprotocol == "SPDY/3.1+portforward.k8s.io"
+        tunnel = AsyncWSClientTunnel(reader, writer, ws)
+        try:
+            return await roundtrip(SpdySession(tunnel, tunnel, server=False))
+        finally:
+            writer.close()
+
+    try:
+        expected = [b"HELLO 0", b"HELLO 1", b"HELLO 2"]
+        assert asyncio.run(direct()) == expected
+        assert asyncio.run(tunnelled()) == expected
+        assert [(t.protocol, t.tunnelled) for t in handler.transports] == [
+            ("portforward.k8s.io", False),
+            ("portforward.k8s.io", True),
+        ]
+        wait_for(lambda: server.active_sessions()["portforward"] == 0)
+    finally:
+        server.stop()
+
+
+# --- the real crictl (client-go's SPDY, WebSocket and tunnelling clients) ---------------------------
+
+
+class FakeCRI(api_pb2_grpc.RuntimeServiceServicer, api_pb2_grpc.ImageServiceServicer):
+    """Just enough CRI for crictl exec/port-forward: the URLs come from the stream server."""
+
+    def __init__(self, server: StreamServer) -> None:
+        self.server = server
+
+    def Version(self, request: Any, context: Any) -> Any:
+        return api_pb2.VersionResponse(version="0.1.0", runtime_name="fake", runtime_version="0", runtime_api_version="v1")
+
+    def ImageFsInfo(self, request: Any, context: Any) -> Any:
+        return api_pb2.ImageFsInfoResponse()
+
+    def Exec(self, request: Any, context: Any) -> Any:
+        req = StreamRequest(kind="exec", container_id=request.container_id, cmd=tuple(request.cmd), tty=request.tty,
+                            stdin=request.stdin, stdout=request.stdout, stderr=request.stderr)
+        return api_pb2.ExecResponse(url=self.server.url_for(req))
+
+    def PortForward(self, request: Any, context: Any) -> Any:
+        req = StreamRequest(kind="portforward", pod_id=request.pod_sandbox_id, ports=tuple(request.port))
+        return api_pb2.PortForwardResponse(url=self.server.url_for(req))
+
+
+class ProtocolHandler:
+    """The real remotecommand/port-forward protocol layer over the transports this server gives."""
+
+    def __init__(self, echo_port: int) -> None:
+        self.echo_port = echo_port
+        self.protocols: list[tuple[str, bool]] = []
+
+    async def serve_remotecommand(self, request: StreamRequest, transport: Any) -> None:
+        from pycrio.streaming.remotecommand import serve_remotecommand
+        from pycrio.streaming.session import ExecOutcome
+
+        self.protocols.append((transport.protocol, isinstance(transport, WebSocketTransport)))
+
+        async def run(io: Any) -> Any:
+            data = b""
+            if request.stdin:
+                while chunk := await io.read_stdin():
+                    data += chunk
+            await io.write_stdout(b"out:" + " ".join(request.cmd).encode() + b":" + data + b"\n")
+            await io.write_stderr(b"err\n")
+            return ExecOutcome(exit_code=3)
+
+        await serve_remotecommand(request, transport, run)
+
+    async def serve_portforward(self, request: StreamRequest, transport: Any) -> None:
+        from pycrio.streaming.portforward import serve_portforward
+        from pycrio.streaming.session import SessionCounters
+
+        self.protocols.append((transport.protocol, getattr(transport, "tunnelled", False)))
+
+        async def dial(port: int) -> Any:
+            return await asyncio.open_connection("127.0.0.1", self.echo_port)
+
+        await serve_portforward(request, transport, dial, SessionCounters())
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    import socketserver
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    srv.daemon_threads = True
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def fake_cri(tmp_path: Path) -> Iterator[tuple[str, FakeCRI]]:
+    """A CRI endpoint for crictl; point its `server` at the stream server under test."""
+    import grpc
+    from concurrent.futures import ThreadPoolExecutor
+
+    grpc_server = grpc.server(ThreadPoolExecutor(4))
+    cri = FakeCRI(None)  # type: ignore[arg-type]
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(cri, grpc_server)  # type: ignore[arg-type]
+    api_pb2_grpc.add_ImageServiceServicer_to_server(cri, grpc_server)  # type: ignore[arg-type]
+    endpoint = f"unix://{tmp_path}/cri.sock"
+    grpc_server.add_insecure_port(endpoint)
+    grpc_server.start()
+    yield endpoint, cri
+    grpc_server.stop(0)
+
+
+def crictl_path() -> str:
+    from tests.harness import tool
+
+    try:
+        return tool("crictl")
+    except RuntimeError:
+        pytest.skip("crictl not built (make install)")
+
+
+EXIT3 = "command terminated with exit code 3"  # crictl v1.37 itself exits 1, saying so
+
+
+def crictl(endpoint: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [crictl_path(), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint, "--timeout", "10s", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=30)
+
+
+def test_real_crictl_exec_over_spdy_websocket_and_tls(tmp_path: Path, fake_cri: Any, echo_port: int) -> None:
+    pytest.importorskip("pycrio.streaming.remotecommand")
+    endpoint, cri = fake_cri
+    handler = ProtocolHandler(echo_port)
+    cri.server = server = StreamServer(StreamServerConfig(), handler)
+    server.start()
+    try:
+        spdy = crictl(endpoint, "exec", "c1", "sh", "-c", "x")
+        assert spdy.stdout == "out:sh -c x:\n" and EXIT3 in spdy.stderr, spdy.stderr
+        assert "err\n" in spdy.stderr
+        piped = crictl(endpoint, "exec", "-i", "c1", "cat", input="hello\n")
+        assert piped.stdout == "out:cat:hello\n\n" and EXIT3 in piped.stderr, piped.stderr
+        ws = crictl(endpoint, "exec", "--transport", "websocket", "-i", "c1", "cat", input="ws in\n")
+        assert ws.stdout == "out:cat:ws in\n\n" and EXIT3 in ws.stderr, ws.stderr
+        assert handler.protocols == [("v4.channel.k8s.io", False), ("v4.channel.k8s.io", False),
+                                     ("v5.channel.k8s.io", True)]
+    finally:
+        server.stop()
+
+    # TLS with client certificates required: crictl's --tls-* flags
+    ca = make_ca(tmp_path, "ca")
+    server_pair = make_cert(tmp_path, "server", ca, "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    client_pair = make_cert(tmp_path, "client", ca, "extendedKeyUsage=clientAuth")
+    cri.server = server = StreamServer(
+        StreamServerConfig(tls_cert=str(server_pair[0]), tls_key=str(server_pair[1]), tls_ca=str(ca[0])), handler
+    )
+    server.start()
+    try:
+        tls = ["--tls-ca", str(ca[0]), "--tls-cert", str(client_pair[0]), "--tls-key", str(client_pair[1])]
+        for transport in ("spdy", "websocket"):
+            got = crictl(endpoint, "exec", "--transport", transport, *tls, "c1", "id")
+            assert got.stdout == "out:id:\n" and EXIT3 in got.stderr, got.stderr
+        refused = crictl(endpoint, "exec", "c1", "id")  # no client certificate
+        assert refused.returncode != 0 and "out:" not in refused.stdout
+    finally:
+        server.stop()
+
+
+def test_real_crictl_port_forward_over_spdy_and_websocket_tunnel(fake_cri: Any, echo_port: int) -> None:
+    pytest.importorskip("pycrio.streaming.portforward")
+    from tests.registry_fixture import free_port
+
+    endpoint, cri = fake_cri
+    handler = ProtocolHandler(echo_port)
+    cri.server = server = StreamServer(StreamServerConfig(), handler)
+    server.start()
+    try:
+        for transport in ("spdy", "websocket"):
+            local = free_port()
+            proc = subprocess.Popen(
+                [crictl_path(), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint,
+                 "port-forward", "--transport", transport, "pod1", f"{local}:80"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            try:
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        conn = socket.create_connection(("127.0.0.1", local), timeout=5)
+                        break
+                    except OSError:
+                        assert proc.poll() is None, proc.communicate()
+                        assert time.monotonic() < deadline
+                        time.sleep(0.05)
+                with conn:
+                    payload = os.urandom(200_000)
+                    conn.sendall(payload)
+                    got = b""
+                    while len(got) < len(payload):
+                        chunk = conn.recv(65536)
+                        assert chunk
+                        got += chunk
+                    assert got == payload
+            finally:
+                proc.terminate()
+                proc.communicate(timeout=10)
+        assert handler.protocols == [("portforward.k8s.io", False), ("portforward.k8s.io", True)]
+        wait_for(lambda: server.active_sessions()["portforward"] == 0)
+    finally:
+        server.stop()

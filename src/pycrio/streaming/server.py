@@ -412,9 +412,12 @@ class StreamServer:
         self.loop = loop
         self._listener = sock
 
+        running = threading.Event()
+
         def run() -> None:
             asyncio.set_event_loop(loop)
             self._listen()
+            loop.call_soon(running.set)
             try:
                 loop.run_forever()
             finally:
@@ -422,6 +425,7 @@ class StreamServer:
 
         self._thread = threading.Thread(target=run, name="stream-server", daemon=True)
         self._thread.start()
+        running.wait()  # stop() right after start() must find the loop running
         log.info("stream server listening on %s", self.base_url)
 
     def stop(self, timeout: float = 5.0) -> None:
