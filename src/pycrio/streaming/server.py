@@ -369,7 +369,7 @@ class StreamServer:
         self.config = config
         self.handler = handler
         self.base_url = ""
-        self.loop: asyncio.AbstractEventLoop | None = None  # type: ignore[assignment]
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.cache: RequestCache[StreamRequest] = RequestCache(config.token_ttl, max_in_flight)
         self._session_factory = session_factory or _spdy_session
         self._head_timeout = head_timeout
