@@ -19,6 +19,7 @@ APT_PACKAGES := ca-certificates procps docker-registry umoci skopeo busybox-stat
 
 CRI_OUT   := src/pycrio/cri
 CRI_STUBS := $(CRI_OUT)/api_pb2.py $(CRI_OUT)/api_pb2_grpc.py
+MONITOR_STUBS := src/pycrio/monitor/monitor_pb2.py
 
 .PHONY: install apt cni-config stubs test demo bench jaeger jaeger-ui browser critest conformance clean-test-state clean
 
@@ -47,7 +48,10 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 # The CRI api.proto comes from the pinned Go module and is compiled into the package;
 # it is staged under build/ as pycrio/cri/api.proto so the generated imports are package-relative.
-stubs: $(CRI_STUBS)
+stubs: $(CRI_STUBS) $(MONITOR_STUBS)
+# pycrio-monitor's own API (plain protobuf over its unix socket: no gRPC stubs)
+$(MONITOR_STUBS): proto/monitor.proto | $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=src/pycrio/monitor --pyi_out=src/pycrio/monitor proto/monitor.proto
 $(CRI_STUBS) &: Makefile | $(VENV)/.installed
 	@dir=$$(go mod download -json k8s.io/cri-api@$(CRI_API_VERSION) | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["Dir"])') && \
 	rm -rf build/proto && mkdir -p build/proto/pycrio/cri && \
