@@ -573,6 +573,7 @@ def _localhost_sockets(port: int) -> list[tuple[socket.socket, tuple[Any, ...]]]
         except OSError:
             continue  # EAFNOSUPPORT: IPv6 is off
         sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # relayed bytes go out as they come
         result.append((sock, (host, port)))
     return result
 
