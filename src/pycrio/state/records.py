@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,18 +108,34 @@ class ContainerRecord:
 
     @property
     def container_config(self) -> api_pb2.ContainerConfig:
+        """A decoded copy the caller may change."""
         return decode_message(api_pb2.ContainerConfig, self.config)
+
+    @functools.cached_property
+    def _config(self) -> api_pb2.ContainerConfig:
+        # decoded once per record (records are replaced, not changed): kubelet lists every second
+        return self.container_config
 
     @property
     def cri_state(self) -> int:
         return _CONTAINER_STATES[self.state]
 
-    @property
+    @functools.cached_property
     def labels(self) -> dict[str, str]:
-        return dict(self.container_config.labels)
+        return dict(self._config.labels)
 
     def to_cri(self) -> api_pb2.Container:
-        config = self.container_config
+        """The CRI Container, built once per record and state (ListContainers copies it)."""
+        key = (self.state, self.image_name, self.image, self.image_ref, self.created_at)
+        cached = self.__dict__.get("_cri")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        message = self._build_cri()
+        self.__dict__["_cri"] = (key, message)
+        return message
+
+    def _build_cri(self) -> api_pb2.Container:
+        config = self._config
         return api_pb2.Container(
             id=self.id,
             pod_sandbox_id=self.pod_id,

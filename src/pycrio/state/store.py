@@ -211,7 +211,7 @@ class StateStore:
             p for p in pods
             if p.id.startswith(id_prefix)
             and (state is None or p.cri_state == state)
-            and _labels_match(p.labels, labels or {})
+            and (not labels or _labels_match(p.labels, labels))
         ]
 
     # --- containers ------------------------------------------------------------------------
@@ -244,7 +244,7 @@ class StateStore:
             if c.id.startswith(id_prefix)
             and c.pod_id.startswith(pod_id_prefix)
             and (state is None or c.cri_state == state)
-            and _labels_match(c.labels, labels or {})
+            and (not labels or _labels_match(c.labels, labels))
         ]
 
     def containers_of(self, pod_id: str) -> list[ContainerRecord]:
