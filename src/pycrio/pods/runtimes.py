@@ -5,10 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pycrio.config import Config
+from pycrio.config import Config, TracingConfig
 from pycrio.errors import FailedPrecondition, InvalidArgument
 from pycrio.oci.runtime import ExitCallback, Runtime
 from pycrio.oci.runtime_oci import OCIRuntime
+from pycrio.oci.runtime_pod import PodRuntime
 
 
 class RuntimeHandlers:
@@ -25,6 +26,11 @@ class RuntimeHandlers:
                 path = handler.runtime_path or name
                 self._handlers[name] = OCIRuntime(
                     name, shutil.which(path) or path, root, conmon_path=config.runtime.conmon
+                )
+            elif handler.runtime_type == "pod":
+                path = handler.runtime_path or name
+                self._handlers[name] = PodRuntime(
+                    name, shutil.which(path) or path, root, pods_dir=Path(config.runroot) / "pods", config=config
                 )
 
     def get(self, name: str) -> Runtime:
@@ -49,6 +55,12 @@ class RuntimeHandlers:
         """Have every handler report container exits to `callback` (None: stop)."""
         for runtime in self._handlers.values():
             runtime.report_exits(callback)
+
+    def configure_tracing(self, tracing: TracingConfig) -> None:
+        """Pass new tracing settings on to runtimes that run processes of their own (pod monitors)."""
+        for runtime in self._handlers.values():
+            if isinstance(runtime, PodRuntime):
+                runtime.configure_tracing(tracing)
 
     def names(self) -> list[str]:
         """Handlers that can run here (usable runtimes only)."""

@@ -208,7 +208,11 @@ def serve(loaded: LoadedConfig, load_again: Callable[[], LoadedConfig] | None = 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    reloader = Reloader(config, tracing, load_again, daemon.images) if load_again is not None else None
+    reloader = (
+        Reloader(config, tracing, load_again, daemon.images, daemon.handlers.configure_tracing)
+        if load_again is not None
+        else None
+    )
     log.info("pycrio %s serving CRI v1 on %s (pid %d)", __version__, listen, os.getpid())
 
     while not stop.is_set():

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from pycrio.config import Config, ConfigError, LoadedConfig
+from pycrio.config import Config, ConfigError, LoadedConfig, TracingConfig
 from pycrio.config.schema import ROOT_TABLE
 from pycrio.log import set_level
 from pycrio.tracing import Tracing
@@ -55,11 +55,13 @@ class Reloader:
         tracing: Tracing,
         load: Callable[[], LoadedConfig],
         images: ImageManager | None = None,
+        on_tracing: Callable[[TracingConfig], None] | None = None,
     ) -> None:
         self.config = config  # the daemon's, updated in place so Status(verbose) shows the live values
         self.tracing = tracing
         self.load = load
         self.images = images
+        self.on_tracing = on_tracing  # processes with tracing of their own (pod monitors) follow it
         self.live_keys = LIVE_KEYS + (LIVE_IMAGE_KEYS if images is not None else ())
 
     def reload(self) -> bool:
@@ -82,6 +84,8 @@ class Reloader:
                 log.error("configuration reload rejected, tracing stays as it was: %s: %s", type(exc).__name__, exc)
                 return False
             self.config.tracing = new.tracing
+            if self.on_tracing is not None:
+                self.on_tracing(new.tracing)
         if new.log_level != self.config.log_level:
             set_level(new.log_level)
             self.config.log_level = new.log_level
