@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import grpc
+
+
+class _StatusCode:
+    """A class's `code`: the grpc.StatusCode named `name`, looked up (importing gRPC) when read.
+
+    pycrio-monitor raises these errors too and converts them by name (`code_name`), so it does
+    not load gRPC (some MiB per pod) unless it traces."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        import grpc
+
+        return grpc.StatusCode[self.name]
 
 
 class CRIError(Exception):
     """A CRI call failed in a way the caller should see as `code` with `message`."""
 
-    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    code: grpc.StatusCode = _StatusCode("UNKNOWN")  # type: ignore[assignment]
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -18,41 +36,53 @@ class CRIError(Exception):
 
 
 class InvalidArgument(CRIError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = _StatusCode("INVALID_ARGUMENT")  # type: ignore[assignment]
 
 
 class NotFound(CRIError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = _StatusCode("NOT_FOUND")  # type: ignore[assignment]
 
 
 class AlreadyExists(CRIError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = _StatusCode("ALREADY_EXISTS")  # type: ignore[assignment]
 
 
 class FailedPrecondition(CRIError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = _StatusCode("FAILED_PRECONDITION")  # type: ignore[assignment]
 
 
 class Unimplemented(CRIError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+    code = _StatusCode("UNIMPLEMENTED")  # type: ignore[assignment]
 
 
 class Unauthenticated(CRIError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = _StatusCode("UNAUTHENTICATED")  # type: ignore[assignment]
 
 
 class PermissionDenied(CRIError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = _StatusCode("PERMISSION_DENIED")  # type: ignore[assignment]
 
 
 class Unavailable(CRIError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = _StatusCode("UNAVAILABLE")  # type: ignore[assignment]
 
 
 class DataLoss(CRIError):
     """Content that does not match its digest or cannot be read: nothing of it is kept."""
 
-    code = grpc.StatusCode.DATA_LOSS
+    code = _StatusCode("DATA_LOSS")  # type: ignore[assignment]
+
+
+def code_name(exc: CRIError) -> str:
+    """The name of `exc`'s status code (NOT_FOUND...), read without importing gRPC."""
+    own = exc.__dict__.get("code")  # given to the constructor: a grpc.StatusCode
+    if own is not None:
+        return str(own.name)
+    for klass in type(exc).__mro__:
+        value = klass.__dict__.get("code")
+        if value is not None:  # a _StatusCode, or a grpc.StatusCode a subclass set itself
+            return str(value.name)
+    return "UNKNOWN"
 
 
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
@@ -62,6 +92,8 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
     parent, a NUL byte in a path, a malformed value deep in spec generation) is still a request
     the daemon could not accept: INVALID_ARGUMENT with its message. Anything else is INTERNAL.
     """
+    import grpc
+
     if isinstance(exc, CRIError):
         return exc.code, exc.message, False
     if isinstance(exc, ValueError):

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import grpc
-
 from pycrio.errors import CRIError, Unimplemented
 from pycrio.tracing import step_span
 
@@ -116,8 +114,6 @@ def _unescape(value: str) -> str:
 
 class RuntimeCommandError(CRIError):
     """A runtime command (runc, conmon) failed; the message names the command and its error."""
-
-    code = grpc.StatusCode.UNKNOWN
 
     def __init__(self, argv: Sequence[str], stderr: bytes | str, returncode: int | None = None, what: str = "") -> None:
         self.argv = list(argv)
@@ -281,6 +277,8 @@ class Runtime(abc.ABC):
                     return
             self._signal_unless_stopped(handle, signal.SIGKILL)
             if not self.wait_stopped(handle, _KILL_WAIT):
+                import grpc
+
                 raise CRIError(
                     f"container {handle.id} still not stopped {_KILL_WAIT:.0f}s after SIGKILL",
                     grpc.StatusCode.DEADLINE_EXCEEDED,

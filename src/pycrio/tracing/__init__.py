@@ -5,14 +5,38 @@ Code below the server only uses `step_span` to time a step as a child of the cur
 
 from __future__ import annotations
 
+import importlib
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
 from pycrio.tracing.call import CallInfo, current_call
-from pycrio.tracing.interceptor import CallRecorder, CRIServerInterceptor, FixedSpanPolicy, SpanMode, SpanPolicy
-from pycrio.tracing.provider import Tracing
+
+if TYPE_CHECKING:
+    from pycrio.tracing.interceptor import CallRecorder, CRIServerInterceptor, FixedSpanPolicy, SpanMode, SpanPolicy
+    from pycrio.tracing.provider import Tracing
+
+# Imported on first use: they pull in gRPC and the OTLP exporter, which a process that only needs
+# step_span or current_call (pycrio-monitor with tracing off) should not pay for.
+_LAZY = {
+    "CallRecorder": "pycrio.tracing.interceptor",
+    "CRIServerInterceptor": "pycrio.tracing.interceptor",
+    "FixedSpanPolicy": "pycrio.tracing.interceptor",
+    "SpanMode": "pycrio.tracing.interceptor",
+    "SpanPolicy": "pycrio.tracing.interceptor",
+    "Tracing": "pycrio.tracing.provider",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 _STEP_TRACER = trace.get_tracer("pycrio")
 

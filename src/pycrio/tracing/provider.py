@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -28,15 +28,16 @@ SERVICE_NAME = "pycrio"
 INSTRUMENTATION_NAME = "pycrio"
 
 
-def make_resource(service_name: str = SERVICE_NAME) -> Resource:
-    """service.name/version, host.name and process.pid; OTEL_RESOURCE_ATTRIBUTES and
-    OTEL_SERVICE_NAME still win, as the OpenTelemetry spec says."""
+def make_resource(service_name: str = SERVICE_NAME, attributes: Mapping[str, str] | None = None) -> Resource:
+    """service.name/version, host.name, process.pid and `attributes` (pycrio-monitor's pod.id);
+    OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME still win, as the OpenTelemetry spec says."""
     ours = Resource(
         {
             "service.name": service_name,
             "service.version": __version__,
             "host.name": socket.gethostname(),
             "process.pid": os.getpid(),
+            **(attributes or {}),
         }
     )
     # Resource.create lets our attributes win over the environment; merging the environment
@@ -49,12 +50,14 @@ class Tracing:
     the configuration, also after a reload (`apply`). Spans come from `tracer`; `span_mode`
     tells the CRI interceptor which calls need one; `health` counts what was exported."""
 
-    def __init__(self, config: TracingConfig, service_name: str = SERVICE_NAME) -> None:
+    def __init__(
+        self, config: TracingConfig, service_name: str = SERVICE_NAME, attributes: Mapping[str, str] | None = None
+    ) -> None:
         self.health = ExportHealth()
         self.health.install()
         self._sampler = SwitchableSampler()
         self._processor = SwitchableSpanProcessor(self.health)
-        self.resource = make_resource(service_name)
+        self.resource = make_resource(service_name, attributes)
         self.provider = TracerProvider(sampler=self._sampler, resource=self.resource)
         self.provider.add_span_processor(self._processor)
         self.tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, __version__)
