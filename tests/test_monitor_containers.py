@@ -477,6 +477,31 @@ def test_create_failure_says_why_and_leaves_nothing(env: Env) -> None:
     assert our_zombies() == []
 
 
+@needs_runc
+def test_cancelled_create_leaves_nothing(env: Env) -> None:
+    reqs = [env.request(["sleep", "1000"]) for _ in range(3)]
+
+    async def scenario() -> None:
+        async with monitor(env) as supervisor:
+            for delay, req in zip((0.0, 0.01, 0.025), reqs):  # runc create takes ~40 ms here
+                task = asyncio.ensure_future(supervisor.create(req))
+                await asyncio.sleep(delay)
+                if task.done():  # a slow machine's create may not have begun yet, a fast one's be over
+                    await supervisor.delete(req.container_id)
+                    continue
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                await asyncio.sleep(0.3)  # the shielded cleanup
+                with pytest.raises(NotFound):
+                    supervisor.state(req.container_id)
+            assert runc_list(env.runc_root) == []
+            assert container_processes(env) == []
+
+    run(scenario())
+    assert our_zombies() == []
+
+
 # -- exec ------------------------------------------------------------------------------------
 
 
@@ -554,6 +579,32 @@ def test_exec_stream_pipes(env: Env) -> None:
     run(scenario())
 
 
+@needs_runc
+def test_exec_stream_tty_first_size_and_resize(env: Env) -> None:
+    req = env.request(["sleep", "1000"])
+
+    async def scenario() -> None:
+        async with monitor(env) as supervisor:
+            await supervisor.create(req)
+            await supervisor.start(req.container_id)
+            out = Sink()
+            io = SessionIO(tty=True, stdin_enabled=True, stdout_enabled=True, stderr_enabled=False, stdout_sink=out)
+            io.resizes.put_nowait(TerminalSize(width=80, height=24))
+            stream = monitor_pb2.ServeExecRequest(container_id=req.container_id, cmd=["sh", "-c", "stty size; read x; stty size"],
+                                                  tty=True, stdin=True, stdout=True)  # fmt: skip
+            task = asyncio.ensure_future(supervisor.exec_stream(stream, io))
+            await out.wait_for(b"24 80")
+            io.resizes.put_nowait(TerminalSize(width=132, height=50))
+            await asyncio.sleep(0.3)
+            io.feed_stdin(b"go\r")
+            assert await asyncio.wait_for(task, WAIT) == 0
+            assert b"50 132" in out.data, bytes(out.data)
+            await supervisor.delete(req.container_id)
+
+    run(scenario())
+    assert our_zombies() == []
+
+
 # -- tty, attach -----------------------------------------------------------------------------
 
 
@@ -621,6 +672,52 @@ def test_attach_stdin_in_stdout_out_and_stdin_once(env: Env) -> None:
             assert (await wait_stopped(supervisor, req.container_id)).exit_code == 0
             assert ("stdout", "F", b"got-two") in log_lines(env.log_path(req.container_id))
             await supervisor.delete(req.container_id)
+
+    run(scenario())
+
+
+@needs_runc
+def test_attach_resize_and_stdin_left_open_between_sessions(env: Env) -> None:
+    tty = env.request(["sh", "-c", "read x; stty size; read y"], terminal=True, stdin=True)
+    piped = env.request(["cat"], stdin=True)  # stdin_once off: each session's EOF leaves it open
+
+    async def scenario() -> None:
+        async with monitor(env) as supervisor:
+            for req in (tty, piped):
+                await supervisor.create(req)
+                await supervisor.start(req.container_id)
+            out = Sink()
+            io = SessionIO(tty=True, stdin_enabled=True, stdout_enabled=True, stderr_enabled=False, stdout_sink=out)
+            attach = asyncio.ensure_future(supervisor.attach_stream(
+                monitor_pb2.ServeAttachRequest(container_id=tty.container_id, tty=True, stdin=True, stdout=True), io))
+            io.resizes.put_nowait(TerminalSize(width=99, height=33))
+            await asyncio.sleep(0.1)
+            io.feed_stdin(b"a\r")
+            await out.wait_for(b"33 99")
+            io.client_gone.set()
+            await asyncio.wait_for(attach, WAIT)
+            assert supervisor.state(tty.container_id).state == "running"
+
+            for word in (b"first", b"second"):
+                out = Sink()
+                io = SessionIO(tty=False, stdin_enabled=True, stdout_enabled=True, stderr_enabled=True, stdout_sink=out)
+                attach = asyncio.ensure_future(supervisor.attach_stream(
+                    monitor_pb2.ServeAttachRequest(container_id=piped.container_id, stdin=True, stdout=True), io))
+                io.feed_stdin(word + b"\n")
+                await out.wait_for(word + b"\n")
+                io.feed_stdin(b"")
+                await asyncio.wait_for(attach, WAIT)  # the session ends with its stdin
+                assert supervisor.state(piped.container_id).state == "running"  # cat still reads
+            # a created container can be killed before it ever starts
+            early = env.request(["sleep", "1000"])
+            await supervisor.create(early)
+            await supervisor.kill(early.container_id, signal.SIGKILL)
+            state = await wait_stopped(supervisor, early.container_id)
+            assert (state.exit_code, state.started_at) == (128 + signal.SIGKILL, 0)
+            with pytest.raises(FailedPrecondition, match="not created"):
+                await supervisor.start(early.container_id)
+            for req in (tty, piped, early):
+                await supervisor.delete(req.container_id)
 
     run(scenario())
 

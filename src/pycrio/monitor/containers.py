@@ -137,6 +137,7 @@ class _Container:
     outputs: list[int] = field(default_factory=list)  # read ends we pump: (fd) stdout[, stderr]
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     supervisor: asyncio.Task[None] | None = None
+    exit_status: asyncio.Future[int] | None = None  # the reaper's: done once the init is reaped
     subscribers: set[_Subscriber] = field(default_factory=set)
     output_done: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -268,6 +269,8 @@ class ContainerSupervisor:
             with step_span("runtime_create", **{"container.id": cid}):
                 await self._create(container)
         except BaseException:
+            # whatever runc got to (a container, an init waiting for start) goes too
+            await asyncio.shield(self._delete_quietly(cid))
             self._containers.pop(cid, None)
             for subscriber in container.subscribers:
                 subscriber.put(_EOF)
@@ -324,27 +327,27 @@ class ContainerSupervisor:
                 child = []
             try:
                 _, err = await asyncio.wait_for(proc.communicate(), _CREATE_TIMEOUT)
-            except TimeoutError:
+            except BaseException as exc:  # timed out, or cancelled: runc must not go on alone
                 _signal_group(proc.pid, signal.SIGKILL)
-                await proc.wait()
-                raise RuntimeCommandError(argv, f"timed out after {_CREATE_TIMEOUT:.0f}s", what=f"create container {handle.id}") from None
+                await asyncio.shield(proc.wait())
+                if isinstance(exc, TimeoutError):
+                    raise RuntimeCommandError(argv, f"timed out after {_CREATE_TIMEOUT:.0f}s",
+                                              what=f"create container {handle.id}") from None  # fmt: skip
+                raise
             if proc.returncode != 0:
                 detail = _read_text(runc_log) or err or _drain(c.outputs[1:])
-                await self._delete_quietly(handle.id)
                 raise RuntimeCommandError(argv, detail, proc.returncode, f"create container {handle.id}")
             pid = _read_int(pidfile)
             if receive is not None:
                 try:
                     c.master = await asyncio.wait_for(asyncio.shield(receive), _CONSOLE_WAIT)
                 except (TimeoutError, OSError) as exc:
-                    await self._delete_quietly(handle.id)
                     raise RuntimeCommandError(argv, f"no terminal from the console socket: {exc or 'timed out'}",
                                               what=f"create container {handle.id}") from exc  # fmt: skip
                 _prepare_master(c.master)
             # the init is our child now (or was: the reaper keeps a status nobody waited for yet)
             exit_code = self._reaper.wait(pid) if pid > 0 else None
             if exit_code is None or (exit_code.done() and exit_code.exception() is not None):
-                await self._delete_quietly(handle.id)
                 raise FailedPrecondition(
                     f"create container {handle.id}: its init (pid {pid}, from {pidfile}) is not a child "
                     f"of the monitor (the monitor must be a child subreaper)"
@@ -367,6 +370,7 @@ class ContainerSupervisor:
             c.pumps = [asyncio.ensure_future(self._pump(c, c.master, STDOUT))]
         else:
             c.pumps = [asyncio.ensure_future(self._pump(c, fd, s)) for fd, s in zip(c.outputs, (STDOUT, STDERR))]
+        c.exit_status = exit_code
         c.supervisor = asyncio.ensure_future(self._supervise(c, exit_code))
 
     async def start(self, container_id: str) -> None:
@@ -406,6 +410,14 @@ class ContainerSupervisor:
         with step_span("runtime_delete", **{"container.id": cid}):
             if c is not None:
                 c.deleting = True
+                if c.exit_status is not None and not c.exit_status.done():
+                    # not reaped yet, so the pid is still our child: killed here, `runc delete
+                    # --force` does not poll for it (in 100 ms steps)
+                    try:
+                        os.kill(c.pid, signal.SIGKILL)
+                        await asyncio.wait_for(asyncio.shield(c.exited.wait()), _DELETE_EXIT_WAIT)
+                    except (ProcessLookupError, TimeoutError):
+                        pass
             await self._delete_quietly(cid, strict=True)
             if c is not None:
                 if c.supervisor is not None and not c.supervisor.done():
