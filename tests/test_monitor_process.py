@@ -556,3 +556,160 @@ def test_tracing_is_off_without_grpc_and_configure_tracing_turns_it_on(monitors:
     assert monitor.wait_exit() == 0
     names = [s.name for s in receiver.settle(quiet=1.0, timeout=5) if s.service == "pycrio-monitor"]
     assert sorted(names) == ["configure_tracing", "version"], names
+
+
+# -- end to end: the real pycrio-monitor with the real ContainerSupervisor and runc -------------
+
+RUNC = "/usr/sbin/runc"
+BUSYBOX = "/bin/busybox"
+APPLETS = ("sh", "echo", "sleep", "cat", "true")
+needs_runc = pytest.mark.skipif(not Path(RUNC).exists() or not Path(BUSYBOX).exists(), reason="needs runc and busybox")
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("rootfs").resolve()
+    (root / "bin").mkdir()
+    import shutil
+
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    return root
+
+
+def write_bundle(bundle: Path, rootfs: Path, args: list[str], cgroup: str) -> None:
+    import json
+
+    bundle.mkdir(parents=True)
+    subprocess.run([RUNC, "spec"], cwd=bundle, check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["args"] = args
+    spec["process"]["terminal"] = False
+    spec["root"] = {"path": str(rootfs), "readonly": False}
+    spec["linux"]["cgroupsPath"] = cgroup  # explicit: the test shell's own memory cgroup is not ours
+    spec["linux"]["namespaces"] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")]
+    (bundle / "config.json").write_text(json.dumps(spec))
+
+
+def runc_list(root: Path) -> list[str]:
+    out = subprocess.run([RUNC, "--root", str(root), "list", "-q"], capture_output=True, text=True, check=False)
+    return out.stdout.split()
+
+
+def real_monitor(monitors: Any, **kwargs: Any) -> Monitor:
+    return monitors(command=[str(MONITOR)], **kwargs)
+
+
+@needs_runc
+def test_real_monitor_runs_a_container_from_create_to_delete(monitors: Any, rootfs: Path) -> None:
+    from pycrio.oci.cgroups import remove_cgroup
+
+    parent = f"/pycrio-monitor-test-{uuid.uuid4().hex[:8]}"
+    monitor = real_monitor(monitors, extra=["--runtime-path", RUNC, "--cgroup", f"{parent}/monitor"])
+    runc_root = monitor.base / "runc"
+    try:
+        assert monitor.daemonize().returncode == 0
+        watcher = monitor.connect()
+        framing.write_sync(watcher, pb.Request(watch_exits=pb.WatchExitsRequest()))
+        assert framing.read_sync(watcher, pb.Response).code == OK  # type: ignore[union-attr]
+
+        bundle = monitor.base / "bundle"
+        write_bundle(bundle, rootfs, ["sh", "-c", "echo hello; echo oops >&2; exec sleep 1000"], f"{parent}/c1")
+        log_path = monitor.base / "c1.log"
+        created = monitor.call(pb.Request(uuid="create-1", create_container=pb.CreateContainerRequest(
+            container_id="c1", bundle=str(bundle), log_path=str(log_path))))
+        assert created.code == OK, created.error
+        init = created.create_container.pid
+        assert proc_status(init)["PPid"] == str(monitor.pid)  # runc exited: the init is the monitor's child
+        state = monitor.call(pb.Request(container_state=pb.ContainerStateRequest(container_id="c1")))
+        assert (state.container_state.state, state.container_state.pid) == ("created", init)
+
+        assert monitor.call(pb.Request(start_container=pb.StartContainerRequest(container_id="c1"))).code == OK
+        assert monitor.call(pb.Request(container_state=pb.ContainerStateRequest(container_id="c1"))).container_state.state == "running"
+
+        echo = monitor.call(pb.Request(exec_sync=pb.ExecSyncRequest(container_id="c1", cmd=["sh", "-c", "echo hi; exit 4"])))
+        assert echo.code == OK and echo.exec_sync.stdout == b"hi\n" and echo.exec_sync.exit_code == 4
+        started = time.monotonic()
+        slow = monitor.call(pb.Request(exec_sync=pb.ExecSyncRequest(container_id="c1", cmd=["sleep", "30"], timeout=0.5)))
+        assert slow.code == OK and slow.exec_sync.timed_out and time.monotonic() - started < 5
+
+        again = monitor.call(pb.Request(create_container=pb.CreateContainerRequest(
+            container_id="c1", bundle=str(bundle), log_path=str(log_path))))
+        assert again.code == 6  # ALREADY_EXISTS, from the supervisor through rpc's one conversion
+
+        assert monitor.call(pb.Request(kill_container=pb.KillContainerRequest(container_id="c1", signal=9))).code == OK
+        frame = framing.read_sync(watcher, pb.StreamFrame)
+        assert frame is not None and frame.exit.container_id == "c1" and frame.exit.exit_code == 137
+        stopped = monitor.call(pb.Request(container_state=pb.ContainerStateRequest(container_id="c1"))).container_state
+        assert (stopped.state, stopped.exit_code, stopped.exited) == ("stopped", 137, True)
+        assert (monitor.state_dir / "exits" / "c1.json").exists()
+        log_text = log_path.read_text()
+        assert " stdout F hello\n" in log_text and " stderr F oops\n" in log_text
+
+        assert monitor.call(pb.Request(delete_container=pb.DeleteContainerRequest(container_id="c1"))).code == OK
+        assert runc_list(runc_root) == []
+        missing = monitor.call(pb.Request(container_state=pb.ContainerStateRequest(container_id="c1")))
+        assert missing.code == NOT_FOUND
+        assert monitor.call(pb.Request(shutdown=pb.ShutdownRequest())).code == OK
+        assert monitor.wait_exit() == 0
+        assert watcher.recv(1) == b""  # the exit stream ends with the monitor
+        watcher.close()
+    finally:
+        monitor.kill()
+        for cid in runc_list(runc_root):
+            subprocess.run([RUNC, "--root", str(runc_root), "delete", "--force", cid], check=False)
+        time.sleep(0.1)
+        remove_cgroup(parent)
+
+
+@needs_runc
+def test_real_monitor_traces_create_with_its_steps_under_the_callers_span(
+    monitors: Any, rootfs: Path, receiver: OTLPReceiver
+) -> None:
+    from pycrio.oci.cgroups import remove_cgroup
+
+    parent = f"/pycrio-monitor-test-{uuid.uuid4().hex[:8]}"
+    monitor = real_monitor(monitors, extra=["--runtime-path", RUNC, "--enable-tracing", "--tracing-endpoint", receiver.endpoint])
+    runc_root = monitor.base / "runc"
+    try:
+        assert monitor.daemonize().returncode == 0
+        bundle = monitor.base / "bundle"
+        write_bundle(bundle, rootfs, ["sleep", "1000"], f"{parent}/c1")
+        trace_id, client_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+        traced = {"traceparent": f"00-{trace_id}-{client_span}-01"}
+        created = monitor.call(pb.Request(uuid="create-1", trace=traced, create_container=pb.CreateContainerRequest(
+            container_id="c1", bundle=str(bundle), log_path=str(monitor.base / "c1.log"))))
+        assert created.code == OK, created.error
+        assert monitor.call(pb.Request(trace=traced, start_container=pb.StartContainerRequest(container_id="c1"))).code == OK
+        assert monitor.call(pb.Request(trace=traced, exec_sync=pb.ExecSyncRequest(container_id="c1", cmd=["true"]))).code == OK
+        monitor.call(pb.Request(delete_container=pb.DeleteContainerRequest(container_id="c1")))
+        assert monitor.call(pb.Request(shutdown=pb.ShutdownRequest())).code == OK
+        assert monitor.wait_exit() == 0
+        spans = {s.name: s for s in receiver.settle(quiet=0.5, timeout=5) if s.trace_id == trace_id}
+        for name in ("create_container", "start_container", "exec_sync_container"):
+            assert spans[name].parent_span_id == client_span and spans[name].kind == SPAN_KIND_SERVER
+            assert spans[name].attributes["container_id"] == "c1"
+        create = spans["create_container"]
+        assert create.attributes["uuid"] == "create-1" and create.resource["service.name"] == "pycrio-monitor"
+        assert spans["runtime_create"].parent_span_id == create.span_id
+        assert spans["log_pipe_setup"].parent_span_id == spans["runtime_create"].span_id
+        assert spans["runtime_start"].parent_span_id == spans["start_container"].span_id
+        assert spans["exec_wait"].parent_span_id == spans["exec_sync_container"].span_id
+        assert any("created, init pid" in e["log.message"] for e in create.log_events())
+        assert "delete_container" not in spans  # no caller trace at rate 0: no span
+    finally:
+        monitor.kill()
+        for cid in runc_list(runc_root):
+            subprocess.run([RUNC, "--root", str(runc_root), "delete", "--force", cid], check=False)
+        time.sleep(0.1)
+        remove_cgroup(parent)
+
+
+def test_real_monitor_with_tracing_off_loads_no_grpc(monitors: Any) -> None:
+    monitor = real_monitor(monitors)
+    assert monitor.daemonize().returncode == 0
+    assert monitor.call(version_request()).code == OK
+    maps = Path(f"/proc/{monitor.pid}/maps").read_text()
+    assert "cygrpc" not in maps and "_ssl" not in maps
+    assert len(os.listdir(f"/proc/{monitor.pid}/task")) == 1  # one thread: the asyncio loop

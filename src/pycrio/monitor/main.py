@@ -226,8 +226,21 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _import_asyncio_without_ssl() -> None:
+    """asyncio imports ssl (OpenSSL: ~1.3 MiB per process) for TLS transports the monitor never
+    opens; import it with ssl hidden. A later `import ssl` (by the OTLP exporter) still works."""
+    if "asyncio" in sys.modules or "ssl" in sys.modules:
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` raises ImportError: asyncio copes
+    try:
+        import asyncio  # noqa: F401
+    finally:
+        del sys.modules["ssl"]
+
+
 def run(options: Options, readiness: Readiness) -> int:
     """Set the process up, serve until told to stop, clean up; 0 on a clean exit, 1 on a failed start."""
+    _import_asyncio_without_ssl()
     import asyncio
     import logging
 
