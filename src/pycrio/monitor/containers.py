@@ -266,17 +266,17 @@ class ContainerSupervisor:
         self._containers[cid] = container
         (self.exit_dir / f"{cid}.json").unlink(missing_ok=True)
         try:
-            with step_span("runtime_create", **{"container.id": cid}):
-                await self._create(container)
+            async with container.lock:  # a delete or start of it waits for the create
+                with step_span("runtime_create", **{"container.id": cid}):
+                    await self._create(container)
         except BaseException:
-            # whatever runc got to (a container, an init waiting for start) goes too
-            await asyncio.shield(self._delete_quietly(cid))
-            self._containers.pop(cid, None)
-            for subscriber in container.subscribers:
-                subscriber.put(_EOF)
-            container.close_fds()
-            container.log.close()
-            shutil.rmtree(directory, ignore_errors=True)
+            try:
+                # whatever runc got to (a container, an init waiting for start) goes too
+                await asyncio.shield(self._delete_quietly(cid))
+            finally:
+                self._containers.pop(cid, None)
+                await self._release(container)
+                shutil.rmtree(directory, ignore_errors=True)
             raise
         return container.pid
 
@@ -407,6 +407,13 @@ class ContainerSupervisor:
         """`runc delete --force` and forget the container (its exit record too); a missing one is fine."""
         cid = _check_id(container_id)
         c = self._containers.get(cid)
+        if c is None:
+            await self._delete(cid, None)
+            return
+        async with c.lock:
+            await self._delete(cid, c)
+
+    async def _delete(self, cid: str, c: _Container | None) -> None:
         with step_span("runtime_delete", **{"container.id": cid}):
             if c is not None:
                 c.deleting = True
@@ -426,7 +433,8 @@ class ContainerSupervisor:
                     except TimeoutError:
                         log.warning("container %s: its init %d did not exit after runc delete --force", cid, c.pid)
                 await self._release(c)
-                self._containers.pop(cid, None)
+                if self._containers.get(cid) is c:
+                    del self._containers[cid]
                 shutil.rmtree(c.handle.state_dir, ignore_errors=True)
             self._records.pop(cid, None)
             self._unreported.pop(cid, None)
@@ -640,6 +648,8 @@ class ContainerSupervisor:
     async def _release(self, c: _Container) -> None:
         tasks: list[asyncio.Future[Any]] = [t for t in (*c.pumps, c.supervisor) if t is not None]
         await _end_tasks(tasks)
+        if c.exit_status is not None and not c.exit_status.done():
+            c.exit_status.cancel()  # nobody will take the status any more (the reaper skips it)
         for subscriber in c.subscribers:
             subscriber.put(_EOF)
         c.subscribers.clear()
