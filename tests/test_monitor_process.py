@@ -713,3 +713,17 @@ def test_real_monitor_with_tracing_off_loads_no_grpc(monitors: Any) -> None:
     maps = Path(f"/proc/{monitor.pid}/maps").read_text()
     assert "cygrpc" not in maps and "_ssl" not in maps
     assert len(os.listdir(f"/proc/{monitor.pid}/task")) == 1  # one thread: the asyncio loop
+
+
+def test_a_hung_collector_neither_slows_requests_nor_holds_the_exit(monitors: Any, black_hole: str) -> None:
+    monitor = monitors(extra=["--enable-tracing", "--tracing-endpoint", black_hole, "--tracing-sampling-rate-per-million", "1000000"])
+    assert monitor.daemonize().returncode == 0
+    started = time.monotonic()
+    for _ in range(20):
+        assert monitor.call(version_request()).code == OK
+    assert time.monotonic() - started < 2.0
+    started = time.monotonic()
+    assert monitor.call(pb.Request(shutdown=pb.ShutdownRequest())).code == OK
+    assert monitor.wait_exit() == 0
+    assert time.monotonic() - started < 6.0  # the span flush gives up after its bound
+    assert "not flushed" in monitor.log_file.read_text()
