@@ -18,8 +18,8 @@ import pytest
 from pycrio.oci import cgroups
 from pycrio.procfs import all_pids, argv
 from tests.cni_fixture import bridge_network
-from tests.harness import PycrioDaemon, tool, tracing_args
-from tests.otlp_receiver import OTLPReceiver
+from tests.harness import PycrioDaemon, tool
+from tests.otlp_receiver import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, OTLPReceiver, ReceivedSpan
 from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
 
 BRIDGE = "pycriopod0"
@@ -112,8 +112,10 @@ def node(make_daemon, tmp_path: Path, registry: TestRegistry, receiver: OTLPRece
             f'[pycrio.runtime]\ndefault_runtime = "runc"\npod_cgroup_parent = "{parent}"\n'
             f'[pycrio.runtime.runtimes.runc]\nruntime_type = "pod"\nruntime_path = "{RUNC}"\n'
             f'[pycrio.runtime.runtimes.runc-oci]\nruntime_type = "oci"\nruntime_path = "{RUNC}"\n'
+            # in the file, not flags: a reload may change it
+            f'[pycrio.tracing]\nenable_tracing = true\ntracing_endpoint = "{receiver.endpoint}"\n'
+            "tracing_sampling_rate_per_million = 1000000\n"
         ),
-        args=tracing_args(receiver.endpoint),
     )
     daemon.crictl("pull", busybox.reference)
     node = Node(daemon, tmp_path, busybox.reference, parent)
@@ -187,3 +189,169 @@ def test_pod_lifecycle_with_crictl(node: Node) -> None:
     node.crictl("rmp", pod_id)
     assert node.monitors() == []
     assert not (node.daemon.base / "run" / "pods" / pod_id).exists()
+
+
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _init_pid(node: Node, cid: str) -> int:
+    return int(json.loads(node.crictl("inspect", cid).stdout)["info"]["pid"])
+
+
+def test_a_mixed_node_runs_an_oci_pod_and_a_pod_pod_side_by_side(node: Node) -> None:
+    info = json.loads(node.crictl("info").stdout)
+    handlers = info["runtimeHandlers"]
+    assert handlers["runc"] == {"runtime_type": "pod", "available": True, "reason": ""}
+    assert handlers["runc-oci"] == {"runtime_type": "oci", "available": True, "reason": ""}
+    oci_pod = node.runp("oci", handler="runc-oci")
+    pod_pod = node.runp("mon")
+    assert json.loads(node.crictl("inspectp", oci_pod).stdout)["status"]["runtimeHandler"] == "runc-oci"
+    assert not (node.daemon.base / "run" / "pods" / oci_pod / "monitor").exists()
+    monitor = node.monitor_pid(pod_pod)
+    assert node.monitors() == [monitor]
+    by_conmon = node.run(oci_pod, "oci", "a", ["sleep", "1000"])
+    by_monitor = node.run(pod_pod, "mon", "b", ["sleep", "1000"])
+    conmon = _parent_pid(_init_pid(node, by_conmon))
+    assert b"conmon" in argv(conmon)[0]
+    assert _parent_pid(_init_pid(node, by_monitor)) == monitor
+    for cid in (by_conmon, by_monitor):
+        assert node.crictl("exec", "-s", cid, "echo", cid[:8]).stdout.strip() == cid[:8]
+        assert node.crictl("exec", cid, "echo", "streamed").stdout == "streamed\n"
+    ips = {json.loads(node.crictl("inspectp", p).stdout)["status"]["network"]["ip"] for p in (oci_pod, pod_pod)}
+    assert len(ips) == 2 and all(ip.startswith("10.146.0.") for ip in ips)
+    for pod in (oci_pod, pod_pod):
+        node.crictl("stopp", pod)
+        node.crictl("rmp", pod)
+    assert node.monitors() == [] and not _running(conmon)
+
+
+def test_a_daemon_sigkill_leaves_the_pod_running_and_the_restarted_daemon_reattaches(node: Node) -> None:
+    pod_id = node.runp("restart")
+    monitor = node.monitor_pid(pod_id)
+    keep = node.run(pod_id, "restart", "keep", ["sleep", "1000"])
+    dies = node.run(pod_id, "restart", "dies", ["sh", "-c", "sleep 3; exit 42"])
+    init = _init_pid(node, keep)
+    node.daemon.stop(signal.SIGKILL)
+    time.sleep(4)  # `dies` exits while no daemon runs
+    assert _running(monitor) and _running(init)
+    node.daemon.start()
+    status = node.wait_for_state(dies, "CONTAINER_EXITED", timeout=10)
+    assert (status["state"], status["exitCode"]) == ("CONTAINER_EXITED", 42)
+    status = node.inspect(keep)
+    assert status["state"] == "CONTAINER_RUNNING" and _init_pid(node, keep) == init
+    assert node.monitor_pid(pod_id) == monitor and node.monitors() == [monitor]
+    assert node.crictl("exec", "-s", keep, "echo", "after").stdout.strip() == "after"
+    assert node.crictl("exec", keep, "echo", "streamed").stdout == "streamed\n"
+    # and exits are reported again as they happen
+    node.crictl("exec", "-s", keep, "kill", "-USR1", "1", check=False)
+    late = node.run(pod_id, "restart", "late", ["sh", "-c", "exit 9"])
+    assert node.wait_for_state(late, "CONTAINER_EXITED")["exitCode"] == 9
+    node.crictl("stop", "-t", "5", keep)
+    assert node.inspect(keep)["exitCode"] == 143
+    node.crictl("rmp", "-f", pod_id)
+
+
+def test_a_killed_monitor_stops_its_containers_with_a_reason_and_the_pod_is_removed_cleanly(node: Node) -> None:
+    pod_id = node.runp("mkill")
+    cid = node.run(pod_id, "mkill", "app", ["sleep", "1000"])
+    done = node.run(pod_id, "mkill", "done", ["sh", "-c", "exit 5"])
+    assert node.wait_for_state(done, "CONTAINER_EXITED")["exitCode"] == 5
+    init = _init_pid(node, cid)
+    pod_dir = node.daemon.base / "run" / "pods" / pod_id
+    assert (pod_dir / "ns" / "net").exists()
+    os.kill(node.monitor_pid(pod_id), signal.SIGKILL)
+    status = node.wait_for_state(cid, "CONTAINER_EXITED", timeout=10)
+    assert (status["state"], status["exitCode"], status["reason"]) == ("CONTAINER_EXITED", 255, "Error")
+    assert status["message"] == f"pycrio-monitor of pod {pod_id} exited"
+    assert node.inspect(done)["exitCode"] == 5  # recorded before the monitor died: unchanged
+    deadline = time.monotonic() + 10
+    while _running(init) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(init), "the container's process outlived its exit record"
+    exec_after = node.crictl("exec", "-s", cid, "echo", check=False)
+    assert exec_after.returncode != 0 and "not running" in exec_after.stderr
+    node.crictl("stopp", pod_id)
+    node.crictl("rmp", pod_id)
+    assert json.loads(node.crictl("pods", "-o", "json").stdout)["items"] == []
+    assert not pod_dir.exists()  # with its pinned namespaces (the fixture: nothing mounted below the daemon's dirs)
+    # the fixture checks mounts, monitors, cgroups, runc's containers and the bridge
+
+
+# --- tracing -------------------------------------------------------------------------------
+
+
+def _by_id(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
+    return {s.span_id: s for s in spans}
+
+
+def _ancestors(span: ReceivedSpan, spans: dict[str, ReceivedSpan]) -> list[ReceivedSpan]:
+    chain = []
+    while span.parent_span_id in spans:
+        span = spans[span.parent_span_id]
+        chain.append(span)
+    return chain
+
+
+def test_one_trace_spans_crictl_pycrio_and_the_monitor(node: Node, receiver: OTLPReceiver) -> None:
+    pod_id = node.runp("traced")
+    cid = node.run(pod_id, "traced", "app", ["sleep", "1000"], start=False, tracing_endpoint=receiver.endpoint)
+    created = receiver.wait_for(
+        lambda s: s.service == "pycrio-monitor" and s.name == "create_container" and s.attributes.get("container_id") == cid
+    )
+    assert created, "no create_container span from the monitor"
+    server = created[0]
+    assert server.kind == SPAN_KIND_SERVER
+    assert server.attributes["container_id"] == cid and server.attributes["pod.id"] == pod_id
+    assert server.attributes["uuid"]
+    assert server.resource["service.name"] == "pycrio-monitor"
+    assert server.resource["process.pid"] == node.monitor_pid(pod_id)
+    spans = _by_id(receiver.settle())
+    chain = _ancestors(server, spans)
+    names = [(s.service, s.name) for s in chain]
+    client = chain[0]
+    assert (client.service, client.name, client.kind) == ("pycrio", "pycrio-monitor-client: CreateContainer", SPAN_KIND_CLIENT)
+    assert client.attributes["uuid"] == server.attributes["uuid"]
+    assert ("pycrio", "/runtime.v1.RuntimeService/CreateContainer") in names, names
+    assert chain[-1].service == "cri-tools", names
+    assert len({s.trace_id for s in [server, *chain]}) == 1
+    steps = [s for s in spans.values() if s.parent_span_id == server.span_id]
+    assert steps and all(s.service == "pycrio-monitor" for s in steps), [s.name for s in steps]
+    monitor_spans = [s for s in spans.values() if s.service == "pycrio-monitor" and s.trace_id == server.trace_id]
+    assert any(s.log_events() for s in monitor_spans), "no log events on the monitor's spans"
+    # the other calls: the same shape, each under its own CRI call
+    node.crictl("start", cid, tracing_endpoint=receiver.endpoint)
+    node.crictl("exec", "-s", cid, "echo", tracing_endpoint=receiver.endpoint)
+    for op, method in (("start_container", "StartContainer"), ("exec_sync_container", "ExecSync")):
+        found = receiver.wait_for(
+            lambda s, op=op: s.service == "pycrio-monitor" and s.name == op and s.attributes.get("container_id") == cid
+        )
+        assert found, op
+        parents = receiver.wait_for(lambda s, want=found[0].parent_span_id: s.span_id == want)
+        assert [p.name for p in parents] == [f"pycrio-monitor-client: {method}"]
+
+
+def test_a_reload_sends_the_new_tracing_settings_to_running_monitors(node: Node, receiver: OTLPReceiver) -> None:
+    pod_id = node.runp("reload")
+    cid = node.run(pod_id, "reload", "app", ["sleep", "1000"])
+    with OTLPReceiver() as second:
+        (node.daemon.config_dir / "50-tracing.conf").write_text(
+            f'[pycrio.tracing]\ntracing_endpoint = "{second.endpoint}"\n'
+        )
+        node.daemon.proc.send_signal(signal.SIGHUP)
+        node.daemon.wait_for_log("configuration reloaded")
+        log_file = node.daemon.base / "run" / "pods" / pod_id / "monitor" / "monitor.log"
+        deadline = time.monotonic() + 10
+        while f"tracing to {second.endpoint}" not in log_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # ConfigureTracing goes out in the background (a reload waits for no monitor)
+        node.crictl("exec", "-s", cid, "echo", tracing_endpoint=second.endpoint)
+        found = second.wait_for(lambda s: s.service == "pycrio-monitor" and s.name == "exec_sync_container")
+        assert found, (log_file.read_text()[-1500:], sorted({(s.service, s.name) for s in second.spans()}))
+        assert found[0].resource["process.pid"] == node.monitor_pid(pod_id)

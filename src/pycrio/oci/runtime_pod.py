@@ -350,6 +350,7 @@ class _Monitor:
         self.watcher: threading.Thread | None = None
         self.watch_socket: socket.socket | None = None
         self.stop_watching = threading.Event()
+        self._pid = 0
 
     @property
     def pidfile(self) -> Path:
@@ -369,7 +370,11 @@ class _Monitor:
         return self.directory / "exits"
 
     def pid(self) -> int:
-        return _read_int(self.pidfile)
+        """The monitor's pid, from its pid file the first time (it removes the file as it exits,
+        still flushing its spans: the process, not the file, says when it is gone)."""
+        if not self._pid:
+            self._pid = _read_int(self.pidfile)
+        return self._pid
 
     def record_start(self) -> None:
         pid = _wait_for(self.pid, _PID_WAIT)
