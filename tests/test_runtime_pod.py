@@ -102,29 +102,42 @@ class Node:
 
 
 @pytest.fixture
-def node(make_daemon, tmp_path: Path, registry: TestRegistry, receiver: OTLPReceiver, busybox: BuiltImage) -> Iterator[Node]:
+def make_node(make_daemon, tmp_path: Path, registry: TestRegistry, busybox: BuiltImage) -> Iterator[Any]:
+    """Factory: make_node(tracing_endpoint, rate) -> a Node; each is checked for leftovers at the end."""
     netdir = bridge_network(tmp_path / "net.d", "pycrio-podrt", BRIDGE, SUBNET, filename="10-podrt.conflist")
-    parent = f"/pycrio-podrt-{tmp_path.name}"
-    daemon = make_daemon(
-        config_text=(
-            f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
-            f'[pycrio.network]\nnetwork_dir = "{netdir}"\n'
-            f'[pycrio.runtime]\ndefault_runtime = "runc"\npod_cgroup_parent = "{parent}"\n'
-            f'[pycrio.runtime.runtimes.runc]\nruntime_type = "pod"\nruntime_path = "{RUNC}"\n'
-            f'[pycrio.runtime.runtimes.runc-oci]\nruntime_type = "oci"\nruntime_path = "{RUNC}"\n'
-            # in the file, not flags: a reload may change it
-            f'[pycrio.tracing]\nenable_tracing = true\ntracing_endpoint = "{receiver.endpoint}"\n'
-            "tracing_sampling_rate_per_million = 1000000\n"
-        ),
-    )
-    daemon.crictl("pull", busybox.reference)
-    node = Node(daemon, tmp_path, busybox.reference, parent)
-    yield node
-    if not daemon.alive():
-        daemon.start()
-    for pod in json.loads(node.crictl("pods", "-o", "json").stdout).get("items", []):
-        node.crictl("rmp", "-f", pod["id"], check=False)
-    assert_nothing_left(node)
+    nodes: list[Node] = []
+
+    def factory(tracing_endpoint: str, rate: int = 1_000_000) -> Node:
+        parent = f"/pycrio-podrt-{tmp_path.name}-{len(nodes)}"
+        daemon = make_daemon(
+            config_text=(
+                f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
+                f'[pycrio.network]\nnetwork_dir = "{netdir}"\n'
+                f'[pycrio.runtime]\ndefault_runtime = "runc"\npod_cgroup_parent = "{parent}"\n'
+                f'[pycrio.runtime.runtimes.runc]\nruntime_type = "pod"\nruntime_path = "{RUNC}"\n'
+                f'[pycrio.runtime.runtimes.runc-oci]\nruntime_type = "oci"\nruntime_path = "{RUNC}"\n'
+                # in the file, not flags: a reload may change it
+                f'[pycrio.tracing]\nenable_tracing = true\ntracing_endpoint = "{tracing_endpoint}"\n'
+                f"tracing_sampling_rate_per_million = {rate}\n"
+            ),
+        )
+        daemon.crictl("pull", busybox.reference)
+        node = Node(daemon, tmp_path, busybox.reference, parent)
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        if not node.daemon.alive():
+            node.daemon.start()
+        for pod in json.loads(node.crictl("pods", "-o", "json").stdout).get("items", []):
+            node.crictl("rmp", "-f", pod["id"], check=False)
+        assert_nothing_left(node)
+
+
+@pytest.fixture
+def node(make_node: Any, receiver: OTLPReceiver) -> Node:
+    return make_node(receiver.endpoint)
 
 
 def assert_nothing_left(node: Node) -> None:
@@ -355,3 +368,113 @@ def test_a_reload_sends_the_new_tracing_settings_to_running_monitors(node: Node,
         found = second.wait_for(lambda s: s.service == "pycrio-monitor" and s.name == "exec_sync_container")
         assert found, (log_file.read_text()[-1500:], sorted({(s.service, s.name) for s in second.spans()}))
         assert found[0].resource["process.pid"] == node.monitor_pid(pod_id)
+
+
+# --- more of the container's life ---------------------------------------------------------------
+
+
+def test_oom_is_reported(node: Node) -> None:
+    pod_id = node.runp("oom")
+    config = write_json(node.tmp / "ctr-hog.json", {
+        "metadata": {"name": "hog"}, "image": {"image": node.image}, "log_path": "hog.log",
+        "command": ["/bin/sh", "-c", "x=a; while true; do x=$x$x; done"],
+        "linux": {"resources": {"memory_limit_in_bytes": 16 * 1024 * 1024}},
+    })  # fmt: skip
+    cid = node.crictl("create", pod_id, str(config), str(node.pod_config("oom"))).stdout.strip()
+    node.crictl("start", cid)
+    status = node.wait_for_state(cid, "CONTAINER_EXITED", timeout=60)
+    assert (status["state"], status["reason"], status["exitCode"]) == ("CONTAINER_EXITED", "OOMKilled", 137), status
+    node.crictl("rmp", "-f", pod_id)
+
+
+def _under_pty(args: list[str], rows: int, cols: int, timeout: float = 30) -> tuple[int, bytes]:
+    """Run `args` with a terminal of rows x cols as its stdio (crictl -t reads its size from it)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    if proc.poll() is None:
+        proc.kill()
+    code = proc.wait(10)
+    os.close(master)
+    return code, out
+
+
+def test_exec_with_a_tty_attach_and_an_exec_sync_timeout_through_the_monitor(node: Node) -> None:
+    pod_id = node.runp("streams")
+    cid = node.run(pod_id, "streams", "app", ["sleep", "1000"])
+    base = [tool("crictl"), "--runtime-endpoint", node.daemon.endpoint, "exec", "-it", cid]
+    code, out = _under_pty([*base, "busybox", "stty", "size"], 37, 111)
+    assert code == 0 and b"37 111" in out, out
+    code, out = _under_pty([*base, "sh", "-c", "exit 5"], 24, 80)
+    assert code == 1 and b"command terminated with exit code 5" in out, out
+
+    started = time.monotonic()
+    timed_out = node.crictl("exec", "-s", "--timeout", "1", cid, "sleep", "30", check=False)
+    assert timed_out.returncode != 0 and "DeadlineExceeded" in timed_out.stderr, timed_out.stderr
+    assert time.monotonic() - started < 15
+    procs = node.crictl("exec", "-s", cid, "busybox", "ps", "-o", "args").stdout.splitlines()
+    assert "sleep 30" not in [p.strip() for p in procs], procs  # the timed-out tree was killed
+
+    config = write_json(node.tmp / "ctr-reader.json", {
+        "metadata": {"name": "reader"}, "image": {"image": node.image}, "log_path": "reader.log",
+        "command": ["sh", "-c", "read line; echo got $line; sleep 1"], "stdin": True, "stdin_once": True,
+    })  # fmt: skip
+    reader = node.crictl("create", pod_id, str(config), str(node.pod_config("streams"))).stdout.strip()
+    node.crictl("start", reader)
+    attached = node.crictl("attach", "-i", reader, input="hello\n")
+    assert "got hello" in attached.stdout, (attached.stdout, attached.stderr)
+    assert node.wait_for_state(reader, "CONTAINER_EXITED")["exitCode"] == 0
+    node.crictl("rmp", "-f", pod_id)
+
+
+# --- tracing off and collector down ----------------------------------------------------------
+
+
+def test_at_rate_zero_the_monitor_exports_only_what_a_caller_traced(make_node: Any, receiver: OTLPReceiver) -> None:
+    node = make_node(receiver.endpoint, rate=0)
+    pod_id = node.runp("quiet")
+    cid = node.run(pod_id, "quiet", "app", ["sleep", "1000"])
+    node.crictl("exec", "-s", cid, "echo")
+    node.crictl("exec", cid, "echo")
+    assert not receiver.wait_for(lambda s: s.service == "pycrio-monitor", timeout=3.0)
+    node.crictl("exec", "-s", cid, "echo", tracing_endpoint=receiver.endpoint)  # crictl samples its trace
+    traced = receiver.wait_for(lambda s: s.service == "pycrio-monitor" and s.name == "exec_sync_container")
+    assert traced and {s.name for s in receiver.spans(lambda s: s.service == "pycrio-monitor")} >= {"exec_sync_container"}
+    node.crictl("rmp", "-f", pod_id)
+
+
+def test_a_collector_that_never_answers_blocks_neither_process(make_node: Any, black_hole: str) -> None:
+    node = make_node(black_hole)
+    started = time.monotonic()
+    pod_id = node.runp("dark")
+    cid = node.run(pod_id, "dark", "app", ["sleep", "1000"])
+    for _ in range(5):
+        assert node.crictl("exec", "-s", cid, "echo", "lit").stdout.strip() == "lit"
+    node.crictl("stop", "-t", "2", cid)
+    node.crictl("stopp", pod_id)
+    removing = time.monotonic()
+    node.crictl("rmp", pod_id)
+    assert time.monotonic() - removing < 10  # the monitor's flush at exit gives up on the lost collector
+    assert time.monotonic() - started < 30
+    assert node.monitors() == []
