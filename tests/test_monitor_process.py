@@ -9,6 +9,7 @@ protocol with framing.read_sync/write_sync as the daemon does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -206,15 +207,21 @@ class Monitor:
             if own:
                 conn.close()
 
-    def wait_exit(self, timeout: float = WAIT) -> int:
-        """The monitor's exit code (a daemonized one is our child: the test process is a subreaper)."""
+    def wait_exit(self, timeout: float = WAIT) -> int | None:
+        """The monitor's exit code (a daemonized one is our child: the test process is a subreaper);
+        None once gone for one forked by a zygote (the zygote's child: its status is not ours)."""
         if self.proc is not None:
             return self.proc.wait(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                return os.waitstatus_to_exitcode(status)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                if not Path(f"/proc/{self.pid}").exists():
+                    return None
+            else:
+                if pid:
+                    return os.waitstatus_to_exitcode(status)
             time.sleep(0.02)
         raise AssertionError(f"monitor {self.pid} still running")
 
@@ -249,7 +256,24 @@ def monitors(tmp_path: Path) -> Iterator[Any]:
         _prctl_subreaper(False)
         for monitor in made:
             monitor.kill()
+            for pid in pids_running(str(monitor.base)):  # a zygote started with a socket in it
+                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
             subprocess.run(["rm", "-rf", str(monitor.base)], check=False)
+
+
+def pids_running(text: str) -> list[int]:
+    """Processes whose command line mentions `text` (a test's own directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
 
 
 def version_request(**trace: str) -> pb.Request:
@@ -602,14 +626,18 @@ def real_monitor(monitors: Any, **kwargs: Any) -> Monitor:
 
 
 @needs_runc
-def test_real_monitor_runs_a_container_from_create_to_delete(monitors: Any, rootfs: Path) -> None:
+@pytest.mark.parametrize("zygote", [False, True], ids=["daemonized", "zygote"])
+def test_real_monitor_runs_a_container_from_create_to_delete(monitors: Any, rootfs: Path, zygote: bool) -> None:
     from pycrio.oci.cgroups import remove_cgroup
 
     parent = f"/pycrio-monitor-test-{uuid.uuid4().hex[:8]}"
     monitor = real_monitor(monitors, extra=["--runtime-path", RUNC, "--cgroup", f"{parent}/monitor"])
+    if zygote:
+        monitor.extra += ["--zygote-socket", str(monitor.base / "zygote.sock")]
     runc_root = monitor.base / "runc"
     try:
         assert monitor.daemonize().returncode == 0
+        assert monitor.call(version_request()).version.pid == monitor.pid
         watcher = monitor.connect()
         framing.write_sync(watcher, pb.Request(watch_exits=pb.WatchExitsRequest()))
         assert framing.read_sync(watcher, pb.Response).code == OK  # type: ignore[union-attr]
@@ -652,7 +680,7 @@ def test_real_monitor_runs_a_container_from_create_to_delete(monitors: Any, root
         missing = monitor.call(pb.Request(container_state=pb.ContainerStateRequest(container_id="c1")))
         assert missing.code == NOT_FOUND
         assert monitor.call(pb.Request(shutdown=pb.ShutdownRequest())).code == OK
-        assert monitor.wait_exit() == 0
+        assert monitor.wait_exit() == (None if zygote else 0)
         assert watcher.recv(1) == b""  # the exit stream ends with the monitor
         watcher.close()
     finally:
@@ -727,3 +755,66 @@ def test_a_hung_collector_neither_slows_requests_nor_holds_the_exit(monitors: An
     assert monitor.wait_exit() == 0
     assert time.monotonic() - started < 6.0  # the span flush gives up after its bound
     assert "not flushed" in monitor.log_file.read_text()
+
+
+# -- the zygote: monitors forked from one pre-imported process ---------------------------------
+
+
+def private_kib(pid: int) -> int:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return int(fields["Private_Clean"].split()[0]) + int(fields["Private_Dirty"].split()[0])
+
+
+def test_zygote_forks_monitors_that_share_its_pages(monitors: Any, receiver: OTLPReceiver) -> None:
+    first = real_monitor(monitors)
+    zygote_socket = first.base / "zygote.sock"
+    first.extra = ["--zygote-socket", str(zygote_socket)]
+    second = real_monitor(monitors, extra=["--zygote-socket", str(zygote_socket), "--enable-tracing",
+                                           "--tracing-endpoint", receiver.endpoint])
+    alone = real_monitor(monitors)
+    for monitor in (first, second, alone):
+        result = monitor.daemonize()
+        assert result.returncode == 0, result.stderr
+    zygote = int(proc_status(first.pid)["PPid"])
+    assert int(proc_status(second.pid)["PPid"]) == zygote != first.pid
+    assert b"pycrio.monitor.zygote" in Path(f"/proc/{zygote}/cmdline").read_bytes()
+    assert stat.S_IMODE(os.stat(zygote_socket).st_mode) == 0o600
+    for monitor in (first, second):
+        assert monitor.call(version_request()).version.pid == monitor.pid
+        stat_fields = Path(f"/proc/{monitor.pid}/stat").read_text().rpartition(")")[2].split()
+        assert int(stat_fields[3]) == monitor.pid  # a session of its own, as a daemonized one
+    alone.call(version_request())
+    # what a forked monitor does not share with the zygote is a fraction of an exec'd one's
+    assert private_kib(first.pid) < private_kib(alone.pid) / 2, (private_kib(first.pid), private_kib(alone.pid))
+    # the second traces (it loaded gRPC itself, the zygote did not); its resource is its own pid
+    assert not _loaded(zygote, "cygrpc") and not _loaded(first.pid, "cygrpc")
+    traced = {"traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"}
+    assert second.call(version_request(**traced)).code == OK
+    assert second.call(pb.Request(shutdown=pb.ShutdownRequest())).code == OK
+    assert second.wait_exit() is None and not second.socket.exists()
+    spans = receiver.wait_for(lambda s: s.service == "pycrio-monitor", timeout=5)
+    assert spans and spans[0].resource["process.pid"] == second.pid and spans[0].resource["pod.id"] == second.pod_id
+    assert first.call(version_request()).code == OK
+
+
+def test_a_killed_zygote_leaves_its_monitors_serving_and_the_next_command_starts_one(monitors: Any) -> None:
+    first = real_monitor(monitors)
+    zygote_socket = first.base / "zygote.sock"
+    first.extra = ["--zygote-socket", str(zygote_socket)]
+    assert first.daemonize().returncode == 0
+    zygote = int(proc_status(first.pid)["PPid"])
+    os.kill(zygote, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(zygote, 0)  # re-parented to this (subreaper) test process
+    assert first.call(version_request()).version.pid == first.pid  # the monitor does not depend on it
+    assert zygote_socket.exists()  # left behind by the kill: replaced by the next zygote
+    second = real_monitor(monitors, extra=["--zygote-socket", str(zygote_socket)])
+    result = second.daemonize()
+    assert result.returncode == 0, result.stderr
+    assert int(proc_status(second.pid)["PPid"]) not in (zygote, 1)
+    assert second.call(version_request()).version.pid == second.pid
+    # a start failure in a forked monitor is the command's exit 1 with the reason, as daemonized
+    third = real_monitor(monitors, extra=["--zygote-socket", str(zygote_socket)])
+    third.socket = third.base / "missing" / "monitor.sock"
+    result = third.daemonize()
+    assert result.returncode == 1 and "does not exist" in result.stderr and third.pod_id in result.stderr

@@ -46,6 +46,7 @@ class Options:
     log_file: Path | None
     tracing: TracingSettings
     foreground: bool
+    zygote_socket: Path | None = None
 
 
 class StartupError(Exception):
@@ -90,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
         "a request whose caller sampled its trace is always traced)",
     )
     parser.add_argument("--foreground", action="store_true", help="do not fork nor start a new session (tests, debugging)")
+    parser.add_argument(
+        "--zygote-socket", type=Path,
+        help="fork the monitor from the pre-imported monitor zygote listening on this unix socket (started "
+        "there if none is), so that the pods' monitors share their memory pages; ignored with --foreground",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     return parser
 
@@ -125,6 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         log_file=args.log_file.absolute() if args.log_file else None,
         tracing=tracing,
         foreground=args.foreground,
+        zygote_socket=args.zygote_socket.absolute() if args.zygote_socket else None,
     )
 
 
@@ -202,13 +209,13 @@ class Readiness:
     def _send(self, line: str) -> None:
         if self._fd is None:
             return
+        fd, self._fd = self._fd, None
         try:
-            os.write(self._fd, line.encode("utf-8", "replace")[:60000])
+            os.write(fd, line.encode("utf-8", "replace")[:60000])
         except OSError:
             pass  # the parent is gone: nothing to tell
         finally:
-            os.close(self._fd)
-            self._fd = None
+            os.close(fd)
 
     def ready(self) -> None:
         self._send(f"ready {os.getpid()}\n")
@@ -359,21 +366,31 @@ def daemonize(options: Options) -> int:
         finally:
             os._exit(code)
     os.close(write_end)
-    chunks = []
-    while True:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read_end)
-    answer = b"".join(chunks).decode("utf-8", "replace").strip()
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode("utf-8", "replace").strip()
     if answer.startswith("ready"):
         return 0
     _, status = os.waitpid(pid, 0)
+    return _refused(options, answer, f" ({_describe_status(status)})")
+
+
+def from_zygote(options: Options, argv: Sequence[str]) -> int:
+    """Like daemonize, the monitor forked by the zygote on --zygote-socket (pycrio.monitor.zygote)."""
+    from pycrio.monitor.zygote import ZygoteError, request_monitor
+
+    assert options.zygote_socket is not None
+    try:
+        answer = request_monitor(options.zygote_socket, argv)
+    except ZygoteError as exc:
+        return _refused(options, f"error {exc}", "")
+    return 0 if answer.startswith("ready") else _refused(options, answer, "")
+
+
+def _refused(options: Options, answer: str, status: str) -> int:
     if answer.startswith("error "):
         message = answer[len("error "):]
     else:
-        message = f"the monitor exited before it was ready ({_describe_status(status)})"
+        message = f"the monitor exited before it was ready{status}"
     print(f"{PROG}: pod {options.pod_id}: {message}", file=sys.stderr)
     return 1
 
@@ -385,10 +402,13 @@ def _describe_status(status: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    options = parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    options = parse_args(args)
     if options.foreground:
         _close_inherited_fds(keep=None)
         sys.exit(run(options, Readiness(None)))
+    if options.zygote_socket is not None:
+        sys.exit(from_zygote(options, args))
     sys.exit(daemonize(options))
 
 

@@ -29,6 +29,7 @@ SERVICE_NAME = "pycrio-monitor"
 POD_ID_ATTRIBUTE = "pod.id"
 FLUSH_TIMEOUT_SECONDS = 2.0  # spans queued at exit; a lost collector must not hold the pod's removal
 PROPAGATION_KEYS = ("traceparent", "tracestate", "baggage")
+RETIRE_THREAD = "pycrio-tracing-retire"  # pycrio.tracing.provider's flush of a replaced pipeline
 
 
 @dataclass(frozen=True)
@@ -163,4 +164,15 @@ class Telemetry:
         """Export what is queued, giving up after `timeout` seconds (collector down)."""
         if self._tracing is None:
             return True
-        return self._tracing.shutdown(timeout)
+        import threading
+        import time
+
+        deadline = time.monotonic() + timeout
+        finished = self._tracing.shutdown(timeout)
+        # A pipeline a reconfiguration replaced flushes in the background (Tracing.apply): its
+        # daemon thread would die with the process, and its spans with it.
+        for thread in threading.enumerate():
+            if thread.name == RETIRE_THREAD:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                finished = finished and not thread.is_alive()
+        return finished
