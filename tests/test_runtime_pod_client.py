@@ -175,6 +175,8 @@ class FakeMonitor:
         if cmd[0] == "fail":
             await framing.write_async(writer, monitor_pb2.StreamFrame(error="exec failed: no such file"))
             return
+        if cmd[0] == "vanish":  # the stream ends without an exit code (a monitor going away)
+            return
         if cmd[0] == "out":  # stdout and stderr, then the exit code
             await framing.write_async(writer, monitor_pb2.StreamFrame(stdout=b"to-out\n"))
             await framing.write_async(writer, monitor_pb2.StreamFrame(stderr=b"to-err\n"))
@@ -672,6 +674,8 @@ def test_exec_stream_pumps_stdin_resizes_and_output_and_returns_the_exit_code(po
         io, _, _ = _session()
         with pytest.raises(CRIError, match="exec failed: no such file"):
             await runtime.exec_stream(c, ["fail"], io)
+        with pytest.raises(CRIError, match="ended the exec in container c1 without an exit code"):
+            await runtime.exec_stream(c, ["vanish"], _session()[0])
         with pytest.raises(NotFound):
             await runtime.exec_stream(pods.handle(pod, "nope"), ["cat"], _session()[0])
 

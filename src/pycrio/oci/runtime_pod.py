@@ -884,7 +884,10 @@ class PodRuntime(OCIRuntime):
             stdout=io.stdout_enabled, stderr=io.stderr_enabled,
         )  # fmt: skip
         code = await self._serve(handle, "serve_exec", request, io)
-        return code if code is not None else -1
+        if code is None:
+            pod_id = self.pod_id or handle.pod_id
+            raise CRIError(f"pycrio-monitor of pod {pod_id} ended the exec in container {handle.id} without an exit code")
+        return code
 
     async def attach_stream(self, handle: ContainerHandle, io: SessionIO) -> None:
         request = monitor_pb2.ServeAttachRequest(
