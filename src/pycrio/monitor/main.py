@@ -4,6 +4,8 @@ The daemon runs it like a command and waits for it to exit: without --foreground
 child makes a new session, joins --cgroup, becomes a child subreaper, binds the socket (0600),
 restores its containers' records, writes <state-dir>/monitor.pid and only then tells the waiting
 parent over a pipe, which exits 0 (the monitor serves) or 1 with the child's error on stderr.
+With --zygote-socket the same monitor is forked from a pre-imported zygote instead (memory pages
+shared between the pods' monitors, pycrio.monitor.zygote); the command's contract is the same.
 Imports stay lean until they are needed: a monitor runs per pod.
 """
 
