@@ -98,7 +98,16 @@ class Node:
     def monitors(self) -> list[int]:
         """pids of pycrio-monitor processes of this daemon (its runroot in their command line)."""
         run = str(self.daemon.base / "run").encode()
-        return [p for p in all_pids() if any(b"pycrio-monitor" in a for a in argv(p)[:2]) and any(run in a for a in argv(p))]
+        return [p for p in all_pids() if any(run in a for a in argv(p)) and _is_monitor(p)]
+
+
+def _is_monitor(pid: int) -> bool:
+    """A pycrio-monitor: exec'd as one, or forked by the zygote (named pycrio-monitor, its argv the zygote's)."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    return comm == "pycrio-monitor" or any(b"pycrio-monitor" in a for a in argv(pid)[:2])
 
 
 @pytest.fixture

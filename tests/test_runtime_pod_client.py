@@ -215,6 +215,7 @@ def fake_main(argv: list[str]) -> int:
         parser.add_argument(flag)
     parser.add_argument("--enable-tracing", action="store_true")
     parser.add_argument("--foreground", action="store_true")
+    parser.add_argument("--zygote-socket")
     args = parser.parse_args(argv)
     args.close_after_version = os.environ.get("FAKE_MONITOR_CLOSE_AFTER_VERSION") == "1"
     state_dir = Path(args.state_dir)
@@ -361,6 +362,7 @@ def test_create_sandbox_runs_the_monitor_with_the_contract_flags_and_a_long_sock
     assert flags["--runtime-root"] == str(pods.tmp / "runc")
     assert flags["--log-file"] == str(monitor_dir / "monitor.log")
     assert flags["--log-level"] == "info"
+    assert flags["--zygote-socket"].endswith("/monitor-zygote.sock")  # the runroot's zygote
     assert "--enable-tracing" in argv
     assert argv[argv.index("--tracing-endpoint") + 1] == "127.0.0.1:4999"
     assert argv[argv.index("--tracing-sampling-rate-per-million") + 1] == "12"

@@ -103,13 +103,48 @@ def request_monitor(path: Path, argv: Sequence[str]) -> str:
 
 
 def _connect(path: Path) -> socket.socket | None:
+    from pycrio.monitor.server import _sun_path
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    dir_fd = None
     try:
-        sock.connect(os.fspath(path))
+        address, dir_fd = _sun_path(path)  # a long path (a test's runroot) through /proc/self/fd
+        sock.connect(address)
         return sock
-    except OSError:
+    except (OSError, ValueError, Exception):  # noqa: BLE001 - no zygote there, whatever the reason
         sock.close()
         return None
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+def _set_name(name: bytes) -> None:
+    """The process's name (/proc/<pid>/comm), what `ps -e` and `pgrep` show."""
+    import ctypes
+
+    pr_set_name = 15
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_name, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
+def stop_zygote(path: Path, timeout: float = 5.0) -> bool:
+    """Stop the zygote serving `path` (found by its socket's peer credentials), if one does; the
+    monitors it forked run on. Whether one was stopped."""
+    sock = _connect(path)
+    if sock is None:
+        return False
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+    finally:
+        sock.close()
+    if pid <= 1:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    _wait_gone(path, timeout)
+    return True
 
 
 def _read_all(sock: socket.socket) -> bytes:
@@ -187,6 +222,7 @@ def serve(path: Path, ready_fd: int) -> int:
         importlib.import_module(name)
     from pycrio.monitor.server import bind_socket
 
+    _set_name(b"pycrio-zygote")
     key = source_key()
     listener = bind_socket(path)
     listener.setblocking(True)
@@ -266,6 +302,7 @@ def _run_child(conn: socket.socket, listener: socket.socket, request: dict[str, 
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         listener.close()
         os.setsid()
+        _set_name(b"pycrio-monitor")  # ps/pgrep show what it is (its argv stays the zygote's)
         env = request.get("env")
         if isinstance(env, dict):
             os.environ.clear()

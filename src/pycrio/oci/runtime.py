@@ -163,6 +163,9 @@ class Runtime(abc.ABC):
         instance per pod); runtimes without per-pod state are one instance for every pod."""
         return self
 
+    def close(self) -> None:
+        """The daemon is stopping: release what serves all pods (not the pods' own parts)."""
+
     def create_sandbox(self, sandbox: SandboxHandle) -> None:
         """Set up the pod's runtime side (a per-pod monitor) before its first container."""
 

@@ -431,6 +431,9 @@ class PodRuntime(OCIRuntime):
         self.monitor_path = monitor_path or monitor_binary()
         self.pod_id = ""  # "" for the handler's own instance
         self.spawn_timeout = SPAWN_TIMEOUT
+        # monitors are forked from one pre-imported zygote: their pages stay shared (PSS per pod
+        # 19 -> 6 MiB at 50 pods, pycrio.monitor.zygote); it serves this daemon's runroot only
+        self.zygote_socket = self.pods_dir.parent / "monitor-zygote.sock"
         self._shared = _Shared()
 
     # the exit callback is the handler's, whichever instance it was set on
@@ -441,6 +444,13 @@ class PodRuntime(OCIRuntime):
     @_exit_callback.setter
     def _exit_callback(self, callback: Any) -> None:
         self._shared.exit_callback = callback
+
+    def close(self) -> None:
+        """At daemon shutdown: stop the monitor zygote (the pods' monitors run on without it)."""
+        from pycrio.monitor.zygote import stop_zygote
+
+        if stop_zygote(self.zygote_socket):
+            log.info("stopped the pycrio-monitor zygote on %s", self.zygote_socket)
 
     # -- pods and handles --------------------------------------------------------------------
 
@@ -552,6 +562,7 @@ class PodRuntime(OCIRuntime):
             "--runtime-root", str(self.runtime_root),
             "--log-level", self.config.log_level,
             "--log-file", str(monitor.log_file),
+            "--zygote-socket", str(self.zygote_socket),
         ]  # fmt: skip
         if cgroup:
             argv += ["--cgroup", cgroup]

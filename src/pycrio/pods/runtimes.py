@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from pycrio.errors import FailedPrecondition, InvalidArgument
 from pycrio.oci.runtime import ExitCallback, Runtime
 from pycrio.oci.runtime_oci import OCIRuntime
 from pycrio.oci.runtime_pod import PodRuntime
+
+log = logging.getLogger("pycrio.runtime")
 
 
 class RuntimeHandlers:
@@ -61,6 +64,14 @@ class RuntimeHandlers:
         for runtime in self._handlers.values():
             if isinstance(runtime, PodRuntime):
                 runtime.configure_tracing(tracing)
+
+    def close(self) -> None:
+        """At daemon shutdown: each handler releases what it shares among its pods."""
+        for name, runtime in self._handlers.items():
+            try:
+                runtime.close()
+            except Exception as exc:  # noqa: BLE001 - shutting down: note it and go on
+                log.warning("closing runtime handler %s: %s", name, exc)
 
     def names(self) -> list[str]:
         """Handlers that can run here (usable runtimes only)."""

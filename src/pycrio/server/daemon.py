@@ -82,4 +82,5 @@ class Daemon:
     def close(self) -> None:
         self.streams.stop()
         self.containers.stop_watching()
+        self.handlers.close()
         self.images.close()
