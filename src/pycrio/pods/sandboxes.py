@@ -313,6 +313,10 @@ class SandboxManager:
                 continue
             log.warning("pod sandbox %s was left half-created by an earlier run: removing it", record.id)
             try:
+                try:  # its runtime side (a "pod" handler's monitor) may be running already
+                    self.handlers.get(record.runtime_handler).remove_sandbox(sandbox_handle(record))
+                except CRIError as exc:
+                    log.warning("pod sandbox %s: releasing its runtime side: %s", record.id, exc)
                 self._teardown(record)
                 self._delete_files(record)
             except Exception as exc:  # noqa: BLE001 - the daemon starts; the record stays for the next try
