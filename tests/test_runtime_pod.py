@@ -281,6 +281,25 @@ def test_a_daemon_sigkill_leaves_the_pod_running_and_the_restarted_daemon_reatta
     node.crictl("rmp", "-f", pod_id)
 
 
+def test_a_pod_a_crash_left_half_created_loses_its_monitor_at_the_next_start(node: Node) -> None:
+    """A RunPodSandbox cut short by a crash (its record not complete): the next start removes the
+    pod with everything it holds, its pycrio-monitor included."""
+    pod_id = node.runp("half")
+    monitor = node.monitor_pid(pod_id)
+    node.daemon.stop(signal.SIGKILL)
+    record = node.daemon.base / "root" / "state" / "pods" / f"{pod_id}.json"
+    data = json.loads(record.read_text())
+    data["complete"] = False  # as if the crash came before RunPodSandbox finished
+    record.write_text(json.dumps(data))
+    node.daemon.start()
+    deadline = time.monotonic() + 15
+    while _running(monitor) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(monitor), "the half-created pod's monitor runs on"
+    assert node.monitors() == []
+    assert pod_id not in node.crictl("pods", "-q").stdout
+
+
 def test_a_killed_monitor_stops_its_containers_with_a_reason_and_the_pod_is_removed_cleanly(node: Node) -> None:
     pod_id = node.runp("mkill")
     cid = node.run(pod_id, "mkill", "app", ["sleep", "1000"])
