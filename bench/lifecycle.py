@@ -1,5 +1,6 @@
 """Lifecycle benchmark of pycrio: p50/p99 of every pod and container CRI call, tracing off vs on,
-against the floor of plain `runc` on an equivalent bundle, and where pod start time goes.
+against the floor of plain `runc` on an equivalent bundle, where pod start time goes, and the
+"pod" runtime handler (one pycrio-monitor per pod) against "oci" (conmon per container).
 
 What is measured, all in one run on this host:
 
@@ -30,9 +31,16 @@ What is measured, all in one run on this host:
    The floor has no conmon, no CNI, no pod namespaces, no image/rootfs work and no gRPC: it is
    what any runc-based runtime pays at the least.
 
-Why interleaved: pod i runs on daemon "off" then daemon "on" (the other way round for odd i), and
-floor round i runs right after (odd i: right before), so drift (page cache, CPU frequency, other
-processes) hits all three alike. One untimed warm-up pod per daemon and one untimed floor round
+3. With `--handlers oci,pod` (the default): a third daemon, "pod handler", configured like
+   "tracing off" but with its default handler "runc" of runtime_type "pod" (one pycrio-monitor per
+   pod, forked from the runroot's zygote, owns the pod's containers; see src/pycrio/oci/runtime_pod.py).
+   The same nine timed calls per pod; its table sets it against "tracing off" (the "oci" handler:
+   conmon + runc per container) call by call, with the targets of issue 13: "pod" no slower than
+   "oci" on ExecSync and StartContainer (p50). `--handlers oci` leaves the third daemon out.
+
+Why interleaved: pod i runs on daemon "off", then "on", then "pod handler" (the other way round for
+odd i), and floor round i runs right after (odd i: right before), so drift (page cache, CPU
+frequency, other processes) hits all of them alike. One untimed warm-up pod per daemon and one untimed floor round
 come first (the first CNI ADD makes the bridge, first calls warm caches).
 
 From the tracing daemon's spans: the number received per timed call against what was called, and
@@ -42,10 +50,12 @@ timed calls of every method.
 
 Afterwards (before cleaning up) the host is checked for leaks: pods or containers still listed,
 mounts under the bench dir, conmon processes, runc containers, pod cgroups, veths on the bench
-bridge, iptables rules for the bench subnet, host-local IP reservations. Then everything goes:
-pods (rmp -f), daemons, the registry, the bridge, the host-local state dir, the cgroup parent.
+bridge, iptables rules for the bench subnet, host-local IP reservations, pycrio-monitor processes
+of the "pod" daemon (its zygote aside, stopped with the daemon). Then everything goes: pods (rmp -f),
+daemons (and the zygote), the registry, the bridge, the host-local state dir, the cgroup parent.
 
-Run from the repo root, as root:  .venv/bin/python bench/lifecycle.py [--pods N] [--json PATH]
+Run from the repo root, as root:
+  .venv/bin/python bench/lifecycle.py [--pods N] [--handlers oci,pod] [--json PATH]
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,6 +85,8 @@ import grpc  # noqa: E402
 
 from pycrio.cri import api_pb2, api_pb2_grpc  # noqa: E402
 from pycrio.oci import cgroups  # noqa: E402
+from pycrio.procfs import all_pids, argv  # noqa: E402
+from tests.cni_fixture import bridge_network  # noqa: E402
 from tests.harness import PycrioDaemon, tracing_args  # noqa: E402
 from tests.otlp_receiver import OTLPReceiver, ReceivedSpan, union_ns  # noqa: E402
 from tests.registry_fixture import ImageBuilder, TestRegistry  # noqa: E402
@@ -82,6 +95,10 @@ OFF = "tracing off"
 ON = "tracing on"
 CONFIGS = (OFF, ON)
 FLOOR = "runc floor"
+POD = "pod handler"  # the third daemon: default handler of runtime_type "pod", tracing off
+OCI_LABEL = '"oci"'  # the "tracing off" daemon, as the pod table calls it
+POD_LABEL = '"pod"'
+HANDLER_CHOICES = ("oci", "pod")
 
 CALLS = (
     "RunPodSandbox",
@@ -105,6 +122,9 @@ TOTALS = {
 POD_START_TOTAL = "pod start (Run+Create+Start)"
 LIFECYCLE_TOTAL = "whole lifecycle (9 calls)"
 BREAKDOWN_CALLS = ("RunPodSandbox", "CreateContainer")
+HANDLER_CALLS = ("RunPodSandbox", "CreateContainer", "StartContainer", "ExecSync", "StopContainer", "RemoveContainer")
+HANDLER_TOTALS = {POD_START_TOTAL: POD_START, LIFECYCLE_TOTAL: CALLS}
+HANDLER_TARGET_CALLS = ("ExecSync", "StartContainer")  # "pod" p50 <= "oci" p50 (issue 13)
 
 RUNC_RUN = "runc run (/bin/true)"
 RUNC_CREATE = "runc create (sleep)"
@@ -114,8 +134,8 @@ RUNC_CREATE_START = "runc create+start"
 RUNC_CREATE_START_DELETE = "runc create+start+delete -f"
 FLOOR_ROWS = (RUNC_RUN, RUNC_CREATE, RUNC_START, RUNC_DELETE, RUNC_CREATE_START, RUNC_CREATE_START_DELETE)
 
-BRIDGE = "pycriobench0"
-SUBNET = "10.131.0.0/24"
+BRIDGE = "pycriombh0"
+SUBNET = "10.147.0.0/24"
 NETWORK_NAME = "pycrio-bench"
 HOST_LOCAL_DIR = Path("/var/lib/cni/networks") / NETWORK_NAME
 CGROUP_FS = Path("/sys/fs/cgroup")
@@ -165,10 +185,22 @@ def ratio(a: float, b: float) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", type=int, default=50, help="timed pods per daemon (and timed floor rounds)")
+    parser.add_argument(
+        "--handlers", default="oci,pod",
+        help='comma-separated: "oci" (the tracing off/on daemons, always measured) and "pod" (a third daemon whose '
+        'default handler is of runtime_type "pod", against "oci"); default: %(default)s',
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.pods < 1:
         parser.error("--pods must be >= 1")
+    handlers = [h.strip() for h in args.handlers.split(",") if h.strip()]
+    unknown = [h for h in handlers if h not in HANDLER_CHOICES]
+    if unknown:
+        parser.error(f"--handlers: unknown {unknown} (choose from {', '.join(HANDLER_CHOICES)})")
+    if "oci" not in handlers:
+        parser.error('--handlers must include oci: the tracing part runs on it and "pod" is measured against it')
+    args.with_pod = "pod" in handlers
     return args
 
 
@@ -176,29 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def conflist(directory: Path) -> Path:
-    """The bench CNI network: its own bridge and subnet, shared by both daemons (host-local locks)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "10-bench.conflist").write_text(
-        json.dumps(
-            {
-                "cniVersion": "1.0.0",
-                "name": NETWORK_NAME,
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": BRIDGE,
-                        "isGateway": True,
-                        "ipMasq": True,
-                        "hairpinMode": True,
-                        "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]],
-                                 "routes": [{"dst": "0.0.0.0/0"}]},
-                    },
-                    {"type": "portmap", "capabilities": {"portMappings": True}},
-                ],
-            }
-        )
-    )
-    return directory
+    """The bench CNI network: its own bridge and subnet, shared by the daemons (host-local locks)."""
+    return bridge_network(directory, NETWORK_NAME, BRIDGE, SUBNET, portmap="portmap", hairpin=True,
+                          filename="10-bench.conflist")  # fmt: skip
 
 
 def pod_config(name: str, uid: str, log_dir: Path) -> api_pb2.PodSandboxConfig:
@@ -529,6 +541,13 @@ def analyse_spans(
     }
 
 
+def bridge_in_use() -> list[str]:
+    """Interfaces on the bench bridge now: another run of a bench on it (its clean-up would
+    delete the bridge under it)."""
+    out = subprocess.run(["ip", "-o", "link", "show", "master", BRIDGE], capture_output=True, text=True).stdout
+    return [line.split(":")[1].strip() for line in out.splitlines() if ":" in line]
+
+
 # -- leaks and clean-up ----------------------------------------------------------------------
 
 
@@ -576,7 +595,52 @@ def leaks(base: Path, daemons: dict[str, PycrioDaemon], floor: RuncFloor | None,
         reserved = [p.name for p in HOST_LOCAL_DIR.iterdir() if p.name.startswith(prefix)]
         if reserved:
             found.append(f"host-local IPs still reserved in {HOST_LOCAL_DIR}: {reserved}")
+    deadline = time.monotonic() + 5.0  # a monitor flushes and exits just after answering Shutdown
+    while (monitors := monitor_processes(base)[1]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if monitors:
+        found.append(f"{len(monitors)} pycrio-monitor processes left: {monitors[:5]}")
     return found
+
+
+def monitor_processes(base: Path) -> tuple[list[int], list[int]]:
+    """(zygotes, monitors) of the bench's daemons: processes with `base` in their command line that
+    run pycrio-monitor (exec'd) or the zygote's module (the zygote names itself pycrio-zygote, the
+    monitors it forks pycrio-monitor)."""
+    mine = os.fsencode(base)
+    zygotes: list[int] = []
+    monitors: list[int] = []
+    for pid in all_pids():
+        args = argv(pid)
+        if not any(mine in a for a in args):
+            continue
+        if b"pycrio.monitor.zygote" in b" ".join(args[:3]):
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            (monitors if comm == "pycrio-monitor" else zygotes).append(pid)
+        elif any(os.path.basename(a) == b"pycrio-monitor" for a in args[:2]):
+            monitors.append(pid)
+    return zygotes, monitors
+
+
+def stop_process(pid: int, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, one process the bench's daemons left (by its pid)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return
+            if state == "Z":
+                return
+            time.sleep(0.05)
 
 
 def remove_all_pods(daemon: PycrioDaemon) -> int:
@@ -604,6 +668,10 @@ def clean_up(
         except Exception as exc:  # noqa: BLE001 - keep cleaning
             report["problems"].append(f"{config}: removing pods: {exc}")
     report["exit_codes"] = {config: daemon.stop() for config, daemon in daemons.items()}
+    zygotes, monitors = monitor_processes(base)  # the daemon stops its zygote; monitors went with their pods
+    for pid in zygotes + monitors:
+        report["problems"].append(f"stopped leftover {'zygote' if pid in zygotes else 'pycrio-monitor'} {pid}")
+        stop_process(pid)
     if floor is not None:
         floor.clean()
     for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
@@ -635,11 +703,15 @@ def run(
     daemons: dict[str, PycrioDaemon], floor: RuncFloor, image: str, pods: int, logs: Path
 ) -> Results:
     results = Results()
+    configs = [c for c in (*CONFIGS, POD) if c in daemons]
+    for config in configs:
+        results.pods.setdefault(config, [])
     channels = {c: d.channel() for c, d in daemons.items()}
     stubs = {c: daemons[c].runtime(ch) for c, ch in channels.items()}
+    tags = {OFF: "off", ON: "on", POD: "pod"}
     try:
-        for w in range(WARMUP_PODS):  # untimed: bridge creation, first CNI and runc runs, caches
-            for config in CONFIGS:
+        for w in range(WARMUP_PODS):  # untimed: bridge creation, first CNI and runc runs, caches (the zygote)
+            for config in configs:
                 warm = lifecycle(stubs[config], image, f"warmup-{w}", secrets.token_hex(8), logs / f"warm-{config}-{w}")
                 if warm.error:
                     print(f"  warm-up pod on {config} failed: {warm.error}", file=sys.stderr, flush=True)
@@ -647,14 +719,14 @@ def run(
         results.timed_since_ns = time.time_ns()
         t0 = time.monotonic()
         for i in range(pods):
-            steps: list[str] = [OFF, ON, FLOOR] if i % 2 == 0 else [FLOOR, ON, OFF]
+            steps: list[str] = [*configs, FLOOR] if i % 2 == 0 else [FLOOR, *reversed(configs)]
             gc.collect()
             for step in steps:
                 if step == FLOOR:
                     for row, ns in floor.round(i).items():
                         results.floor[row].append(ns)
                     continue
-                tag = "off" if step == OFF else "on"
+                tag = tags[step]
                 pod = lifecycle(stubs[step], image, f"bench-{i}", secrets.token_hex(8), logs / f"{tag}-{i}")
                 results.pods[step].append(pod)
                 if pod.error:
@@ -696,6 +768,59 @@ def summarize(results: Results) -> dict[str, Any]:
         for base in (RUNC_CREATE_START, RUNC_RUN)
     }
     return {"calls": calls, "totals": totals, "floor": floor, "pod_start_vs_floor": vs_floor}
+
+
+def summarize_handlers(results: Results) -> dict[str, Any]:
+    """The "pod" handler's daemon against the "oci" one (tracing off): p50/p99 per call and total."""
+
+    def row(values: dict[str, list[int]]) -> dict[str, Any]:
+        out: dict[str, Any] = {OCI_LABEL: stats_ms(values[OFF]), POD_LABEL: stats_ms(values[POD])}
+        out["p50_ratio"] = ratio(out[POD_LABEL]["p50_ms"], out[OCI_LABEL]["p50_ms"])
+        out["p99_ratio"] = ratio(out[POD_LABEL]["p99_ms"], out[OCI_LABEL]["p99_ms"])
+        return out
+
+    rows: dict[str, Any] = {}
+    for call in HANDLER_CALLS:
+        rows[call] = row({c: [p.latencies_ns[call] for p in results.pods[c] if call in p.latencies_ns] for c in (OFF, POD)})
+    for name, members in HANDLER_TOTALS.items():
+        rows[name] = row({
+            c: [sum(p.latencies_ns[m] for m in members) for p in results.pods[c] if all(m in p.latencies_ns for m in members)]
+            for c in (OFF, POD)
+        })  # fmt: skip
+    return rows
+
+
+def handler_checks(rows: dict[str, Any], failures: int, anomalies: int) -> list[dict[str, Any]]:
+    out = []
+    for call in HANDLER_TARGET_CALLS:
+        pod, oci = rows[call][POD_LABEL]["p50_ms"], rows[call][OCI_LABEL]["p50_ms"]
+        out.append({"check": f'{POD_LABEL} {call} p50 <= {OCI_LABEL} ({oci:.1f} ms)', "value": pod, "limit": oci,
+                    "pass": pod <= oci, "unit": " ms"})  # fmt: skip
+    out.append({"check": f"failed CRI calls on {POD_LABEL}", "value": failures, "limit": 0, "pass": failures == 0, "unit": ""})
+    out.append({"check": f"unexpected answers on {POD_LABEL} (status/exec)", "value": anomalies, "limit": 0,
+                "pass": anomalies == 0, "unit": ""})  # fmt: skip
+    return out
+
+
+def print_handlers(rows: dict[str, Any]) -> None:
+    print(
+        f'\n== {POD_LABEL} handler (one pycrio-monitor per pod) vs {OCI_LABEL} (conmon per container), '
+        f'tracing off, same pods =='
+    )
+    header = (
+        f"{'call (ms)':<31} {'oci p50':>8} {'oci p99':>8} {'pod p50':>8} {'pod p99':>8} "
+        f"{'pod/oci50':>9} {'pod/oci99':>9}"
+    )
+    print(f"{header}\n{'-' * len(header)}")
+    for name, row in rows.items():
+        if name == POD_START_TOTAL:
+            print("-" * len(header))
+        print(
+            f"{name:<31} {fmt(row[OCI_LABEL]['p50_ms'])} {fmt(row[OCI_LABEL]['p99_ms'])} {fmt(row[POD_LABEL]['p50_ms'])} "
+            f"{fmt(row[POD_LABEL]['p99_ms'])} {fmt(row['p50_ratio'], 9, 2)} {fmt(row['p99_ratio'], 9, 2)}"
+        )
+    print(f'({OCI_LABEL} is the "{OFF}" daemon; {POD_LABEL} runs the monitor per pod: RunPodSandbox starts it, '
+          "RemovePodSandbox stops it)")
 
 
 def checks(summary: dict[str, Any], spans: dict[str, Any], failures: int, anomalies: int, leaked: list[str]) -> list[dict[str, Any]]:
@@ -806,8 +931,8 @@ def print_spans(spans: dict[str, Any], pods: int) -> None:
             )
 
 
-def print_checks(results: list[dict[str, Any]]) -> None:
-    print("\ntargets:")
+def print_checks(results: list[dict[str, Any]], title: str = "targets") -> None:
+    print(f"\n{title}:")
     for check in results:
         value = check["value"]
         shown = f"{value:.3f}{check['unit']}" if isinstance(value, float) else f"{value}"
@@ -829,15 +954,18 @@ def single_layer(daemon: PycrioDaemon) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Registry, two daemons, floor bundle; interleaved pods; print; exit 0 whatever the numbers."""
+    """Registry, two (three) daemons, floor bundle; interleaved pods; print; exit 0 whatever the numbers."""
     args = parse_args(argv)
     bench_id = secrets.token_hex(4)
-    cgroup_parent = f"/pycrio-bench-{bench_id}"
+    cgroup_parent = f"/pycrio-bench-mon-{bench_id}"
     pod_parents = {OFF: f"{cgroup_parent}/off", ON: f"{cgroup_parent}/on"}
+    if args.with_pod:
+        pod_parents[POD] = f"{cgroup_parent}/pod"
     print(
         f"pycrio lifecycle benchmark: {args.pods} pods per daemon (+{WARMUP_PODS} warm-up), tracing off vs on "
         f"(rate 1000000, live receiver, OTEL_BSP_SCHEDULE_DELAY={DAEMON_ENV['OTEL_BSP_SCHEDULE_DELAY']}), "
         f"floor: plain runc, {args.pods} rounds"
+        + (f'; and a daemon whose default handler is of runtime_type "pod" (tracing off)' if args.with_pod else "")
     )
     print(
         f"container {CONTAINER_COMMAND}, ExecSync {EXEC_COMMAND}, StopContainer timeout {STOP_TIMEOUT} "
@@ -849,6 +977,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{runc_version[0] if runc_version else 'runc ?'}, {conmon_version[0] if conmon_version else 'conmon ?'}, "
           f"cgroups {cgroups.detect_support().mode}")
 
+    busy = bridge_in_use()
+    if busy:
+        print(f"bridge {BRIDGE} has interfaces {busy[:3]}: another benchmark run uses it; not starting", file=sys.stderr)
+        return 1
     started = time.monotonic()
     report: dict[str, Any] = {
         "parameters": {
@@ -861,6 +993,7 @@ def main(argv: list[str] | None = None) -> int:
             "cgroup_parent": cgroup_parent,
             "bridge": BRIDGE,
             "subnet": SUBNET,
+            "handlers": ["oci", "pod"] if args.with_pod else ["oci"],
         }
     }
     receiver = OTLPReceiver().start()
@@ -890,6 +1023,16 @@ def main(argv: list[str] | None = None) -> int:
                 daemon.start()
             assert daemons[ON].proc is not None
             tracing_pid = daemons[ON].proc.pid
+            if args.with_pod:
+                text = (
+                    f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
+                    f'[pycrio.network]\nnetwork_dir = "{netdir}"\n'
+                    f'[pycrio.runtime]\ndefault_runtime = "runc"\npod_cgroup_parent = "{pod_parents[POD]}"\n'
+                    f'[pycrio.runtime.runtimes.runc]\nruntime_type = "pod"\nruntime_path = "runc"\n'
+                )
+                daemon = PycrioDaemon(base / "d2-pod", args=daemon_args[OFF], config_text=text, env=DAEMON_ENV)
+                daemons[POD] = daemon
+                daemon.start()
             for daemon in daemons.values():
                 with daemon.channel() as ch:
                     daemon.images(ch).PullImage(
@@ -897,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             floor = RuncFloor(base / "floor", f"{cgroup_parent}/floor", single_layer(daemons[OFF]))
             print(
-                f"image {image.reference} built, pushed and pulled into both daemons in "
+                f"image {image.reference} built, pushed and pulled into the {len(daemons)} daemons in "
                 f"{time.monotonic() - t0:.1f}s (untimed); floor rootfs {floor.rootfs_origin}"
             )
             results = run(daemons, floor, image.reference, args.pods, base / "logs")
@@ -926,13 +1069,21 @@ def main(argv: list[str] | None = None) -> int:
     failures = [(c, i, p.error) for c in CONFIGS for i, p in enumerate(results.pods[c]) if p.error]
     anomalies = [(c, i, a) for c in CONFIGS for i, p in enumerate(results.pods[c]) for a in p.anomalies]
     target_checks = checks(summary, spans, len(failures) + len(floor.failures if floor else []), len(anomalies), leaked)
+    with_pod = POD in results.pods
+    pod_failures = [(POD, i, p.error) for i, p in enumerate(results.pods.get(POD, [])) if p.error]
+    pod_anomalies = [(POD, i, a) for i, p in enumerate(results.pods.get(POD, [])) for a in p.anomalies]
+    handler_rows = summarize_handlers(results) if with_pod else {}
+    pod_checks = handler_checks(handler_rows, len(pod_failures), len(pod_anomalies)) if with_pod else []
 
     print_table(summary, spans)
     print_spans(spans, timed_pods)
-    print("\nfailures:" if failures or anomalies or (floor and floor.failures) else "\nfailures: none")
-    for config, i, error in failures:
+    if with_pod:
+        print_handlers(handler_rows)
+    print("\nfailures:" if failures or anomalies or pod_failures or pod_anomalies or (floor and floor.failures)
+          else "\nfailures: none")  # fmt: skip
+    for config, i, error in failures + pod_failures:
         print(f"  {config} pod {i}: {error}")
-    for config, i, anomaly in anomalies:
+    for config, i, anomaly in anomalies + pod_anomalies:
         print(f"  {config} pod {i}: {anomaly}")
     for failure in floor.failures if floor else []:
         print(f"  floor: {failure}")
@@ -944,24 +1095,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{cleanup.get('exit_codes')}" + (f", problems: {cleanup['problems']}" if cleanup.get("problems") else "")
     )
     print_checks(target_checks)
+    if with_pod:
+        print_checks(pod_checks, f'targets, {POD_LABEL} vs {OCI_LABEL}')
     print(f"\ntotal time {duration:.1f}s")
 
     report.update(
         {
             "summary": summary,
             "spans": spans,
-            "failures": [{"config": c, "pod": i, "error": e} for c, i, e in failures],
-            "anomalies": [{"config": c, "pod": i, "anomaly": a} for c, i, a in anomalies],
+            "handlers": handler_rows,
+            "failures": [{"config": c, "pod": i, "error": e} for c, i, e in failures + pod_failures],
+            "anomalies": [{"config": c, "pod": i, "anomaly": a} for c, i, a in anomalies + pod_anomalies],
             "floor_failures": floor.failures if floor else [],
             "leaks": leaked,
             "cleanup": cleanup,
             "checks": target_checks,
+            "handler_checks": pod_checks,
             "latencies_ms": {
                 c: {
                     call: [p.latencies_ns[call] / 1e6 if call in p.latencies_ns else None for p in results.pods[c]]
                     for call in CALLS
                 }
-                for c in CONFIGS
+                for c in results.pods
             },
             "floor_ms": {row: [v / 1e6 for v in values] for row, values in results.floor.items()},
             "duration_s": duration,
