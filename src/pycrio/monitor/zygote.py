@@ -31,7 +31,7 @@ import socket
 import struct
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 _HEADER = struct.Struct(">I")
 MAX_REQUEST = 4 * 1024 * 1024
@@ -99,6 +99,7 @@ def request_monitor(path: Path, argv: Sequence[str]) -> str:
         if answer != "stale":
             return answer
         _wait_gone(path)  # it runs older code: it removes its socket and exits
+        _reap_started()
     raise ZygoteError(f"the monitor zygote on {path} keeps running other code than this command")
 
 
@@ -144,6 +145,11 @@ def stop_zygote(path: Path, timeout: float = 5.0) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     _wait_gone(path, timeout)
+    for proc in list(_started):
+        if proc.pid == pid:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout)
+    _reap_started()
     return True
 
 
@@ -181,33 +187,41 @@ def _start_locked(path: Path) -> None:
 
 
 def _start(path: Path) -> None:
-    """Run a zygote (`python -m pycrio.monitor.zygote`, its own session); return once it listens."""
+    """Run a zygote (`python -m pycrio.monitor.zygote`, its own session); return once it listens.
+
+    subprocess, not a bare os.fork(): the caller may be the daemon, with threads that hold locks."""
+    import subprocess
+
     read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setsid()
-            os.chdir("/")
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.set_inheritable(write_end, True)
-            os.closerange(3, write_end)
-            os.closerange(write_end + 1, 1 << 20)
-            os.execv(sys.executable, [sys.executable, "-m", "pycrio.monitor.zygote", "--socket", os.fspath(path),
-                                      "--ready-fd", str(write_end)])  # fmt: skip
-        finally:
-            os._exit(127)
-    os.close(write_end)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pycrio.monitor.zygote", "--socket", os.fspath(path), "--ready-fd", str(write_end)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write_end,),
+            cwd="/", start_new_session=True,
+        )  # fmt: skip
+    except OSError as exc:
+        os.close(read_end)
+        raise ZygoteError(f"cannot run the monitor zygote: {exc}") from exc
+    finally:
+        os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         answer = pipe.read().decode("utf-8", "replace").strip()
     if not answer.startswith("ready"):
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
         raise ZygoteError(f"the monitor zygote did not start: {answer[len('error '):] if answer else 'it exited'}")
+    # it runs on in its own session; its exit (stale code, shutdown) is reaped by whoever started
+    # it: Popen reaps it when the daemon polls its children, else init does after the daemon exits
+    _started.append(proc)
 
 
-# -- the zygote ------------------------------------------------------------------------------
+_started: list[Any] = []  # zygotes this process started (Popen objects), reaped once they exit
+
+
+def _reap_started() -> None:
+    for proc in list(_started):
+        if proc.poll() is not None:
+            _started.remove(proc)
 
 
 def serve(path: Path, ready_fd: int) -> int:

@@ -433,7 +433,8 @@ class PodRuntime(OCIRuntime):
         self.spawn_timeout = SPAWN_TIMEOUT
         # monitors are forked from one pre-imported zygote: their pages stay shared (PSS per pod
         # 19 -> 6 MiB at 50 pods, pycrio.monitor.zygote); it serves this daemon's runroot only
-        self.zygote_socket = self.pods_dir.parent / "monitor-zygote.sock"
+        # (our own monitor only: another monitor binary is run as a command)
+        self.zygote_socket: Path | None = None if monitor_path else self.pods_dir.parent / "monitor-zygote.sock"
         self._shared = _Shared()
 
     # the exit callback is the handler's, whichever instance it was set on
@@ -449,7 +450,7 @@ class PodRuntime(OCIRuntime):
         """At daemon shutdown: stop the monitor zygote (the pods' monitors run on without it)."""
         from pycrio.monitor.zygote import stop_zygote
 
-        if stop_zygote(self.zygote_socket):
+        if self.zygote_socket is not None and stop_zygote(self.zygote_socket):
             log.info("stopped the pycrio-monitor zygote on %s", self.zygote_socket)
 
     # -- pods and handles --------------------------------------------------------------------
@@ -562,8 +563,9 @@ class PodRuntime(OCIRuntime):
             "--runtime-root", str(self.runtime_root),
             "--log-level", self.config.log_level,
             "--log-file", str(monitor.log_file),
-            "--zygote-socket", str(self.zygote_socket),
         ]  # fmt: skip
+        if self.zygote_socket is not None:
+            argv += ["--zygote-socket", str(self.zygote_socket)]
         if cgroup:
             argv += ["--cgroup", cgroup]
         if tracing.enable_tracing:
@@ -575,10 +577,14 @@ class PodRuntime(OCIRuntime):
         return argv
 
     def _spawn(self, monitor: _Monitor, cgroup: str) -> None:
-        """Run the monitor and wait for its exit: 0 once the daemonized monitor serves."""
+        """Have the zygote fork the pod's monitor (in-process: no Python start per pod), or run
+        the monitor command and wait for its exit: 0 once the daemonized monitor serves."""
         monitor.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         argv = self._monitor_argv(monitor, cgroup)
         what = f"start pycrio-monitor of pod {monitor.pod_id}"
+        if self.zygote_socket is not None:
+            self._fork_from_zygote(monitor, argv, what)
+            return
         env = {k: v for k, v in os.environ.items() if not k.startswith(("_OCI_", "NOTIFY_SOCKET", "LISTEN_"))}
         log_command(argv)
         # files, not pipes: the daemonized monitor may keep what it inherited open for its life
@@ -609,6 +615,25 @@ class PodRuntime(OCIRuntime):
         if not monitor.alive():
             raise RuntimeCommandError(argv, f"it exited 0 but no monitor runs. {_tail(monitor.log_file)}", 0, what)
         log.info("pycrio-monitor of pod %s running (pid %d)", monitor.pod_id, monitor.pid())
+
+    def _fork_from_zygote(self, monitor: _Monitor, argv: list[str], what: str) -> None:
+        from pycrio.monitor.zygote import ZygoteError, request_monitor
+
+        log_command(argv)
+        with step_span("monitor_fork", **{"pod.id": monitor.pod_id}):
+            try:
+                answer = request_monitor(self.zygote_socket, argv[1:])
+            except ZygoteError as exc:
+                self._kill(monitor)
+                raise RuntimeCommandError(argv, str(exc), what=what) from exc
+        if not answer.startswith("ready"):
+            self._kill(monitor)
+            detail = answer.removeprefix("error ").strip() or _tail(monitor.log_file) or "no error output"
+            raise RuntimeCommandError(argv, detail, 1, what)
+        monitor.record_start()
+        if not monitor.alive():
+            raise RuntimeCommandError(argv, f"it reported ready but no monitor runs. {_tail(monitor.log_file)}", 0, what)
+        log.info("pycrio-monitor of pod %s running (pid %d, forked by the zygote)", monitor.pod_id, monitor.pid())
 
     def _shutdown(self, monitor: _Monitor) -> None:
         """Shutdown, wait for the pid to go (killed after SHUTDOWN_WAIT); a dead one is fine."""
