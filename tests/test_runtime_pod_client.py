@@ -111,7 +111,7 @@ class FakeMonitor:
             if state.state != "created":
                 return monitor_pb2.Response(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], error=f"container {cid} is {state.state}")
             state.state, state.started_at = "running", time.time_ns()
-            return monitor_pb2.Response(start_container=monitor_pb2.Empty())
+            return monitor_pb2.Response(start_container=state)
         if op == "kill_container":
             if state.state != "stopped":
                 self.exit(state, 128 + body.signal)

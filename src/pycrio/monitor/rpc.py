@@ -196,7 +196,7 @@ class MonitorRPC:
         _require_container_id(container_id)
         await self.supervisor.start(container_id)
         log.info("container %s started", container_id)
-        return pb.Response(start_container=pb.Empty())
+        return pb.Response(start_container=self.supervisor.state(container_id))
 
     async def exec_sync(self, request: pb.Request) -> pb.Response:
         req = request.exec_sync

@@ -61,6 +61,8 @@ from pycrio.monitor import framing, monitor_pb2
 from pycrio.oci import cgroups
 from pycrio.oci.runtime import (
     EXEC_OUTPUT_LIMIT,
+    STATE_CREATED,
+    STATE_RUNNING,
     STATE_STOPPED,
     ContainerHandle,
     ExecResult,
@@ -242,8 +244,14 @@ class MonitorClient:
         return await asyncio.open_unix_connection(sock=sock, limit=framing.MAX_FRAME + 4)
 
     def _take(self) -> socket.socket | None:
-        with self._lock:
-            return self._idle.pop() if self._idle else None
+        """An idle connection the monitor still holds open (one it closed is dropped here, before
+        a request is sent on it: a request once sent is never sent again)."""
+        while True:
+            with self._lock:
+                sock = self._idle.pop() if self._idle else None
+            if sock is None or _still_open(sock):
+                return sock
+            sock.close()
 
     def _give_back(self, sock: socket.socket) -> None:
         with self._lock:
@@ -284,8 +292,8 @@ class MonitorClient:
                 response = framing.read_sync(sock, monitor_pb2.Response)
             except (BrokenPipeError, ConnectionResetError):
                 response = None
-            if response is None and pooled is not None:
-                # an idle connection the monitor closed meanwhile: once more on a fresh one
+            if response is None and pooled is not None and request.WhichOneof("op") in _IDEMPOTENT:
+                # the monitor closed that idle connection as we sent: a question may be asked again
                 sock.close()
                 sock = self.connect(timeout)
                 sock.settimeout(timeout)
@@ -344,6 +352,9 @@ class _Monitor:
         self.directory = directory  # <pod dir>/monitor
         self.client = MonitorClient(directory / "monitor.sock", pod_id)
         self.containers: set[str] = set()  # reported stopped if the monitor dies
+        # each container's state as the monitor last told it (create, start, WatchExits): the
+        # monitor reports every change as it happens, so status() need not ask (kubelet polls)
+        self.states: dict[str, monitor_pb2.ContainerState] = {}
         self.lock = threading.Lock()
         self.dead = False
         self.closing = False  # Shutdown sent (or being sent): its stream's end is expected
@@ -738,6 +749,7 @@ class PodRuntime(OCIRuntime):
                     if frame is None:
                         break
                     if frame.WhichOneof("frame") == "exit":
+                        self._remember(monitor, frame.exit)  # before the report: status() says it
                         self._report_exit(frame.exit.container_id)
             except (OSError, framing.FrameError) as exc:
                 if not monitor.stop_watching.is_set():
@@ -819,13 +831,35 @@ class PodRuntime(OCIRuntime):
                 with monitor.lock:
                     monitor.containers.discard(handle.id)
                 raise
-            return response.create_container.pid
+            pid = response.create_container.pid
+            created = monitor_pb2.ContainerState(
+                container_id=handle.id, state="created", pid=pid, pid_start_time=process_start_time(pid) if pid else 0
+            )
+            self._remember(monitor, created)
+            return pid
 
     def start(self, handle: ContainerHandle) -> None:
         with step_span("runtime_start", **{"container.id": handle.id}):
             monitor = self._live_monitor(handle, f"start container {handle.id}")
             request = monitor_pb2.StartContainerRequest(container_id=handle.id)
-            self._call(monitor, "start_container", request, handle.id, self.command_timeout)
+            response = self._call(monitor, "start_container", request, handle.id, self.command_timeout)
+            if response.HasField("start_container") and response.start_container.state:
+                self._remember(monitor, response.start_container)
+            else:
+                self._forget_state(monitor, handle.id)  # an older monitor: ask next time
+
+    @staticmethod
+    def _remember(monitor: _Monitor, state: monitor_pb2.ContainerState) -> None:
+        with monitor.lock:
+            known = monitor.states.get(state.container_id)
+            if known is not None and known.state == STATE_STOPPED and state.state != STATE_STOPPED:
+                return  # an exit (WatchExits) came first: it is final
+            monitor.states[state.container_id] = state
+
+    @staticmethod
+    def _forget_state(monitor: _Monitor, container_id: str) -> None:
+        with monitor.lock:
+            monitor.states.pop(container_id, None)
 
     def kill(self, handle: ContainerHandle, sig: int) -> None:
         with step_span("runtime_kill", **{"container.id": handle.id, "signal": int(sig)}):
@@ -862,12 +896,19 @@ class PodRuntime(OCIRuntime):
     def _forget(monitor: _Monitor, container_id: str) -> None:
         with monitor.lock:
             monitor.containers.discard(container_id)
+            monitor.states.pop(container_id, None)
 
     def status(self, handle: ContainerHandle) -> RuntimeStatus:
         monitor = self._monitor_of(handle)
         if monitor is None:
             raise NotFound(f"container {handle.id} not found: pod {handle.pod_id or self.pod_id or '?'} has no pycrio-monitor")
         if not monitor.dead:
+            with monitor.lock:
+                # only while WatchExits runs is the remembered state kept current
+                watching = monitor.watcher is not None and monitor.watcher.is_alive() and monitor.watch_socket is not None
+                known = monitor.states.get(handle.id) if watching else None
+            if known is not None:
+                return _runtime_status(known)
             request = monitor_pb2.ContainerStateRequest(container_id=handle.id)
             try:
                 state = monitor.client.call("container_state", request, timeout=SHORT_TIMEOUT, container_id=handle.id)
@@ -875,6 +916,8 @@ class PodRuntime(OCIRuntime):
                 if not self._check_death(monitor, 0.0):
                     raise
             else:
+                if state.container_state.state in (STATE_CREATED, STATE_RUNNING, STATE_STOPPED):
+                    self._remember(monitor, state.container_state)
                 return _runtime_status(state.container_state)
         return self._dead_status(monitor, handle)
 
@@ -1013,6 +1056,22 @@ class _StreamPump:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+# requests that change nothing: sent again on a fresh connection when a pooled one turns out closed
+# (a create, start or kill once sent is never repeated)
+_IDEMPOTENT = frozenset({"version", "container_state", "configure_tracing"})
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Whether the peer has not closed this idle connection (nothing may be pending on it)."""
+    sock.setblocking(False)  # (with a timeout set, Python would wait for data despite MSG_DONTWAIT)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True  # nothing to read: open
+    except OSError:
+        return False
 
 
 def _runtime_status(state: monitor_pb2.ContainerState) -> RuntimeStatus:
