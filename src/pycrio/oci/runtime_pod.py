@@ -356,6 +356,7 @@ class _Monitor:
         # monitor reports every change as it happens, so status() need not ask (kubelet polls)
         self.states: dict[str, monitor_pb2.ContainerState] = {}
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # notified when a state is remembered or it dies
         self.dead = False
         self.closing = False  # Shutdown sent (or being sent): its stream's end is expected
         self.watcher: threading.Thread | None = None
@@ -778,6 +779,7 @@ class PodRuntime(OCIRuntime):
             if monitor.dead or monitor.closing:
                 return
             monitor.dead = True
+            monitor.changed.notify_all()
             containers = sorted(monitor.containers)
         log.warning(
             "pycrio-monitor of pod %s exited: its containers (%d) are stopped", monitor.pod_id, len(containers)
@@ -855,6 +857,7 @@ class PodRuntime(OCIRuntime):
             if known is not None and known.state == STATE_STOPPED and state.state != STATE_STOPPED:
                 return  # an exit (WatchExits) came first: it is final
             monitor.states[state.container_id] = state
+            monitor.changed.notify_all()
 
     @staticmethod
     def _forget_state(monitor: _Monitor, container_id: str) -> None:
@@ -905,8 +908,7 @@ class PodRuntime(OCIRuntime):
         if not monitor.dead:
             with monitor.lock:
                 # only while WatchExits runs is the remembered state kept current
-                watching = monitor.watcher is not None and monitor.watcher.is_alive() and monitor.watch_socket is not None
-                known = monitor.states.get(handle.id) if watching else None
+                known = monitor.states.get(handle.id) if self._watching(monitor) else None
             if known is not None:
                 return _runtime_status(known)
             request = monitor_pb2.ContainerStateRequest(container_id=handle.id)
@@ -920,6 +922,27 @@ class PodRuntime(OCIRuntime):
                     self._remember(monitor, state.container_state)
                 return _runtime_status(state.container_state)
         return self._dead_status(monitor, handle)
+
+    def wait_stopped(self, handle: ContainerHandle, timeout: float) -> bool:
+        """Until the monitor reports the exit (WatchExits), without polling; polls when no
+        WatchExits runs."""
+        monitor = self._monitor_of(handle)
+        if monitor is None or not self._watching(monitor):
+            return super().wait_stopped(handle, timeout)
+        if self.status(handle).state == STATE_STOPPED:  # remembered, or asked once
+            return True
+        with monitor.changed:
+            def stopped() -> bool:
+                known = monitor.states.get(handle.id)
+                return monitor.dead or (known is not None and known.state == STATE_STOPPED)
+
+            monitor.changed.wait_for(stopped, timeout)
+        return self.status(handle).state == STATE_STOPPED
+
+    @staticmethod
+    def _watching(monitor: _Monitor) -> bool:
+        watcher = monitor.watcher
+        return watcher is not None and watcher.is_alive() and monitor.watch_socket is not None
 
     def exec_sync(
         self, handle: ContainerHandle, cmd: list[str], timeout: float | None, output_limit: int = EXEC_OUTPUT_LIMIT
