@@ -965,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         f"pycrio lifecycle benchmark: {args.pods} pods per daemon (+{WARMUP_PODS} warm-up), tracing off vs on "
         f"(rate 1000000, live receiver, OTEL_BSP_SCHEDULE_DELAY={DAEMON_ENV['OTEL_BSP_SCHEDULE_DELAY']}), "
         f"floor: plain runc, {args.pods} rounds"
-        + (f'; and a daemon whose default handler is of runtime_type "pod" (tracing off)' if args.with_pod else "")
+        + ('; and a daemon whose default handler is of runtime_type "pod" (tracing off)' if args.with_pod else "")
     )
     print(
         f"container {CONTAINER_COMMAND}, ExecSync {EXEC_COMMAND}, StopContainer timeout {STOP_TIMEOUT} "

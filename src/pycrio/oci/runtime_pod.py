@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +72,8 @@ from pycrio.oci.runtime import (
     log,
     log_command,
 )
-from pycrio.oci.runtime_oci import OCIRuntime, _binary_runs, _wait_for
+from pycrio.oci.runtime_oci import OCIRuntime, _binary_runs, _read_int, _tail, _wait_for
+from pycrio.oci.runtime_oci import _write_atomic as _write_text
 from pycrio.procfs import process_start_time, same_process
 from pycrio.streaming.session import ClientGone
 from pycrio.tracing import step_span
@@ -1109,27 +1109,6 @@ def _runtime_status(state: monitor_pb2.ContainerState) -> RuntimeStatus:
         oom_killed=state.oom_killed,
         message=state.message,
     )
-
-
-def _read_int(path: Path) -> int:
-    try:
-        return int(path.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _tail(path: Path, limit: int = 1000) -> str:
-    try:
-        text = path.read_text(errors="replace").strip()
-    except OSError:
-        return ""
-    return text[-limit:]
 
 
 __all__ = ["METHODS", "MonitorClient", "MonitorUnreachable", "PodRuntime", "monitor_binary", "response_error"]
