@@ -213,6 +213,40 @@ def test_pod_lifecycle_with_crictl(node: Node) -> None:
     assert not (node.daemon.base / "run" / "pods" / pod_id).exists()
 
 
+def test_port_forward_reaches_a_pod_of_the_pod_runtime(node: Node) -> None:
+    """Port-forward is the daemon's dial into the pod's netns whichever handler runs the pod."""
+    import httpx
+
+    from tests.registry_fixture import free_port
+
+    pod_id = node.runp("pf")
+    cid = node.run(pod_id, "pf", "web", ["sh", "-c", "mkdir -p /w && echo via-monitor > /w/index.html && exec busybox httpd -f -p 8080 -h /w"])
+    deadline = time.monotonic() + 20
+    while "via-monitor" not in node.crictl("exec", "-s", cid, "busybox", "wget", "-q", "-O-", "http://127.0.0.1:8080/", check=False).stdout:
+        assert time.monotonic() < deadline, "httpd did not come up"
+        time.sleep(0.1)
+    local = free_port()
+    args = [tool("crictl"), "--runtime-endpoint", node.daemon.endpoint, "port-forward", pod_id, f"{local}:8080"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                body = httpx.get(f"http://127.0.0.1:{local}/", timeout=10).text
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+                time.sleep(0.1)
+        assert body == "via-monitor\n"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    node.crictl("rmp", "-f", pod_id)
+
+
 def _parent_pid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
