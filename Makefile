@@ -106,7 +106,7 @@ $(VENV)/.critest-$(CRI_TOOLS_VERSION): | $(PY)
 # critest against pycrio (or PEER=containerd), offline: stand-in images in a loopback registry
 # served as mirrors; fails on a failure tests/conformance/EXPECTED.md does not list.
 conformance: install critest $(if $(filter containerd,$(PEER)),peer-containerd-bin)
-	$(PY) tests/conformance/run.py $(if $(PEER),--peer $(PEER)) $(CONFORMANCE_ARGS)
+	$(PY) tests/conformance/run.py $(if $(PEER),--peer $(PEER)) $(if $(RUNTIME_TYPE),--runtime-type $(RUNTIME_TYPE)) $(CONFORMANCE_ARGS)
 
 # What a failed or killed test run left on the host (mounts, processes, cgroups, bridges,
 # iptables rules, IPAM state), recognised by the tests' naming conventions; nothing else.

@@ -152,7 +152,7 @@ def registries_conf(path: Path, hosts: list[str], registry: str) -> Path:
     return path
 
 
-def start_pycrio(workdir: Path, hosts: list[str], registry: str) -> PycrioDaemon:
+def start_pycrio(workdir: Path, hosts: list[str], registry: str, runtime_type: str = "oci") -> PycrioDaemon:
     conf = registries_conf(workdir / "registries.conf", hosts, registry)
     (workdir / "registries.conf.d").mkdir(exist_ok=True)
     netdir = conflist(workdir / "net.d")
@@ -160,6 +160,8 @@ def start_pycrio(workdir: Path, hosts: list[str], registry: str) -> PycrioDaemon
         f'[pycrio.image]\nregistries_conf = "{conf}"\nregistries_conf_dir = "{workdir / "registries.conf.d"}"\n'
         f'[pycrio.network]\nnetwork_dir = "{netdir}"\n'
         f'[pycrio.runtime]\npod_cgroup_parent = "{POD_CGROUP_PARENT}"\n'
+        # the default handler "runc" with the runtime type asked for ("pod": one pycrio-monitor per pod)
+        f'[pycrio.runtime.runtimes.runc]\nruntime_type = "{runtime_type}"\n'
     ))
     return daemon.start(timeout=60)
 
@@ -213,6 +215,8 @@ def run_critest(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer", choices=("pycrio", "containerd"), default="pycrio", help="the runtime to test")
+    parser.add_argument("--runtime-type", choices=("oci", "pod"), default="oci",
+                        help='pycrio\'s default handler: "oci" (conmon per container) or "pod" (pycrio-monitor per pod)')
     parser.add_argument("--focus", help="only specs matching this regular expression (ginkgo.focus)")
     parser.add_argument("--skip", help="leave out specs matching this regular expression (ginkgo.skip)")
     parser.add_argument("--no-judge", action="store_true",
@@ -228,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"conformance: {CRITEST} not found; run `make critest`")
         return 2
     started = time.monotonic()
-    workdir = BUILD / args.peer
+    name = args.peer if args.peer != "pycrio" or args.runtime_type == "oci" else "pycrio-pod"
+    workdir = BUILD / name
     BUILD.mkdir(parents=True, exist_ok=True)
-    lock = (BUILD / f"{args.peer}.lock").open("w")
+    lock = (BUILD / f"{args.peer}.lock").open("w")  # one pycrio run at a time: they share the bridge and cgroup
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         refs = build_and_push(registry.address, BUILD / "images")
         say(f"==> {len(refs)} test images in {registry.url} ({time.monotonic() - t0:.0f}s)")
         if args.peer == "pycrio":
-            daemon = start_pycrio(workdir, list(SOURCE_REGISTRIES), registry.address)
+            daemon = start_pycrio(workdir, list(SOURCE_REGISTRIES), registry.address, args.runtime_type)
             endpoint = daemon.endpoint
             runtime_stop = lambda: stop_pycrio(daemon)  # noqa: E731
             say(f"==> pycrio on {daemon.socket} (log {daemon.log_file})")

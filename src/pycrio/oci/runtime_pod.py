@@ -939,6 +939,18 @@ class PodRuntime(OCIRuntime):
             monitor.changed.wait_for(stopped, timeout)
         return self.status(handle).state == STATE_STOPPED
 
+    def _signal_unless_stopped(self, handle: ContainerHandle, sig: int) -> None:
+        """kill(), tolerating a container that exits as the signal goes: the monitor (runc) says
+        "not running" before its exit report arrives, so wait for that report before failing."""
+        try:
+            self.kill(handle, sig)
+        except FailedPrecondition:
+            monitor = self._monitor_of(handle)
+            if monitor is not None:
+                self._forget_state(monitor, handle.id)  # ask the monitor, not what we remembered
+            if not self.wait_stopped(handle, _EXIT_REPORT_WAIT):
+                raise
+
     @staticmethod
     def _watching(monitor: _Monitor) -> bool:
         watcher = monitor.watcher
@@ -1079,6 +1091,8 @@ class _StreamPump:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+_EXIT_REPORT_WAIT = 2.0  # s for the exit report of a container the monitor found not running
 
 
 # requests that change nothing: sent again on a fresh connection when a pooled one turns out closed
