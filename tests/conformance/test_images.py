@@ -222,7 +222,9 @@ def test_busybox_runs_the_default_command_and_its_tools(env: Env) -> None:
     with pytest.raises(grpc.RpcError):
         env.exec(cid, "sleep", "4321", timeout=1)
     assert env.exec(cid, "sh", "-c", "pgrep sleep || true") == ("", "", 0)
-    out, _, code = env.exec(cid, "sh", "-c", "sleep 30 >/dev/null 2>&1 & pgrep sleep")
+    # (the backgrounded shell may not have exec'd sleep yet when pgrep first looks)
+    out, _, code = env.exec(cid, "sh", "-c", "sleep 30 >/dev/null 2>&1 & for i in 1 2 3 4 5 6 7 8 9 10; do "
+                                             "pgrep sleep && exit 0; sleep 0.1; done; exit 1")
     assert code == 0 and out.strip().isdigit(), out
     ipcs, _, code = env.exec(cid, "ipcs", "-m")
     assert code == 0 and "Shared Memory Segments" in ipcs, ipcs
