@@ -104,7 +104,7 @@ def request_monitor(path: Path, argv: Sequence[str]) -> str:
 
 
 def _connect(path: Path) -> socket.socket | None:
-    from pycrio.monitor.server import _sun_path
+    from pycrio.monitor.server import ServerError, _sun_path
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     dir_fd = None
@@ -112,7 +112,7 @@ def _connect(path: Path) -> socket.socket | None:
         address, dir_fd = _sun_path(path)  # a long path (a test's runroot) through /proc/self/fd
         sock.connect(address)
         return sock
-    except (OSError, ValueError, Exception):  # noqa: BLE001 - no zygote there, whatever the reason
+    except (OSError, ServerError):  # no zygote there (or a name too long even via /proc/self/fd)
         sock.close()
         return None
     finally:
