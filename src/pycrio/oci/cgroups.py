@@ -145,6 +145,10 @@ def cgroups_path(cgroup_parent: str, pod_id: str, container_id: str | None) -> s
     return f"{parent.rstrip('/')}/{CONTAINER_PREFIX}{container_id}"
 
 
+# A limit at or above this is "unlimited" (v1 reports PAGE_COUNTER_MAX in bytes, rounded to pages).
+UNLIMITED = 1 << 62
+
+
 @dataclass
 class CgroupStats:
     """A cgroup's counters, in the units CRI reports."""
@@ -155,6 +159,11 @@ class CgroupStats:
     memory_rss_bytes: int
     oom_kills: int
     pids: int
+    memory_limit_bytes: int | None = None  # None: unlimited
+    page_faults: int = 0
+    major_page_faults: int = 0
+    swap_usage_bytes: int | None = None  # None: swap is not accounted here
+    swap_limit_bytes: int | None = None  # None: unlimited (or not accounted)
 
 
 def read_stats(path: str, mode: str | None = None) -> CgroupStats | None:
@@ -172,6 +181,11 @@ def controller_dirs(path: str, mode: str | None = None) -> dict[str, Path]:
     }
 
 
+def _limit(value: int | None) -> int | None:
+    """A limit as read, or None when it means "unlimited" (or could not be read)."""
+    return None if value is None or value >= UNLIMITED else value
+
+
 def _read_v1(path: str) -> CgroupStats | None:
     mounts = _host_v1_mounts()
     dirs = {name: mounts[name] / path.lstrip("/") for name in ("cpuacct", "memory", "pids") if name in mounts}
@@ -181,6 +195,14 @@ def _read_v1(path: str) -> CgroupStats | None:
     usage = read_int(memory / "memory.usage_in_bytes") if memory else 0
     stat = read_keyed(memory / "memory.stat") if memory else {}
     oom = read_keyed(memory / "memory.oom_control") if memory else {}
+    limit = _limit(read_optional_int(memory / "memory.limit_in_bytes")) if memory else None
+    swap_usage = swap_limit = None
+    memsw_usage = read_optional_int(memory / "memory.memsw.usage_in_bytes") if memory else None
+    if memory is not None and memsw_usage is not None:  # memsw counts memory + swap
+        swap_usage = max(0, memsw_usage - usage)
+        memsw_limit = _limit(read_optional_int(memory / "memory.memsw.limit_in_bytes"))
+        if memsw_limit is not None:
+            swap_limit = max(0, memsw_limit - (limit or 0))
     return CgroupStats(
         cpu_usage_ns=read_int(dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in dirs else 0,
         memory_usage_bytes=usage,
@@ -188,6 +210,11 @@ def _read_v1(path: str) -> CgroupStats | None:
         memory_rss_bytes=stat.get("total_rss", 0),
         oom_kills=oom.get("oom_kill", 0),
         pids=read_int(dirs["pids"] / "pids.current") if "pids" in dirs else 0,
+        memory_limit_bytes=limit,
+        page_faults=stat.get("total_pgfault", 0),
+        major_page_faults=stat.get("total_pgmajfault", 0),
+        swap_usage_bytes=swap_usage,
+        swap_limit_bytes=swap_limit,
     )
 
 
@@ -196,6 +223,7 @@ def _read_v2(directory: Path) -> CgroupStats | None:
         return None
     usage = read_int(directory / "memory.current")
     stat = read_keyed(directory / "memory.stat")
+    swap_usage = read_optional_int(directory / "memory.swap.current")
     return CgroupStats(
         cpu_usage_ns=read_keyed(directory / "cpu.stat").get("usage_usec", 0) * 1000,
         memory_usage_bytes=usage,
@@ -203,6 +231,11 @@ def _read_v2(directory: Path) -> CgroupStats | None:
         memory_rss_bytes=stat.get("anon", 0),
         oom_kills=read_keyed(directory / "memory.events").get("oom_kill", 0),
         pids=read_int(directory / "pids.current"),
+        memory_limit_bytes=_limit(read_optional_int(directory / "memory.max")),
+        page_faults=stat.get("pgfault", 0),
+        major_page_faults=stat.get("pgmajfault", 0),
+        swap_usage_bytes=swap_usage,
+        swap_limit_bytes=_limit(read_optional_int(directory / "memory.swap.max")) if swap_usage is not None else None,
     )
 
 
@@ -212,6 +245,20 @@ def read_int(file: Path) -> int:
         return int(file.read_text().strip())
     except (OSError, ValueError):
         return 0
+
+
+def read_optional_int(file: Path) -> int | None:
+    """The integer in a one-value cgroup file; None when missing or unreadable, UNLIMITED for "max"."""
+    try:
+        text = file.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return UNLIMITED
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def read_keyed(file: Path) -> dict[str, int]:
@@ -259,3 +306,198 @@ def _remove_tree(directory: Path) -> None:
             if exc.errno != errno.EBUSY or attempt == RMDIR_ATTEMPTS - 1:
                 raise
             time.sleep(RMDIR_BACKOFF_S * (attempt + 1))
+
+
+# --- writing limits (a pod cgroup pycrio made: runc only ever writes its containers' cgroups) ---
+
+
+class CgroupWriteError(OSError):
+    """The kernel refused a value: `file` and `value` say which; errno as the write gave it."""
+
+    def __init__(self, err: int, file: Path, value: str) -> None:
+        super().__init__(err, f"writing {value!r} to {file}: {os.strerror(err)}")
+        self.file = file
+        self.value = value
+
+
+class _Journal:
+    """Writes cgroup files, remembering each file's old value so a failed update can be undone."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[Path, str]] = []
+
+    def write(self, file: Path, value: str | int) -> None:
+        text = str(value)
+        try:
+            old = file.read_text().strip()
+        except OSError as exc:
+            raise CgroupWriteError(exc.errno or errno.EIO, file, text) from exc
+        try:
+            file.write_text(text)
+        except OSError as exc:
+            raise CgroupWriteError(exc.errno or errno.EIO, file, text) from exc
+        self.done.append((file, old))
+
+    def undo(self) -> None:
+        for file, old in reversed(self.done):
+            try:
+                file.write_text(old)
+            except OSError:
+                pass  # best effort: the error that made us undo is the one reported
+        self.done.clear()
+
+
+def set_resources(path: str, resources: dict, mode: str | None = None) -> None:
+    """Write OCI `linux.resources` (cpu, memory, hugepageLimits; unified on v2) to cgroup `path`,
+    creating it where it is missing, in the order runc uses for a container's update. All or
+    nothing: when the kernel refuses a value (CgroupWriteError), what was written is put back."""
+    mode = mode or detect_support().mode
+    relative = path.strip("/")
+    if not relative or ".." in relative.split("/"):
+        raise ValueError(f"refusing to write cgroup {path!r}")
+    journal = _Journal()
+    try:
+        if mode == "v2":
+            _set_v2(relative, resources, journal)
+        else:
+            _set_v1(relative, resources, journal)
+    except BaseException:
+        journal.undo()
+        raise
+
+
+def _v1_dir(controller: str, relative: str) -> Path | None:
+    """The cgroup's directory in a v1 hierarchy, made if missing (cpuset ones get their parent's
+    cpus and mems, or no task could join them); None if this host lacks the controller."""
+    mount = _host_v1_mounts().get(controller)
+    if mount is None:
+        return None
+    directory = mount / relative
+    if not directory.is_dir():
+        made = [p for p in [directory, *directory.parents] if mount in p.parents and not p.is_dir()]
+        directory.mkdir(parents=True, exist_ok=True)
+        if controller == "cpuset":
+            for new in reversed(made):  # top-down: each copies from a parent that has values
+                for name in ("cpuset.cpus", "cpuset.mems"):
+                    if not (new / name).read_text().strip():
+                        (new / name).write_text((new.parent / name).read_text().strip())
+    return directory
+
+
+def _set_v1(relative: str, resources: dict, journal: _Journal) -> None:
+    cpu = resources.get("cpu") or {}
+    memory = resources.get("memory") or {}
+    if cpu.get("cpus") or cpu.get("mems"):
+        directory = _v1_dir("cpuset", relative)
+        if directory is not None:
+            if cpu.get("mems"):
+                journal.write(directory / "cpuset.mems", cpu["mems"])
+            if cpu.get("cpus"):
+                journal.write(directory / "cpuset.cpus", cpu["cpus"])
+    if any(cpu.get(k) for k in ("shares", "quota", "period")):
+        directory = _v1_dir("cpu", relative)
+        if directory is not None:
+            if cpu.get("shares"):
+                journal.write(directory / "cpu.shares", cpu["shares"])
+            _set_v1_bandwidth(directory, cpu.get("period") or 0, cpu.get("quota") or 0, journal)
+    if memory.get("limit") or memory.get("swap"):
+        directory = _v1_dir("memory", relative)
+        if directory is not None:
+            _set_v1_memory(directory, memory.get("limit") or 0, memory.get("swap") or 0, journal)
+    for hugepage in resources.get("hugepageLimits") or []:
+        directory = _v1_dir("hugetlb", relative)
+        if directory is not None:
+            journal.write(directory / f"hugetlb.{hugepage['pageSize']}.limit_in_bytes", hugepage["limit"])
+
+
+def _set_v1_bandwidth(directory: Path, period: int, quota: int, journal: _Journal) -> None:
+    """runc's order: the period first, and again after the quota if the kernel refused it before
+    (a new period can break the quota/period ratio the hierarchy allows until the quota follows)."""
+    retry_period = False
+    if period:
+        try:
+            journal.write(directory / "cpu.cfs_period_us", period)
+        except CgroupWriteError as exc:
+            if exc.errno != errno.EINVAL or not quota:
+                raise
+            retry_period = True
+    if quota:
+        journal.write(directory / "cpu.cfs_quota_us", -1 if quota < 0 else quota)
+    if retry_period:
+        journal.write(directory / "cpu.cfs_period_us", period)
+
+
+def _set_v1_memory(directory: Path, limit: int, swap: int, journal: _Journal) -> None:
+    """memory.memsw (memory + swap) can never be below memory.limit: growing writes memsw first,
+    shrinking the limit first (runc's order)."""
+    memsw = directory / "memory.memsw.limit_in_bytes"
+    if limit < 0 and not swap and memsw.exists():
+        swap = -1  # unlimited memory: unlimited swap too
+    if limit and swap and memsw.exists():
+        current = read_int(directory / "memory.limit_in_bytes")
+        if swap < 0 or current < swap:
+            journal.write(memsw, swap)
+            journal.write(directory / "memory.limit_in_bytes", limit)
+            return
+    if limit:
+        journal.write(directory / "memory.limit_in_bytes", limit)
+    if swap and memsw.exists():
+        journal.write(memsw, swap)
+
+
+_V2_CONTROLLERS = frozenset({"cpu", "cpuset", "memory", "hugetlb", "io", "pids"})
+
+
+def _v2_dir(relative: str, controllers: set[str]) -> Path:
+    """The cgroup's directory, made if missing, with `controllers` enabled in each ancestor's
+    cgroup.subtree_control on the way down to it (as runc does for a container's)."""
+    directory = CGROUP_ROOT / relative
+    for parent in [CGROUP_ROOT, *reversed([p for p in directory.parents if CGROUP_ROOT in p.parents])]:
+        parent.mkdir(exist_ok=True)
+        available = set((parent / "cgroup.controllers").read_text().split())
+        enabled = set((parent / "cgroup.subtree_control").read_text().split())
+        wanted = (controllers & available) - enabled
+        if wanted:
+            (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
+def _set_v2(relative: str, resources: dict, journal: _Journal) -> None:
+    cpu = resources.get("cpu") or {}
+    memory = resources.get("memory") or {}
+    hugepages = resources.get("hugepageLimits") or []
+    unified = resources.get("unified") or {}
+    wanted = set()
+    if cpu.get("cpus") or cpu.get("mems"):
+        wanted.add("cpuset")
+    if any(cpu.get(k) for k in ("shares", "quota", "period")):
+        wanted.add("cpu")
+    if memory.get("limit") or memory.get("swap"):
+        wanted.add("memory")
+    if hugepages:
+        wanted.add("hugetlb")
+    wanted |= {key.split(".", 1)[0] for key in unified if key.split(".", 1)[0] in _V2_CONTROLLERS}
+    if not wanted and not unified:
+        return
+    directory = _v2_dir(relative, wanted)
+    if cpu.get("mems"):
+        journal.write(directory / "cpuset.mems", cpu["mems"])
+    if cpu.get("cpus"):
+        journal.write(directory / "cpuset.cpus", cpu["cpus"])
+    if cpu.get("shares"):
+        journal.write(directory / "cpu.weight", 1 + ((int(cpu["shares"]) - 2) * 9999) // 262142)
+    if cpu.get("quota") or cpu.get("period"):
+        current = ((directory / "cpu.max").read_text().split() + ["max", "100000"])[:2]
+        quota = cpu.get("quota") or current[0]
+        period = cpu.get("period") or current[1]
+        journal.write(directory / "cpu.max", f"{'max' if str(quota) == 'max' or int(quota) < 0 else quota} {period}")
+    limit, swap = memory.get("limit") or 0, memory.get("swap") or 0
+    if limit:
+        journal.write(directory / "memory.max", "max" if limit < 0 else limit)
+    if swap and (directory / "memory.swap.max").exists():  # OCI swap is memory + swap; v2 counts swap alone
+        journal.write(directory / "memory.swap.max", "max" if swap < 0 or limit < 0 else max(0, swap - limit))
+    for hugepage in hugepages:
+        journal.write(directory / f"hugetlb.{hugepage['pageSize']}.max", hugepage["limit"])
+    for key, value in sorted(unified.items()):
+        journal.write(directory / key, value)

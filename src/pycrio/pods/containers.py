@@ -47,6 +47,7 @@ from pycrio.oci.runtime import (
     ContainerHandle,
     ExecResult,
     Runtime,
+    RuntimeCommandError,
     RuntimeStatus,
 )
 from pycrio.pods.events import CREATED, DELETED, STARTED, STOPPED, EventBus
@@ -67,6 +68,8 @@ from pycrio.trash import Trash
 log = logging.getLogger("pycrio.pods")
 
 LIVE_STATES = (CONTAINER_CREATED, CONTAINER_RUNNING, CONTAINER_UNKNOWN)
+# What runc says when the kernel refuses a cgroup value on update (EINVAL, EBUSY).
+_REFUSED_LIMIT_HINTS = ("invalid argument", "device or resource busy")
 # Exits are events; this re-check only catches one a runtime could not report (no watch left).
 SAFETY_RECHECK_SECONDS = 30.0
 
@@ -625,7 +628,18 @@ class ContainerManager:
             oci = spec.linux_resources(resources, cgroups.detect_support(), warnings, container=record.id)
             for warning in warnings:
                 log.warning("container %s: %s", record.id, warning)
-            self.runtime(record).update_resources(self.handle(record), oci)
+            try:
+                self.runtime(record).update_resources(self.handle(record), oci)
+            except RuntimeCommandError as exc:
+                if not any(hint in exc.detail for hint in _REFUSED_LIMIT_HINTS):
+                    raise
+                # On cgroup v1 a container's CPU quota (or cpuset) must fit its pod's: kubelet's
+                # in-place resize raises the pod cgroup before its containers and lowers it after.
+                raise FailedPrecondition(
+                    f"container {record.id}: the kernel refused the new limits ({exc.detail}): they may not "
+                    f"fit the pod's cgroup: when growing raise the pod first (kubelet's pod cgroup, or "
+                    f"UpdatePodSandboxResources for a pod pycrio made), when shrinking lower the containers first"
+                ) from exc
             _merge_spec_resources(Path(record.bundle) / "config.json", oci)
 
     def reopen_log(self, container_id: str) -> None:

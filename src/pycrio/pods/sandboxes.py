@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -14,7 +16,7 @@ from typing import Callable
 
 from pycrio.config import Config
 from pycrio.cri import api_pb2
-from pycrio.errors import CRIError, InvalidArgument, NotFound
+from pycrio.errors import CRIError, FailedPrecondition, InvalidArgument, NotFound
 from pycrio.network.cni import CNIManager, PodNetworkRequest, PortMapping
 from pycrio.network.namespaces import pin_namespaces, unmount_below, unpin_namespaces
 from pycrio.oci import cgroups, spec
@@ -29,6 +31,12 @@ from pycrio.tracing import step_span
 log = logging.getLogger("pycrio.pods")
 
 SHM_SIZE = "64m"
+MAX_CPU_SHARES = 262144  # the kernel's (and kubelet's MilliCPUToShares') ceiling
+CPU_PERIOD_RANGE_US = (1000, 1_000_000)
+MIN_CPU_QUOTA_US = 1000
+_CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_PAGE_SIZE = re.compile(r"^\d+[KMG]B$")
+_UNIFIED_KEY = re.compile(r"^[a-z][a-z0-9_]*\.[a-z0-9_.]+$")
 
 
 def sandbox_name(config: api_pb2.PodSandboxConfig) -> str:
@@ -43,6 +51,68 @@ def validate(config: api_pb2.PodSandboxConfig) -> None:
         raise InvalidArgument(f"pod sandbox metadata must have name, namespace and uid (missing: {', '.join(missing) or 'metadata'})")
     # Before anything is made: a parent escaping the cgroup root raises ValueError (INVALID_ARGUMENT).
     cgroups.cgroups_path(config.linux.cgroup_parent, "", None)
+    if not config.linux.cgroup_parent:  # pycrio makes the pod's cgroup and writes these to it
+        for what in ("resources", "overhead"):
+            if config.linux.HasField(what):
+                validate_pod_resources(getattr(config.linux, what), f"pod sandbox linux.{what}")
+
+
+def validate_pod_resources(r: api_pb2.LinuxContainerResources, what: str) -> None:
+    """INVALID_ARGUMENT for values no cgroup takes. 0 means "not set"; a negative CPU quota is
+    "unlimited" (kubelet sends -1, minus the overhead's quota when it subtracts that)."""
+    problems = []
+    if not 0 <= r.cpu_shares <= MAX_CPU_SHARES:
+        problems.append(f"cpu_shares {r.cpu_shares} is outside 0..{MAX_CPU_SHARES}")
+    if r.cpu_period and not CPU_PERIOD_RANGE_US[0] <= r.cpu_period <= CPU_PERIOD_RANGE_US[1]:
+        problems.append(f"cpu_period {r.cpu_period} is outside {CPU_PERIOD_RANGE_US[0]}..{CPU_PERIOD_RANGE_US[1]} µs")
+    if 0 < r.cpu_quota < MIN_CPU_QUOTA_US:
+        problems.append(f"cpu_quota {r.cpu_quota} is below {MIN_CPU_QUOTA_US} µs")
+    if r.memory_limit_in_bytes < 0:
+        problems.append(f"memory_limit_in_bytes {r.memory_limit_in_bytes} is negative")
+    if r.memory_swap_limit_in_bytes < -1:
+        problems.append(f"memory_swap_limit_in_bytes {r.memory_swap_limit_in_bytes} is below -1")
+    elif 0 < r.memory_swap_limit_in_bytes < r.memory_limit_in_bytes:
+        problems.append(
+            f"memory_swap_limit_in_bytes {r.memory_swap_limit_in_bytes} is below memory_limit_in_bytes "
+            f"{r.memory_limit_in_bytes}"
+        )
+    for field in ("cpuset_cpus", "cpuset_mems"):
+        value = getattr(r, field)
+        if value and not _CPU_LIST.match(value):
+            problems.append(f"{field} {value!r} is not a list like 0-3,7")
+    for hugepage in r.hugepage_limits:
+        if not _PAGE_SIZE.match(hugepage.page_size):
+            problems.append(f"hugepage page_size {hugepage.page_size!r} is not like 2MB or 1GB")
+    for key in r.unified:
+        if not _UNIFIED_KEY.match(key):
+            problems.append(f"unified key {key!r} is not a cgroup file name")
+    if problems:
+        raise InvalidArgument(f"{what}: {'; '.join(problems)}")
+
+
+def pod_cgroup_resources(
+    resources: api_pb2.LinuxContainerResources, overhead: api_pb2.LinuxContainerResources
+) -> api_pb2.LinuxContainerResources:
+    """What the pod's cgroup gets: the pod's resources plus its overhead, as kubelet sizes its own
+    pod cgroups (`resources` is that sum with the overhead taken out). Unset stays unset."""
+    total = api_pb2.LinuxContainerResources()
+    total.CopyFrom(resources)
+    total.ClearField("oom_score_adj")  # a process property, not a cgroup's
+    if resources.cpu_shares:
+        total.cpu_shares = min(MAX_CPU_SHARES, resources.cpu_shares + overhead.cpu_shares)
+    if resources.cpu_quota < 0:
+        total.cpu_quota = -1
+    elif resources.cpu_quota > 0:
+        total.cpu_quota = resources.cpu_quota + max(0, overhead.cpu_quota)
+    if total.cpu_quota and not total.cpu_period:
+        total.cpu_period = overhead.cpu_period
+    if 0 < resources.memory_limit_in_bytes < cgroups.UNLIMITED:
+        total.memory_limit_in_bytes = resources.memory_limit_in_bytes + overhead.memory_limit_in_bytes
+        if resources.memory_swap_limit_in_bytes > 0:
+            total.memory_swap_limit_in_bytes = resources.memory_swap_limit_in_bytes + overhead.memory_limit_in_bytes
+    elif resources.memory_limit_in_bytes >= cgroups.UNLIMITED:
+        total.memory_limit_in_bytes = -1
+    return total
 
 
 class SandboxManager:
@@ -80,6 +150,8 @@ class SandboxManager:
             cgroup_parent=config.linux.cgroup_parent or f"{self.pod_cgroup_parent}/{pod_id}",
             owns_cgroup=not config.linux.cgroup_parent,
             directory=str(self.directory / pod_id),
+            resources=encode_message(config.linux.resources) if config.linux.HasField("resources") else "",
+            overhead=encode_message(config.linux.overhead) if config.linux.HasField("overhead") else "",
         )
         try:
             with self.state.locks.hold(pod_id):
@@ -120,6 +192,9 @@ class SandboxManager:
         directory = Path(record.directory)
         directory.mkdir(parents=True)
         self.state.save_pod(record)  # from here on a crash leaves a record restart can clean up
+        if record.owns_cgroup and (record.resources or record.overhead):
+            with step_span("set_pod_cgroup", **{"pod.id": record.id}):
+                self._set_cgroup(record, record.pod_resources, record.pod_overhead)
         runtime.create_sandbox(sandbox_handle(record))
         opts = config.linux.security_context.namespace_options
         host_network = opts.network == api_pb2.NODE
@@ -158,6 +233,7 @@ class SandboxManager:
             )
             record.ips = list(result.ips)
             self._write_hosts(directory, config, record.ips)
+        runtime.wait_sandbox(sandbox_handle(record))
         if opts.pid == api_pb2.POD:
             self._start_infra(record, runtime.for_sandbox(record.id))
         record.state = SANDBOX_READY
@@ -206,6 +282,60 @@ class SandboxManager:
 
     def _infra_handle(self, record: SandboxRecord) -> ContainerHandle:
         return infra_handle(self.handlers.for_pod(record.runtime_handler, record.id), record)
+
+    def update_resources(
+        self,
+        pod_id: str,
+        resources: api_pb2.LinuxContainerResources | None,
+        overhead: api_pb2.LinuxContainerResources | None,
+    ) -> None:
+        """UpdatePodSandboxResources, kubelet's in-place pod resize: keep the pod-level resources
+        (and overhead) given as the ones in effect, and write their sum to the pod's cgroup when
+        pycrio made it. A cgroup kubelet gave as cgroup_parent is kubelet's: it writes it itself
+        right after this call (before the containers' UpdateContainerResources when growing,
+        after them when shrinking), as containerd and CRI-O leave it to kubelet too.
+        A field left out keeps what was in effect."""
+        for what, value in (("resources", resources), ("overhead", overhead)):
+            if value is not None:
+                validate_pod_resources(value, what)
+        record = self.state.get_pod(pod_id)
+        with self.state.locks.hold(record.id):
+            record = self.state.get_pod(record.id)
+            if record.state != SANDBOX_READY:
+                raise FailedPrecondition(f"pod sandbox {record.id} is not ready: cannot update its resources")
+            new_resources = resources if resources is not None else record.pod_resources
+            new_overhead = overhead if overhead is not None else record.pod_overhead
+            if record.owns_cgroup:
+                with step_span("set_pod_cgroup", **{"pod.id": record.id}):
+                    self._set_cgroup(record, new_resources, new_overhead)
+            else:
+                log.debug("pod sandbox %s: its cgroup %s is kubelet's: resources recorded, not written",
+                          record.id, record.cgroup_parent)
+            if resources is not None:
+                record.resources = encode_message(resources)
+            if overhead is not None:
+                record.overhead = encode_message(overhead)
+            self.state.save_pod(record)
+        log.info("pod sandbox %s: resources updated", record.id)
+
+    def _set_cgroup(
+        self,
+        record: SandboxRecord,
+        resources: api_pb2.LinuxContainerResources | None,
+        overhead: api_pb2.LinuxContainerResources | None,
+    ) -> None:
+        """Write resources + overhead to the pod cgroup pycrio made (all or nothing)."""
+        total = pod_cgroup_resources(resources or api_pb2.LinuxContainerResources(),
+                                     overhead or api_pb2.LinuxContainerResources())
+        warnings: list[str] = []
+        oci = spec.linux_resources(total, cgroups.detect_support(), warnings, container=f"pod {record.id}")
+        for warning in warnings:
+            log.warning("pod sandbox %s: %s", record.id, warning)
+        path = cgroups.cgroups_path(record.cgroup_parent, record.id, None)
+        try:
+            cgroups.set_resources(path, oci)
+        except cgroups.CgroupWriteError as exc:
+            raise _refused(record.id, exc) from exc
 
     def stop(self, pod_id: str) -> None:
         """Stop every container, tear down network and namespaces; stopping twice is fine."""
@@ -332,6 +462,23 @@ class SandboxManager:
         unmount_below(directory)
         if directory.exists():
             shutil.rmtree(directory)
+
+
+def _refused(pod_id: str, exc: cgroups.CgroupWriteError) -> CRIError:
+    """A value the kernel refused for the pod's cgroup, with what usually causes it."""
+    name = exc.file.name
+    what = f"pod sandbox {pod_id}: the kernel refused {name} = {exc.value} ({os.strerror(exc.errno or 0)})"
+    if exc.errno in (errno.EINVAL, errno.EBUSY):
+        if name.startswith("cpu.cfs") or name == "cpu.max":
+            hint = "a container of the pod may have a higher CPU quota: lower the containers first, raise the pod first"
+        elif name.startswith("memory."):
+            hint = "the pod may use more memory than that, or a value is out of range"
+        elif name.startswith("cpuset."):
+            hint = "a container of the pod may use CPUs or memory nodes outside that set, or they do not exist"
+        else:
+            hint = "the value is out of range for this kernel"
+        return FailedPrecondition(f"{what}: {hint}")
+    return CRIError(what)
 
 
 def sandbox_handle(record: SandboxRecord) -> SandboxHandle:

@@ -1,4 +1,6 @@
-"""ContainerStats, ListContainerStats and StreamContainerStats: cgroup counters and the writable layer."""
+"""ContainerStats, ListContainerStats and StreamContainerStats: cgroup counters (CPU with its rate
+since the container's last sample, memory with page faults and what is left under the limit, swap
+where it is accounted) and the writable layer."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from typing import Iterator
 
 from pycrio.cri import api_pb2
 from pycrio.server.daemon import Daemon
-from pycrio.server.stats_convert import cpu_usage, directory_usage, memory_usage, now
+from pycrio.server.stats_convert import cpu_usage, directory_usage, memory_usage, now, swap_usage
 from pycrio.server.streaming_list import chunks
 from pycrio.state.records import CONTAINER_RUNNING, ContainerRecord
 
@@ -21,8 +23,11 @@ def container_stats_of(daemon: Daemon, container: ContainerRecord) -> api_pb2.Co
     timestamp = now()
     counters = daemon.containers.stats(container) if container.state == CONTAINER_RUNNING else None
     if counters is not None:
-        stats.cpu.CopyFrom(cpu_usage(counters, timestamp))
+        stats.cpu.CopyFrom(cpu_usage(counters, timestamp, key=container.id))
         stats.memory.CopyFrom(memory_usage(counters, timestamp))
+        swap = swap_usage(counters, timestamp)
+        if swap is not None:
+            stats.swap.CopyFrom(swap)
     upper = daemon.images.containers_dir / container.id / "upper"
     if upper.exists():
         stats.writable_layer.CopyFrom(directory_usage(upper, str(daemon.images.directory), timestamp))

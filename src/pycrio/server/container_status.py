@@ -1,7 +1,9 @@
 """ContainerStatus: refreshed from the runtime, with the user the process started as, the
 resources in effect (the bundle's spec, kept up to date by UpdateContainerResources) and the stop
-signal; `image_ref` is the repo digest reference (name@sha256:..., as CRI-O and containerd give
-it), `image_id` the image's id. `verbose` adds the pid and the OCI spec."""
+signal; `image.user_specified_image` is the name CreateContainer was given (kubelet's pod spec
+image: it sends the image id as `image`); `image_ref` is the repo digest reference
+(name@sha256:..., as CRI-O and containerd give it), `image_id` the image's id. `verbose` adds the
+pid and the OCI spec."""
 
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ def container_status_of(c: ContainerRecord, oci_spec: dict[str, Any] | None = No
         started_at=c.started_at,
         finished_at=c.finished_at,
         exit_code=c.exit_code,
-        image=api_pb2.ImageSpec(image=c.image_name or c.image),
+        image=api_pb2.ImageSpec(
+            image=c.image_name or c.image, user_specified_image=config.image.user_specified_image
+        ),
         image_ref=c.image_digest or c.image_ref,
         image_id=c.image_ref,
         reason=c.reason,

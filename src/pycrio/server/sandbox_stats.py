@@ -1,4 +1,5 @@
-"""PodSandboxStats, ListPodSandboxStats and StreamPodSandboxStats: the pod cgroup and its containers."""
+"""PodSandboxStats, ListPodSandboxStats and StreamPodSandboxStats: the pod cgroup (CPU with its rate
+since the pod's last sample, memory) and its containers."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _stats(daemon: Daemon, pod: SandboxRecord) -> api_pb2.PodSandboxStats:
     timestamp = now()
     counters = cgroups.read_stats(cgroups.cgroups_path(pod.cgroup_parent, pod.id, None))
     if counters is not None:
-        stats.linux.cpu.CopyFrom(cpu_usage(counters, timestamp))
+        stats.linux.cpu.CopyFrom(cpu_usage(counters, timestamp, key=pod.id))
         stats.linux.memory.CopyFrom(memory_usage(counters, timestamp))
         stats.linux.process.CopyFrom(
             api_pb2.ProcessUsage(timestamp=timestamp, process_count=api_pb2.UInt64Value(value=counters.pids))

@@ -1,11 +1,13 @@
 """PodSandboxStatus. With `verbose`, or for kubelet's evented PLEG (`enable_pod_events`), also the
 statuses of the pod's containers and the time they were taken, as CRI-O does; `verbose` adds the
-pod's namespaces, cgroup and infra process."""
+pod's namespaces, cgroup, infra process and the pod-level resources in effect."""
 
 from __future__ import annotations
 
 import json
 import time
+
+from google.protobuf import json_format
 
 from pycrio.cri import api_pb2
 from pycrio.server.container_status import container_status_of
@@ -32,6 +34,9 @@ def pod_sandbox_status(daemon: Daemon, request: api_pb2.PodSandboxStatusRequest)
             "runtimeHandler": pod.runtime_handler,
             "pid": pod.infra_pid,
         }
+        for key, value in (("resources", pod.pod_resources), ("overhead", pod.pod_overhead)):
+            if value is not None:  # the pod-level resources in effect (RunPodSandbox's, then resizes')
+                info[key] = json_format.MessageToDict(value)
         response.info["info"] = json.dumps(info, sort_keys=True)
     return response
 

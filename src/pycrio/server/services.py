@@ -41,6 +41,7 @@ from pycrio.server import (
     sandbox_stop,
     sandbox_stats,
     sandbox_status,
+    sandbox_update_resources,
     status,
     version,
 )
@@ -63,6 +64,7 @@ HANDLERS: dict[str, dict[str, Handler]] = {
         "ListPodSandbox": sandbox_list.list_pod_sandbox,
         "StreamPodSandboxes": sandbox_list.stream_pod_sandboxes,
         "PodSandboxStatus": sandbox_status.pod_sandbox_status,
+        "UpdatePodSandboxResources": sandbox_update_resources.update_pod_sandbox_resources,
         "PodSandboxStats": sandbox_stats.pod_sandbox_stats,
         "ListPodSandboxStats": sandbox_stats.list_pod_sandbox_stats,
         "StreamPodSandboxStats": sandbox_stats.stream_pod_sandbox_stats,
@@ -107,6 +109,7 @@ LONG_METHODS = frozenset(
         "RunPodSandbox",
         "StopPodSandbox",
         "RemovePodSandbox",
+        "UpdatePodSandboxResources",  # waits for the pod's lock (a StopPodSandbox's grace period)
         "CreateContainer",
         "StartContainer",
         "StopContainer",

@@ -53,6 +53,10 @@ class SandboxRecord:
     infra_pid: int = 0
     infra_pid_start: int = 0  # its start time (/proc/<pid>/stat), so a recycled pid is not taken for it
     complete: bool = False  # RunPodSandbox finished; an incomplete record after a crash is debris
+    # The pod-level resources in effect (base64 LinuxContainerResources): RunPodSandbox's config,
+    # then what UpdatePodSandboxResources (kubelet's in-place resize) last gave.
+    resources: str = ""
+    overhead: str = ""
 
     @property
     def pod_config(self) -> api_pb2.PodSandboxConfig:
@@ -73,6 +77,14 @@ class SandboxRecord:
     @property
     def cri_state(self) -> int:
         return _SANDBOX_STATES[self.state]
+
+    @property
+    def pod_resources(self) -> api_pb2.LinuxContainerResources | None:
+        return decode_message(api_pb2.LinuxContainerResources, self.resources) if self.resources else None
+
+    @property
+    def pod_overhead(self) -> api_pb2.LinuxContainerResources | None:
+        return decode_message(api_pb2.LinuxContainerResources, self.overhead) if self.overhead else None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -140,7 +152,9 @@ class ContainerRecord:
             id=self.id,
             pod_sandbox_id=self.pod_id,
             metadata=config.metadata,
-            image=api_pb2.ImageSpec(image=self.image_name or self.image),
+            image=api_pb2.ImageSpec(
+                image=self.image_name or self.image, user_specified_image=config.image.user_specified_image
+            ),
             image_ref=self.image_ref,
             image_id=self.image_ref,
             state=self.cri_state,
