@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -364,6 +365,61 @@ def test_create_start_logs_and_exit_code(env: Env) -> None:
                 supervisor.state(req.container_id)
             assert not (env.state_dir / "exits" / f"{req.container_id}.json").exists()
             await supervisor.delete(req.container_id)  # twice is fine
+
+    run(scenario())
+    assert our_zombies() == []
+
+
+def _runc_status(env: Env, cid: str) -> str:
+    done = subprocess.run([RUNC, "--root", str(env.runc_root), "state", cid], capture_output=True, text=True)
+    return json.loads(done.stdout)["status"] if done.returncode == 0 else done.stderr
+
+
+def _runc_commands(caplog: pytest.LogCaptureFixture, subcommand: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("running: ") and
+            f" {subcommand} " in r.getMessage()]  # fmt: skip
+
+
+@needs_runc
+def test_start_takes_the_init_off_runcs_exec_fifo_and_runc_agrees_it_runs(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain = env.request(["sh", "-c", "echo started; sleep 100"])
+    hooked = env.request(["sh", "-c", "echo hooked; sleep 100"])
+    spec_path = Path(hooked.bundle) / "config.json"
+    spec = json.loads(spec_path.read_text())
+    spec["hooks"] = {"createRuntime": [{"path": "/bin/true", "args": ["true"]}]}
+    spec_path.write_text(json.dumps(spec))
+    doomed = env.request(["sleep", "100"])
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> None:
+        async with monitor(env) as supervisor:
+            for req in (plain, hooked, doomed):
+                await supervisor.create(req)
+            fifo = env.runc_root / plain.container_id / "exec.fifo"
+            assert fifo.exists() and _runc_status(env, plain.container_id) == "created"
+            await supervisor.start(plain.container_id)
+            assert supervisor.state(plain.container_id).state == "running"
+            assert not fifo.exists()
+            assert _runc_status(env, plain.container_id) == "running"
+            await wait_for_log(env.log_path(plain.container_id), b"started")
+            assert _runc_commands(caplog, "start") == []  # no runc process for it
+            with pytest.raises(FailedPrecondition, match="not created"):
+                await supervisor.start(plain.container_id)
+            # a spec with hooks is started by runc itself (newer runc runs poststart hooks there)
+            await supervisor.start(hooked.container_id)
+            await wait_for_log(env.log_path(hooked.container_id), b"hooked")
+            assert [c.split()[-1] for c in _runc_commands(caplog, "start")] == [hooked.container_id]
+            assert _runc_status(env, hooked.container_id) == "running"
+            # an init that died while waiting to be started: a clear error, not a hang
+            # (started at once: the exit may or may not have been handled yet)
+            os.kill(supervisor.state(doomed.container_id).pid, signal.SIGKILL)
+            with pytest.raises(FailedPrecondition, match="exited before it was started|not created"):
+                await supervisor.start(doomed.container_id)
+            assert (await wait_stopped(supervisor, doomed.container_id)).exit_code == 128 + signal.SIGKILL
+            for req in (plain, hooked, doomed):
+                await supervisor.delete(req.container_id)
 
     run(scenario())
     assert our_zombies() == []

@@ -302,6 +302,7 @@ class Pods:
         os.environ.update(self.env)
         try:
             self.runtime.create_sandbox(handle)
+            self.runtime.wait_sandbox(handle)  # as RunPodSandbox does, before the environment is put back
         finally:
             for key, value in old.items():
                 if value is None:

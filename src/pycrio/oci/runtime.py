@@ -167,7 +167,11 @@ class Runtime(abc.ABC):
         """The daemon is stopping: release what serves all pods (not the pods' own parts)."""
 
     def create_sandbox(self, sandbox: SandboxHandle) -> None:
-        """Set up the pod's runtime side (a per-pod monitor) before its first container."""
+        """Set up the pod's runtime side (a per-pod monitor) before its first container; it may
+        go on in the background while the pod's namespaces and network are made: `wait_sandbox`."""
+
+    def wait_sandbox(self, sandbox: SandboxHandle) -> None:
+        """Block until what `create_sandbox` started is done; raise its error if it failed."""
 
     def restore_sandbox(self, sandbox: SandboxHandle) -> None:
         """Reattach to the pod's runtime side after a daemon restart."""

@@ -24,7 +24,9 @@ happened meanwhile.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import copy
 import json
 import os
@@ -420,6 +422,7 @@ class _Shared:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.monitors: dict[str, _Monitor] = {}
+        self.starting: dict[str, tuple[_Monitor, concurrent.futures.Future[None]]] = {}  # create_sandbox -> wait_sandbox
         self.instances: dict[str, PodRuntime] = {}
         self.exit_callback: Any = None
 
@@ -495,12 +498,49 @@ class PodRuntime(OCIRuntime):
         )  # fmt: skip
 
     def create_sandbox(self, sandbox: SandboxHandle) -> None:
-        with step_span("monitor_start", **{"pod.id": sandbox.id}):
-            monitor = _Monitor(sandbox.id, Path(sandbox.directory) / "monitor")
-            self._spawn(monitor, self._monitor_cgroup(sandbox))
+        """Start the pod's monitor in the background: the fork and the monitor's set-up overlap
+        with the pod's namespaces and CNI ADD (RunPodSandbox waits for it in `wait_sandbox`)."""
+        monitor = _Monitor(sandbox.id, Path(sandbox.directory) / "monitor")
+        cgroup = self._monitor_cgroup(sandbox)
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._shared.lock:
+            self._shared.starting[sandbox.id] = (monitor, started)
+        call_context = contextvars.copy_context()  # the call's span and request id, for the step
+
+        def start() -> None:
+            try:
+                with step_span("monitor_start", **{"pod.id": sandbox.id}):
+                    self._spawn(monitor, cgroup)
+            except BaseException as exc:  # noqa: BLE001 - raised again by wait_sandbox
+                started.set_exception(exc)
+            else:
+                started.set_result(None)
+
+        threading.Thread(
+            target=call_context.run, args=(start,), name=f"monitor-start-{sandbox.id[:12]}", daemon=True
+        ).start()
+
+    def wait_sandbox(self, sandbox: SandboxHandle) -> None:
+        with self._shared.lock:
+            monitor, started = self._shared.starting.get(sandbox.id, (None, None))
+        if started is None:
+            return
+        try:
+            started.result()
+        finally:
             with self._shared.lock:
-                self._shared.monitors[sandbox.id] = monitor
-            self._ensure_watching(monitor)
+                self._shared.starting.pop(sandbox.id, None)
+        with self._shared.lock:
+            self._shared.monitors[sandbox.id] = monitor
+        self._ensure_watching(monitor)
+
+    def _await_start(self, pod_id: str) -> None:
+        """A monitor still starting is waited for (whether it came up or not) before it is removed."""
+        with self._shared.lock:
+            _, started = self._shared.starting.pop(pod_id, (None, None))
+        if started is not None:
+            with contextlib.suppress(Exception):
+                started.result()
 
     def restore_sandbox(self, sandbox: SandboxHandle) -> None:
         monitor = self._monitor(sandbox.id, Path(sandbox.directory))
@@ -511,6 +551,7 @@ class PodRuntime(OCIRuntime):
 
     def remove_sandbox(self, sandbox: SandboxHandle) -> None:
         directory = Path(sandbox.directory) / "monitor"
+        self._await_start(sandbox.id)
         with step_span("monitor_shutdown", **{"pod.id": sandbox.id}):
             with self._shared.lock:
                 monitor = self._shared.monitors.pop(sandbox.id, None)
