@@ -12,7 +12,7 @@ like the SDK (a value type outside OTLP's, an int beyond int64, a string that is
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from struct import Struct
 from typing import Any
 
@@ -184,15 +184,22 @@ class SpanEncoder:
         self._scopes: dict[int, tuple[InstrumentationScope | None, bytes]] = {}
 
     # -- the request ---------------------------------------------------------------------------
-    def encode_request(self, spans: Sequence[ReadableSpan]) -> bytes:
-        """ExportTraceServiceRequest bytes, identical to the SDK's encoder; raises Unsupported."""
+    def encode_request(
+        self, spans: Sequence[ReadableSpan], pause: Callable[[], None] | None = None, pause_every: int = 32
+    ) -> bytes:
+        """ExportTraceServiceRequest bytes, identical to the SDK's encoder; raises Unsupported.
+
+        `pause`, when given, is called after every `pause_every` spans (to let other threads run).
+        """
         # Resource -> scope -> spans in first-seen order, grouped as the SDK's dicts group them.
         groups: list[tuple[Resource, list[tuple[InstrumentationScope | None, list[bytes]]]]] = []
         by_ids: dict[tuple[int, int], list[bytes]] = {}
         last: tuple[int, int] = (-1, -1)
         current: list[bytes] = []
         span_field = self._span
-        for span in spans:
+        for i, span in enumerate(spans):
+            if pause is not None and i and not i % pause_every:
+                pause()
             resource = span.resource
             scope = span.instrumentation_scope or None
             ids = (id(resource), id(scope))

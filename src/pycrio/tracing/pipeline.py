@@ -48,7 +48,10 @@ class Pipeline:
         self.rules = SamplingRules(config.tracing_sampling_rate_per_million, config.sampling_overrides)
         self.always_sample_errors = config.tracing_always_sample_errors
         self.sampler = make_sampler(self.rules, self.always_sample_errors)
-        exporter_class = OTLPSpanExporter if os.environ.get(ENCODER_ENV) == "sdk" else FastOTLPSpanExporter
+        exporter_class = FastOTLPSpanExporter
+        if os.environ.get(ENCODER_ENV) == "sdk":
+            log.info("tracing: %s=sdk: spans are encoded by the SDK's protobuf messages", ENCODER_ENV)
+            exporter_class = OTLPSpanExporter
         otlp = exporter_class(endpoint=config.tracing_endpoint, insecure=True, channel_options=CHANNEL_OPTIONS)
         self.exporter = ReportingSpanExporter(otlp, config.tracing_endpoint, health)
         self.batch = health.batch_processor(self.exporter)
