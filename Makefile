@@ -87,6 +87,24 @@ $(JAEGER_UI_DIR)/.$(JAEGER_UI_PIN): contrib/tools/jaeger-ui/Cargo.lock contrib/t
 	mv $(JAEGER_UI_DIR).tmp $(JAEGER_UI_DIR) && touch $@ && \
 	echo "jaeger-ui: $$(du -sh $(JAEGER_UI_DIR) | cut -f1) from crates.io $(JAEGER_UI_PIN) in $(JAEGER_UI_DIR)"
 
+# A real kubelet (standalone: static pods, no API server) for `make kubelet-e2e` and
+# contrib/kubelet/. k8s.io/kubernetes replaces its staging modules with local paths, so `go install`
+# refuses it: a tool of the small module in contrib/tools/kubelet (each staging module pinned to
+# its published v0.37.x), built static.
+KUBELET_VERSION := v1.37.2
+KUBELET_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=$(KUBELET_VERSION) \
+  -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37
+.PHONY: kubelet kubelet-e2e
+kubelet: $(VENV)/.kubelet-$(KUBELET_VERSION)
+$(VENV)/.kubelet-$(KUBELET_VERSION): contrib/tools/kubelet/go.mod contrib/tools/kubelet/go.sum | $(PY)
+	@echo "kubelet: compiling k8s.io/kubernetes/cmd/kubelet@$(KUBELET_VERSION) (about 20 minutes on 2 cores)"
+	cd contrib/tools/kubelet && CGO_ENABLED=0 GOBIN=$(BIN) go install -trimpath -ldflags '$(KUBELET_LDFLAGS)' tool
+	touch $@
+
+# kubelet + pycrio + runc end to end (tests/kubelet/), with a pycrio, CNI bridge and cgroups of its own.
+kubelet-e2e: install kubelet
+	$(PY) -m pytest -q tests/kubelet
+
 # Headless Chromium takes the demo's screenshot and runs the browser tests.
 browser:
 	@command -v chromium >/dev/null || { echo "apt: installing chromium"; apt-get update -qq && \

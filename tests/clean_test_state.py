@@ -11,12 +11,16 @@ Only what pycrio's tests, benchmarks, demo and conformance runs make, recognised
 - bridges named `pycrio<letters><digits>` (pycriotest9, pycriofx8, ...) and `ctrdpeer<digits>`,
   never the default `pycrio0`;
 - iptables rules whose CNI comment names a network `pycrio-<something>` (the default network is
-  `pycrio`), the CNI-* chains they jump to, and host-local IPAM state of those networks.
+  `pycrio`), the CNI-* chains they jump to, and host-local IPAM state of those networks;
+- what a kubelet test node (tests/kubelet/harness.py) recorded in /run/pycrio-kubelet-tests/ before
+  kubelet changed the host: the sysctls are set back, the directories it created and a top-level
+  kubepods cgroup that was not there are removed.
 It prints what it removes; running it on a clean host removes nothing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -39,6 +43,7 @@ TEST_NETWORK = re.compile(r'name: \\?"(pycrio-[^"\\]+)\\?"')
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CNI_NETWORKS = Path("/var/lib/cni/networks")
 CNI_RESULTS = Path("/var/lib/cni/results")
+KUBELET_RECORDS = Path("/run/pycrio-kubelet-tests")
 
 
 def in_test_dir(text: str) -> bool:
@@ -70,7 +75,7 @@ def processes_to_kill(cgroups: list[Path]) -> set[int]:
             continue
         cmdline = b" ".join(procfs.argv(pid)).decode(errors="replace")
         if in_test_dir(cmdline) and ("pycrio" in cmdline or "conmon" in cmdline or "containerd" in cmdline
-                                     or "registry" in cmdline or "jaeger" in cmdline):
+                                     or "registry" in cmdline or "jaeger" in cmdline or "kubelet" in cmdline):
             pids.add(pid)
     for cgroup in cgroups:
         try:
@@ -164,6 +169,31 @@ def remove_ipam_state(networks: set[str]) -> None:
                 cached.unlink(missing_ok=True)
 
 
+def restore_kubelet_hosts() -> None:
+    """Put back what killed kubelet test nodes changed, from the records they wrote first."""
+    for record in sorted(KUBELET_RECORDS.glob("*.json")) if KUBELET_RECORDS.is_dir() else []:
+        try:
+            state = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        for key, value in state.get("sysctls", {}).items():
+            path = Path("/proc/sys", key)
+            if path.read_text().strip() != value:
+                path.write_text(value)
+                say(f"set {key.replace('/', '.')} back to {value}")
+        for created in state.get("created", []):
+            if os.path.lexists(created):
+                shutil.rmtree(created, ignore_errors=True) if os.path.isdir(created) else os.unlink(created)
+                say(f"removed {created}")
+        before = set(state.get("kubepods_before", []))
+        for hierarchy in [CGROUP_ROOT, *CGROUP_ROOT.iterdir()] if CGROUP_ROOT.is_dir() else []:
+            top = hierarchy / "kubepods"
+            if str(top) not in before and top.is_dir() and not hierarchy.is_symlink():
+                remove_cgroups(sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top])
+        record.unlink()
+        say(f"restored the host from {record}")
+
+
 def main() -> int:
     if os.geteuid() != 0:
         say("needs root")
@@ -174,6 +204,7 @@ def main() -> int:
     remove_cgroups(test_cgroups())
     remove_bridges()
     remove_iptables_rules()
+    restore_kubelet_hosts()
     say("done")
     return 0
 
