@@ -17,7 +17,8 @@ e2e: daemons side by side (tracing off; on at 1000000 per million with the SDK's
   interleaved blocks of sequential ListContainers calls (order rotated per block). Reported: p50
   and p99 (pooled), and daemon CPU per call from /proc/<pid>/stat (utime+stime of the daemon,
   which has no child doing tracing work) over all blocks, including the export of the last
-  batches (the receiver is waited for). "extra" is CPU per call above the tracing-off daemon.
+  batches (the receiver is waited for). "extra" is CPU per call above the tracing-off daemon;
+  "export thread" the part of it spent in the span export thread (named pycrio-spans).
 
 Run from the repo root (root, like the tests):  .venv/bin/python bench/span_export.py [isolated|e2e]
                                                  [--blocks 10] [--calls 300]
@@ -90,6 +91,20 @@ def call_spans(n: int, events: int) -> list[ReadableSpan]:
     return keep.spans
 
 
+def step_spans(n: int) -> list[ReadableSpan]:
+    """Step spans (pycrio.tracing.step_span) as RunPodSandbox makes them: INTERNAL children with
+    an attribute or two, under one SERVER span."""
+    keep = _Keep()
+    provider = TracerProvider(resource=make_resource())
+    provider.add_span_processor(SimpleSpanProcessor(keep))
+    tracer = provider.get_tracer("pycrio", "0.1.0")
+    with tracer.start_as_current_span("/runtime.v1.RuntimeService/RunPodSandbox", kind=SpanKind.SERVER):
+        for i in range(n - 1):
+            with tracer.start_as_current_span("create network namespace", attributes={"pod.id": "ab" * 32, "step": i}):
+                pass
+    return keep.spans
+
+
 def record(span: ReadableSpan) -> tuple[Any, ...]:
     """Design (a): one finished span as a marshal-able tuple (the SDK's fields, read directly)."""
     ctx = span._context
@@ -100,6 +115,7 @@ def record(span: ReadableSpan) -> tuple[Any, ...]:
         parent.is_remote if parent else None, span._name, span._kind._value_, span._start_time, span._end_time,
         tuple(span._attributes._dict.items()),
         tuple((e.name, e.timestamp, tuple(e.attributes._dict.items())) for e in span._events._dq),
+        span._instrumentation_scope.name,
         status._status_code._value_, status._description,
     )
 
@@ -121,8 +137,8 @@ def isolated() -> None:
     assert reader.stdin is not None
     pipe = reader.stdin.fileno()
     encoder = SpanEncoder()
-    for events in (0, 1):
-        spans = call_spans(BATCH, events)
+    for events in (0, 1, "steps"):
+        spans = step_spans(BATCH) if events == "steps" else call_spans(BATCH, int(events))
         assert encoder.encode_request(spans) == sdk_encode(spans)
         size = len(sdk_encode(spans)) / BATCH
 
@@ -139,7 +155,8 @@ def isolated() -> None:
             best_us_per_span(records, BATCH),
             best_us_per_span(lambda: marshal.loads(frame), BATCH),
         ]
-        print(f"{events} events  " + " ".join(f"{v:8.2f}" for v in row) + f"   {size:.0f} (records {len(frame) / BATCH:.0f})")
+        label = "step spans" if events == "steps" else f"{events} events  "
+        print(f"{label:10}" + " ".join(f"{v:8.2f}" for v in row) + f"   {size:.0f} (records {len(frame) / BATCH:.0f})")
     reader.stdin.close()
     reader.wait()
     export_cpu()
@@ -317,6 +334,23 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime
 
 
+def export_thread_ticks(pid: int) -> int:
+    """utime+stime of the daemon's span export threads (named pycrio-spans by pycrio.tracing)."""
+    from pycrio.tracing.exporter import EXPORT_THREAD_COMM
+
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = text.split("(", 1)[1].rsplit(")", 1)
+        if comm == EXPORT_THREAD_COMM:
+            fields = rest.split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
 def e2e(blocks: int, calls: int) -> None:
     import grpc
 
@@ -348,6 +382,7 @@ def e2e(blocks: int, calls: int) -> None:
         receiver.take()
         latencies: dict[str, list[int]] = {name: [] for name in configs}
         start_cpu = {name: cpu_ticks(d.proc.pid) for name, d in daemons.items()}  # type: ignore[union-attr]
+        start_export = {name: export_thread_ticks(d.proc.pid) for name, d in daemons.items()}  # type: ignore[union-attr]
         names = list(configs)
         for block in range(blocks):
             order = names[block % len(names):] + names[:block % len(names)]
@@ -365,6 +400,7 @@ def e2e(blocks: int, calls: int) -> None:
             time.sleep(1)
             got += receiver.take()
         end_cpu = {name: cpu_ticks(d.proc.pid) for name, d in daemons.items()}  # type: ignore[union-attr]
+        end_export = {name: export_thread_ticks(d.proc.pid) for name, d in daemons.items()}  # type: ignore[union-attr]
         for ch in channels.values():
             ch.close()
     finally:
@@ -374,14 +410,17 @@ def e2e(blocks: int, calls: int) -> None:
     n = blocks * calls
     print(f"\ne2e: {blocks} interleaved blocks x {calls} sequential ListContainers per daemon; "
           f"receiver got {got}/{traced} spans")
-    print(f"{'':24} {'p50 µs':>8} {'p99 µs':>8} {'p50/off':>8} {'p99/off':>8} {'CPU µs/call':>12} {'extra':>8}")
+    print(f"{'':24} {'p50 µs':>8} {'p99 µs':>8} {'p50/off':>8} {'p99/off':>8} {'CPU µs/call':>12} {'extra':>8}"
+          f" {'export thread':>14}")
     off = latencies["off"]
     off_p50, off_p99 = pct(off, 50), pct(off, 99)
     off_cpu = (end_cpu["off"] - start_cpu["off"]) / CLK_TCK / n * 1e6
     for name, values in latencies.items():
         cpu = (end_cpu[name] - start_cpu[name]) / CLK_TCK / n * 1e6
         p50, p99 = pct(values, 50), pct(values, 99)
-        print(f"{name:24} {p50:8.0f} {p99:8.0f} {p50 / off_p50:8.2f} {p99 / off_p99:8.2f} {cpu:12.0f} {cpu - off_cpu:8.0f}")
+        export = (end_export[name] - start_export[name]) / CLK_TCK / n * 1e6
+        print(f"{name:24} {p50:8.0f} {p99:8.0f} {p50 / off_p50:8.2f} {p99 / off_p99:8.2f} {cpu:12.0f} {cpu - off_cpu:8.0f}"
+              f" {export:14.1f}")
 
 
 def pct(values: list[int], q: float) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -95,3 +96,12 @@ def test_full_queue_drops_without_slowing_calls(make_daemon, black_hole) -> None
     started = time.monotonic()
     assert daemon.stop() == 0  # the flush at exit gives up at its bound
     assert time.monotonic() - started < 15
+
+
+def test_export_thread_is_named_for_top(make_daemon, receiver) -> None:
+    daemon = make_daemon(args=tracing_args(receiver.endpoint))
+    assert receiver.wait_for(lambda s: s.service == "pycrio")  # one export has run
+    pid = daemon.proc.pid
+    names = [(task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()]
+    assert names.count("pycrio-spans") == 1
+    assert Path(f"/proc/{pid}/comm").read_text().strip() != "pycrio-spans"  # the process keeps its name
