@@ -64,6 +64,7 @@ from pycrio.oci import cgroups  # noqa: E402
 from pycrio.procfs import all_pids, argv  # noqa: E402
 from tests.cni_fixture import bridge_network  # noqa: E402
 from tests.harness import PycrioDaemon  # noqa: E402
+from tests.otlp_receiver import OTLPReceiver  # noqa: E402
 from tests.registry_fixture import ImageBuilder, TestRegistry  # noqa: E402
 
 POD = "pod"
@@ -113,8 +114,15 @@ def parse_args(argv_: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", default="1,10,50", help="comma-separated pod counts (default: %(default)s)")
     parser.add_argument("--no-exec-variant", action="store_true", help=f'skip the "{POD_EXEC}" handler')
+    parser.add_argument(
+        "--tracing-rate", type=int, metavar="PER_MILLION", default=None,
+        help="run the daemon (so every monitor) with tracing on at this rate, to a live OTLP receiver "
+             "(a tracing monitor loads the OTLP exporter); default: tracing off",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv_)
+    if args.tracing_rate is not None and not 0 <= args.tracing_rate <= 1_000_000:
+        parser.error("--tracing-rate must be within 0..1000000")
     try:
         args.counts = [int(n) for n in args.pods.split(",") if n.strip()]
     except ValueError:
@@ -643,12 +651,20 @@ class ShimDaemon(PycrioDaemon):
         return [command[0], "-c", SHIM, self.exec_handler, *command[3:]]
 
 
-def daemon_config(registry: TestRegistry, netdir: Path, cgroup_parent: str, handlers: list[str]) -> str:
+def daemon_config(
+    registry: TestRegistry, netdir: Path, cgroup_parent: str, handlers: list[str], tracing: tuple[str, int] | None = None
+) -> str:
     text = (
         f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
         f'[pycrio.network]\nnetwork_dir = "{netdir}"\n'
         f'[pycrio.runtime]\ndefault_runtime = "{OCI}"\npod_cgroup_parent = "{cgroup_parent}"\n'
     )
+    if tracing is not None:
+        endpoint, rate = tracing
+        text += (
+            f'[pycrio.tracing]\nenable_tracing = true\ntracing_endpoint = "{endpoint}"\n'
+            f"tracing_sampling_rate_per_million = {rate}\n"
+        )
     for handler in handlers:
         kind = "oci" if handler == OCI else "pod"
         text += f'[pycrio.runtime.runtimes.{handler}]\nruntime_type = "{kind}"\nruntime_path = "{RUNC}"\n'
@@ -701,13 +717,16 @@ def main(argv_: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pycrio-bench-monmem-", ignore_cleanup_errors=True) as tmp:
         base = Path(tmp)
         registry = TestRegistry(base / "registry").start()
+        receiver = OTLPReceiver().start() if args.tracing_rate is not None else None
+        tracing = (receiver.endpoint, args.tracing_rate) if receiver is not None else None
+        report["parameters"]["tracing_rate_per_million"] = args.tracing_rate
         try:
             t0 = time.monotonic()
             image = ImageBuilder(base / "images", registry).busybox("bench/busybox", "1")
             netdir = bridge_network(base / "net.d", NETWORK_NAME, BRIDGE, SUBNET)
             daemon = ShimDaemon(
                 base / "d", args=["--log-level", "info"],
-                config_text=daemon_config(registry, netdir, cgroup_parent, handlers),
+                config_text=daemon_config(registry, netdir, cgroup_parent, handlers, tracing),
                 exec_handler=POD_EXEC if POD_EXEC in handlers else None,
             )  # fmt: skip
             daemon.start()
@@ -743,6 +762,8 @@ def main(argv_: list[str] | None = None) -> int:
                 errors = bench.errors + errors
             problems = clean_up(base, bench, daemon, cgroup_parent)
             registry.stop()
+            if receiver is not None:
+                receiver.stop()
     duration = time.monotonic() - started
     if not results:
         print(f"no results; clean-up: {problems}")
