@@ -241,3 +241,14 @@ def test_fast_exporter_delivers_to_a_receiver() -> None:
     assert [e["log.message"] for e in got.log_events()] == [
         "Request: ListContainersRequest: 0", "Request: ListContainersRequest: 1",
     ]
+
+
+def test_live_sdk_span_objects() -> None:
+    # A processor may hand over the SDK's Span itself rather than its ReadableSpan copy.
+    p, _ = provider()
+    tracer = p.get_tracer("pycrio")
+    span = tracer.start_span("live", attributes={"a": 1}, links=[Link(SpanContext(7, 8, True), {"l": "x"})])
+    span.add_event("log", {"log.message": "m"})
+    span.set_status(Status(StatusCode.ERROR, "boom"))
+    span.end()
+    same_bytes([span])  # type: ignore[list-item]
