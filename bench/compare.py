@@ -25,8 +25,12 @@ Phases, in this order:
    tests/registry_fixture.py ImageBuilder.multi_layer): `--pull-rounds` rounds, rotated order; each
    pull follows a RemoveImage and a check that the runtime's store holds none of its blobs.
 4. memory at 0 pods (after phases 1-3), then `--pods` pods per runtime, each with one running
-   container (`sleep 1000`), created interleaved and untimed; memory at `--pods` pods; then
-   ListContainers and ListPodSandbox at that many containers, ContainerStatus of a running
+   container (`sleep 1000`) and a cgroup parent as kubelet gives one (containerd's
+   ListPodSandboxStats needs it), created interleaved and untimed; memory at `--pods` pods; then what
+   kubelet polls at that many pods: ListContainers and ListPodSandbox (its PLEG relist and
+   housekeeping, about once a second each), ListContainerStats and ListPodSandboxStats (its stats
+   provider, /stats/summary; with usage_nano_cores, which both compute from the previous sample),
+   then ContainerStatus of a running
    container (`--calls` x `--rounds`), ExecSync on it (`--execs` x `--rounds`). Then more
    containers, created and NOT started (spread over the pods), up to `--containers` in all, and
    ListContainers again (one round). A created container costs pycrio a conmon and a `runc create`d process
@@ -47,6 +51,9 @@ Phases, in this order:
    1.29-2`, `127.0.0.1:PORT/public.ecr.aws/docker/library/busybox:1...`: the stand-ins, pushed
    under the original name below the registry), so no mirror configuration is involved.
 
+`--listing-only` runs phase 4's pods, memory and the four listing calls alone (a few minutes):
+what kubelet's polling costs at `--pods` pods.
+
 Afterwards every pod is removed and the host is checked and cleaned (mounts under the bench dir,
 bridges, cgroups, IPAM state; containerd's own via ContainerdPeer.stop()).
 
@@ -54,6 +61,7 @@ Run from the repo root, as root:
     .venv/bin/python bench/compare.py                       # ~15 min here
     .venv/bin/python bench/compare.py --quick               # a few minutes
     .venv/bin/python bench/compare.py --pods 100 --containers 500 --rounds 5 --json out.json
+    .venv/bin/python bench/compare.py --listing-only --pods 100    # kubelet's polling at 100 pods
 """
 
 from __future__ import annotations
@@ -113,6 +121,7 @@ CTRD_NETWORK = "pycrio-cmp-ctrd"
 CRITEST = VENV_BIN / "critest"
 RPC_TIMEOUT = 120.0
 WARMUP_CALLS = 50
+STATS_WARMUP_CALLS = 5  # a stats call of 100 containers reads some 1000 cgroup files
 # Per runtime and round, a measurement stops after this long (but not before MIN_CALLS calls):
 # pycrio's ListContainers at hundreds of created containers takes seconds a call.
 BUDGET_S = 15.0
@@ -320,14 +329,18 @@ class Populated:
     created: dict[str, int] = field(default_factory=lambda: {n: 0 for n in RUNTIMES})
 
 
-def populate(rts: dict[str, Runtime], image: str, logs: Path, pods: int) -> Populated:
-    """`pods` pods per runtime with one running `sleep` each, created interleaved, untimed."""
+def populate(rts: dict[str, Runtime], image: str, logs: Path, pods: int, cgroup_parent: str) -> Populated:
+    """`pods` pods per runtime with one running `sleep` each, created interleaved, untimed. Each
+    pod gets a cgroup parent as kubelet gives one (containerd's ListPodSandboxStats refuses pods
+    without): `<cgroup_parent>/kubepods/<runtime>/pod<uid>`."""
     state = Populated()
     t0 = time.monotonic()
     for i in range(pods):
         for name in rotated(i):
             rt = rts[name].rt
-            config = pod_config(f"pop-{i}", secrets.token_hex(8), logs / f"pop-{name.replace(' ', '-')}-{i}")
+            uid = secrets.token_hex(8)
+            config = pod_config(f"pop-{i}", uid, logs / f"pop-{name.replace(' ', '-')}-{i}")
+            config.linux.cgroup_parent = f"{cgroup_parent}/kubepods/{name.replace(' ', '-')}/pod{uid}"
             pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=RPC_TIMEOUT).pod_sandbox_id
             state.pods[name].append((pod_id, config))
             cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
@@ -357,8 +370,8 @@ def add_created(rts: dict[str, Runtime], image: str, state: Populated, total: in
 
 
 def populated_phase(rts: dict[str, Runtime], image: str, samples: Samples, memory: dict[str, Any],
-                    logs: Path, args: argparse.Namespace) -> Populated:
-    state = populate(rts, image, logs, args.pods)
+                    logs: Path, args: argparse.Namespace, cgroup_parent: str) -> Populated:
+    state = populate(rts, image, logs, args.pods, cgroup_parent)
     time.sleep(2)  # let start-up work (exit watchers, log readers) settle before reading memory
     memory[f"{args.pods} pods"] = {n: memory_kib(r.processes()) for n, r in rts.items()}
     counts = {n: len(r.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=RPC_TIMEOUT).containers) for n, r in rts.items()}
@@ -367,6 +380,18 @@ def populated_phase(rts: dict[str, Runtime], image: str, samples: Samples, memor
     unary_rounds(samples, f"ListPodSandbox ({args.pods} pods)",
                  {n: (lambda rt: lambda: rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=RPC_TIMEOUT))(r.rt)
                   for n, r in rts.items()}, args.calls, args.rounds, WARMUP_CALLS)
+    stats_counts = {n: len(r.rt.ListContainerStats(api_pb2.ListContainerStatsRequest(), timeout=RPC_TIMEOUT).stats)
+                    for n, r in rts.items()}
+    unary_rounds(samples, f"ListContainerStats ({args.pods} containers)",
+                 {n: (lambda rt: lambda: rt.ListContainerStats(api_pb2.ListContainerStatsRequest(), timeout=RPC_TIMEOUT))(r.rt)
+                  for n, r in rts.items()}, args.calls, args.rounds, STATS_WARMUP_CALLS)
+    unary_rounds(samples, f"ListPodSandboxStats ({args.pods} pods)",
+                 {n: (lambda rt: lambda: rt.ListPodSandboxStats(api_pb2.ListPodSandboxStatsRequest(), timeout=RPC_TIMEOUT))(r.rt)
+                  for n, r in rts.items()}, args.calls, args.rounds, STATS_WARMUP_CALLS)
+    say(f"  at {args.pods} pods: container stats listed {stats_counts}")
+    if args.listing_only:
+        say(f"  at {args.pods} pods: containers listed {counts}")
+        return state
     status = {n: (lambda rt, cid: lambda: rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid),
                                                              timeout=RPC_TIMEOUT))(r.rt, state.running[n][0])
               for n, r in rts.items()}
@@ -577,6 +602,12 @@ def clean_up(base: Path, daemons: dict[str, PycrioDaemon], peer: ContainerdPeer 
 # -- main ------------------------------------------------------------------------------------
 
 
+def _links_on(bridge: str) -> list[str]:
+    """Interfaces attached to `bridge` now (pods of a run in progress)."""
+    out = subprocess.run(["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True).stdout
+    return [line.split(":")[1].strip() for line in out.splitlines() if ":" in line]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each unary measurement")
@@ -592,6 +623,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a few minutes: --rounds 2 --calls 100 --execs 10 --lifecycle-pods 8 --pull-rounds 2 "
                              "--pods 20 --containers 100 --critest-n 5")
+    parser.add_argument("--listing-only", action="store_true",
+                        help="only the pods of phase 4, memory and ListContainers, ListPodSandbox, ListContainerStats, "
+                             "ListPodSandboxStats at --pods pods (kubelet's polling)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.quick:
@@ -608,12 +642,20 @@ def main(argv: list[str] | None = None) -> int:
         if not binary.is_file():
             print(f"compare: {binary} not found: run `make peer-containerd-bin`")
             return 2
+    busy = [link for bridge in (BRIDGE, CTRD_BRIDGE) for link in _links_on(bridge)]
+    if busy:
+        print(f"compare: another run uses the bench bridges ({', '.join(busy[:5])}...): its clean-up would break ours")
+        return 2
     bench_id = secrets.token_hex(4)
     cgroup_parent = f"/pycrio-cmp-{bench_id}"
     version = subprocess.run([str(CONTAINERD), "--version"], capture_output=True, text=True).stdout.strip()
-    print(f"pycrio vs {version}: rounds {args.rounds} x calls {args.calls} (ExecSync {args.execs}), "
-          f"{args.lifecycle_pods} lifecycle pods, {args.pull_rounds} cold pulls, {args.pods} pods / "
-          f"{args.containers} containers, critest n {args.critest_n if not args.no_critest else 'off'}")
+    if args.listing_only:
+        print(f"pycrio vs {version}: listing only, {args.pods} pods with one container each, "
+              f"rounds {args.rounds} x calls {args.calls}")
+    else:
+        print(f"pycrio vs {version}: rounds {args.rounds} x calls {args.calls} (ExecSync {args.execs}), "
+              f"{args.lifecycle_pods} lifecycle pods, {args.pull_rounds} cold pulls, {args.pods} pods / "
+              f"{args.containers} containers, critest n {args.critest_n if not args.no_critest else 'off'}")
     print(f"python {platform.python_version()}, grpc {grpc.__version__}, {os.cpu_count()} CPUs, {platform.platform()}, "
           f"cgroups {cgroups.detect_support().mode}")
     started = time.monotonic()
@@ -632,9 +674,12 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             builder = ImageBuilder(base / "images", registry)
             busybox = builder.busybox("bench/busybox", "1")
-            big = builder.multi_layer("bench/big", "1", layers=BIG_LAYERS, layer_size=BIG_LAYER_SIZE)
-            say(f"images built and pushed in {time.monotonic() - t0:.0f}s: {busybox.reference}, {big.reference} "
-                f"({sum(big.layer_sizes) / 2**20:.1f} MiB in {len(big.layers)} layers)")
+            if args.listing_only:  # no pulls: the big image is not needed
+                say(f"image built and pushed in {time.monotonic() - t0:.0f}s: {busybox.reference}")
+            else:
+                big = builder.multi_layer("bench/big", "1", layers=BIG_LAYERS, layer_size=BIG_LAYER_SIZE)
+                say(f"images built and pushed in {time.monotonic() - t0:.0f}s: {busybox.reference}, {big.reference} "
+                    f"({sum(big.layer_sizes) / 2**20:.1f} MiB in {len(big.layers)} layers)")
             netdir = base / "net.d"
             netdir.mkdir()
             (netdir / "10-compare.conflist").write_text(json.dumps({
@@ -660,18 +705,22 @@ def main(argv: list[str] | None = None) -> int:
                       CTRD: peer.directory / "root" / "io.containerd.content.v1.content" / "blobs" / "sha256"}
             memory["start (0 pods)"] = {n: memory_kib(r.processes()) for n, r in rts.items()}
 
-            say("phase 1: idle unary calls")
-            notes["images listed when idle"] = idle_phase(rts, busybox.reference, samples, args)
-            say("phase 2: pod lifecycle")
-            problems += lifecycle_phase(rts, busybox.reference, samples, base / "logs", args.lifecycle_pods)
-            say("phase 3: cold pulls")
-            problems += pull_phase(rts, big, busybox.layers, stores, samples, args.pull_rounds)
+            if not args.listing_only:
+                say("phase 1: idle unary calls")
+                notes["images listed when idle"] = idle_phase(rts, busybox.reference, samples, args)
+                say("phase 2: pod lifecycle")
+                problems += lifecycle_phase(rts, busybox.reference, samples, base / "logs", args.lifecycle_pods)
+                say("phase 3: cold pulls")
+                problems += pull_phase(rts, big, busybox.layers, stores, samples, args.pull_rounds)
             say("phase 4: memory and a populated node")
             receiver.clear()
-            memory["0 pods (after phases 1-3)"] = {n: memory_kib(r.processes()) for n, r in rts.items()}
-            populated_phase(rts, busybox.reference, samples, memory, base / "logs", args)
+            if not args.listing_only:
+                memory["0 pods (after phases 1-3)"] = {n: memory_kib(r.processes()) for n, r in rts.items()}
+            populated_phase(rts, busybox.reference, samples, memory, base / "logs", args, cgroup_parent)
             notes["teardown seconds"] = remove_pods(rts)
-            if args.no_critest:
+            if args.listing_only:
+                notes["critest"] = "skipped (--listing-only)"
+            elif args.no_critest:
                 notes["critest"] = "skipped (--no-critest)"
             else:
                 images, why = critest_images(registry, REPO / "build" / "conformance" / "images")

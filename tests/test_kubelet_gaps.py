@@ -322,3 +322,43 @@ def test_user_specified_image_is_reported(node: Node) -> None:
     listed = {c.id: c for c in node.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers}
     assert listed[created].image.user_specified_image == "kg/busybox:as-in-the-pod-spec"
     assert listed[cid].image.user_specified_image == node.image.reference
+
+
+# --- the pieces on their own: rates, and the cgroup v2 writer on a tree laid out like one ----------
+
+
+def test_cpu_rate_needs_an_earlier_sample_and_a_long_enough_window() -> None:
+    from pycrio.server.stats_convert import CpuRates
+
+    rates = CpuRates(min_window_ns=1_000_000_000)
+    assert rates.rate("c", 0, at_ns=0) is None
+    assert rates.rate("c", 500_000_000, at_ns=1_000_000_000) == 500_000_000  # half a core
+    # A second caller 5 ms later: measured from the sample before, not over 5 ms of noise.
+    assert rates.rate("c", 500_000_001, at_ns=1_005_000_000) == 497_512_438
+    assert rates.rate("c", 2_500_000_000, at_ns=2_000_000_000) == 2_000_000_000
+    assert rates.rate("c", 10, at_ns=3_000_000_000) is None  # a counter going back starts over
+
+
+def test_v2_writer_converts_like_runc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a cgroup v2 host (not this one) the pod cgroup gets cpu.weight, cpu.max, memory.max and
+    memory.swap.max (swap alone), with the controllers enabled on the way down."""
+    root = tmp_path / "cgroup"
+    (root / "pods" / "p1").mkdir(parents=True)
+    for directory in (root, root / "pods"):
+        (directory / "cgroup.controllers").write_text("cpu cpuset memory io pids\n")
+        (directory / "cgroup.subtree_control").write_text("")
+    pod = root / "pods" / "p1"
+    for name, value in {"cpu.weight": "100", "cpu.max": "max 100000", "memory.max": "max", "memory.swap.max": "max",
+                        "cgroup.controllers": "", "cgroup.subtree_control": ""}.items():  # fmt: skip
+        (pod / name).write_text(value + "\n")
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", root)
+    cgroups.set_resources("/pods/p1", {"cpu": {"shares": 1024, "quota": 50000, "period": 100000},
+                                       "memory": {"limit": 256 * MIB, "swap": 384 * MIB}}, mode="v2")
+    assert (pod / "cpu.weight").read_text() == "39"  # runc's 1 + (shares - 2) * 9999 / 262142
+    assert (pod / "cpu.max").read_text() == "50000 100000"
+    assert (pod / "memory.max").read_text() == str(256 * MIB)
+    assert (pod / "memory.swap.max").read_text() == str(128 * MIB)
+    assert set((root / "cgroup.subtree_control").read_text().split()) == {"+cpu", "+memory"}
+    cgroups.set_resources("/pods/p1", {"cpu": {"quota": -1}, "memory": {"limit": -1, "swap": -1}}, mode="v2")
+    assert (pod / "cpu.max").read_text() == "max 100000"
+    assert (pod / "memory.max").read_text() == "max" and (pod / "memory.swap.max").read_text() == "max"

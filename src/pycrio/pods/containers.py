@@ -649,8 +649,16 @@ class ContainerManager:
         self.runtime(record).reopen_log(self.handle(record))
 
     def stats(self, record: ContainerRecord) -> cgroups.CgroupStats | None:
+        return cgroups.read_stats(self.cgroup_path(record))
+
+    def cgroup_path(self, record: ContainerRecord) -> str:
+        """The container's cgroup: where the spec put it (the pod's cgroup parent, its id), known
+        from the pod's record, so kubelet's stats polling parses no spec per container."""
+        pod = self._pod_or_none(record.pod_id)
+        if pod is not None:
+            return cgroups.cgroups_path(pod.cgroup_parent, pod.id, record.id)
         config = json.loads((Path(record.bundle) / "config.json").read_text())
-        return cgroups.read_stats(config.get("linux", {}).get("cgroupsPath", ""))
+        return str(config.get("linux", {}).get("cgroupsPath", ""))
 
 
 def _merge_spec_resources(path: Path, update: dict[str, Any]) -> None:

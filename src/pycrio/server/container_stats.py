@@ -14,10 +14,10 @@ from pycrio.state.records import CONTAINER_RUNNING, ContainerRecord
 
 
 def container_stats_of(daemon: Daemon, container: ContainerRecord) -> api_pb2.ContainerStats:
-    config = container.container_config
+    listed = container.to_cri()  # built once per record: no config decoded per poll
     stats = api_pb2.ContainerStats(
         attributes=api_pb2.ContainerAttributes(
-            id=container.id, metadata=config.metadata, labels=config.labels, annotations=config.annotations
+            id=container.id, metadata=listed.metadata, labels=listed.labels, annotations=listed.annotations
         )
     )
     timestamp = now()
@@ -38,7 +38,9 @@ def _matching(daemon: Daemon, flt: api_pb2.ContainerStatsFilter) -> list[api_pb2
     containers = daemon.state.list_containers(
         id_prefix=flt.id, pod_id_prefix=flt.pod_sandbox_id, labels=dict(flt.label_selector)
     )
-    return [container_stats_of(daemon, daemon.containers.refresh(c)) for c in containers]
+    # As ListContainers: the records are current (exits arrive as events), so a list of stats asks
+    # the runtime nothing; a container that exited meanwhile has no cgroup left and gets no counters.
+    return [container_stats_of(daemon, c) for c in containers]
 
 
 def container_stats(daemon: Daemon, request: api_pb2.ContainerStatsRequest) -> api_pb2.ContainerStatsResponse:

@@ -30,7 +30,7 @@ def _stats(daemon: Daemon, pod: SandboxRecord) -> api_pb2.PodSandboxStats:
             api_pb2.ProcessUsage(timestamp=timestamp, process_count=api_pb2.UInt64Value(value=counters.pids))
         )
     stats.linux.containers.extend(
-        container_stats_of(daemon, daemon.containers.refresh(c)) for c in daemon.state.containers_of(pod.id)
+        container_stats_of(daemon, c) for c in daemon.state.containers_of(pod.id)  # current: see container_stats
     )
     return stats
 
