@@ -11,7 +11,7 @@ import pytest
 from tests.otlp_receiver import OTLPReceiver
 from tests.registry_fixture import BuiltImage, ImageBuilder, _Layout
 
-APPLETS = ("sh", "ls", "echo", "cat", "sleep", "id", "true", "false")
+APPLETS = ("sh", "ls", "echo", "cat", "sleep", "id", "true", "false", "touch", "rm")
 PASSWD = "root:x:0:0:root:/root:/bin/sh\ndefault-user:x:1000:1000::/home/default-user:/bin/sh\n"
 GROUP = "root:x:0:\ndefault-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n"
 

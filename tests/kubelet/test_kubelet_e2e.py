@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -150,23 +151,29 @@ def test_failing_container_restarts_with_growing_backoff(node: KubeletNode, imag
     node.write_manifest("crashy", static_pod("crashy", [
         container("fails", image, "echo attempt failing; exit 1"),
     ], restartPolicy="Always"))
-    seen: dict[str, tuple[int, int]] = {}  # container id -> (attempt, createdAt ns)
+    sandbox = wait(lambda: runtime_pods(node, "crashy"), 30, "the sandbox")[0]["id"]
+    created_line = re.compile(rf'^time=(\S+) .*msg="created container (\w+) \(fails\) in pod {sandbox}', re.M)
+    attempts: dict[str, int] = {}  # container id -> its ATTEMPT, as crictl showed it
 
-    def collect() -> bool:
+    def creations() -> list[tuple[float, str]]:
+        """Every creation of the container, from pycrio's log (crictl may miss an instance that
+        kubelet removed between two looks): (time, id), in order."""
+        return [(datetime.fromisoformat(t).timestamp(), cid) for t, cid in created_line.findall(node.daemon.logs())]
+
+    def five_starts() -> bool:
         for c in runtime_containers(node, "crashy"):
-            seen.setdefault(c["id"], (int(c["metadata"]["attempt"]), int(c["createdAt"])))
-        return len(seen) >= 5
+            attempts.setdefault(c["id"], int(c["metadata"]["attempt"]))
+        return len(creations()) >= 5 and max(attempts.values(), default=0) >= 4
 
-    wait(collect, 90, "five starts of the failing container", interval=0.2)
-    attempts = sorted(seen.values())
-    # ATTEMPT counts up by one per restart (attempt 0 may be gone before the first look: the
-    # first restart comes without back-off and kubelet keeps one dead instance)
-    first = attempts[0][0]
-    assert first <= 1 and [a for a, _ in attempts] == list(range(first, first + len(attempts))), attempts
-    gaps = [(b - a) / 1e9 for (_, a), (_, b) in zip(attempts, attempts[1:])]
+    wait(five_starts, 90, "five starts of the failing container, ATTEMPT 4 shown", interval=0.2)
+    made = creations()
+    order = [cid for _, cid in made]
+    # ATTEMPT of each instance crictl showed = how many instances came before it
+    assert {cid: order.index(cid) for cid in attempts} == attempts, (attempts, order)
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(made, made[1:])]
     print("restart gaps (s):", [round(g, 2) for g in gaps])
-    # each gap is kubelet's back-off (doubling, up to +50% jitter) plus up to ~1 s of PLEG relisting
-    # and container creation, so two doublings always outgrow the noise
+    # each gap is kubelet's back-off (none, then 1 s doubling, up to +50% jitter) plus up to ~1 s
+    # of PLEG relisting and container creation: two doublings always outgrow the noise
     assert all(later > earlier for earlier, later in zip(gaps, gaps[2:])), gaps
     assert gaps[-1] > 2 * gaps[0], gaps
 
@@ -180,9 +187,38 @@ def test_failing_container_restarts_with_growing_backoff(node: KubeletNode, imag
     assert status["lastState"]["terminated"]["exitCode"] == 1, status
     backoffs = re.findall(r'back-off (\d+)s restarting failed container=fails pod=crashy', node.logs())
     assert [int(b) for b in dict.fromkeys(backoffs)][:4] == [1, 2, 4, 8], backoffs
-    last = max(seen, key=lambda cid: seen[cid][0])
-    assert node.crictl("logs", last).stdout == "attempt failing\n"
+
+    def a_dead_instance_logged() -> None:
+        # kubelet removes an older dead instance whenever a new one starts: read one still there
+        for c in reversed(runtime_containers(node, "crashy")):
+            if c["state"] == "CONTAINER_EXITED" and (out := node.crictl("logs", c["id"], check=False)).returncode == 0:
+                assert out.stdout == "attempt failing\n", out.stdout
+                return
+        raise AssertionError("no exited instance to read the log of")
+
+    eventually(a_dead_instance_logged, timeout=20)
     remove_pod(node, "crashy")
+
+
+def test_exec_probes_run_through_execsync_and_act(node: KubeletNode, image: BuiltImage, traces: OTLPReceiver) -> None:
+    probe = {"periodSeconds": 1, "failureThreshold": 1, "timeoutSeconds": 2}
+    node.write_manifest("probed", static_pod("probed", [
+        container("app", image, "touch /healthy /ready; sleep 4; rm /healthy; exec sleep 1000",
+                  livenessProbe={"exec": {"command": ["cat", "/healthy"]}, **probe},
+                  readinessProbe={"exec": {"command": ["cat", "/ready"]}, **probe}),
+    ]))
+    first = node.wait_pod("probed", lambda p: container_status(p, "app").get("ready") is True, what="ready")
+    assert container_status(first, "app")["restartCount"] == 0
+    pod = node.wait_pod("probed", lambda p: container_status(p, "app").get("restartCount", 0) >= 1, timeout=40,
+                        what="restarted by its liveness probe")
+    status = container_status(pod, "app")
+    assert status["containerID"] != container_status(first, "app")["containerID"]
+    assert status["lastState"]["terminated"]["exitCode"] == 137, status  # SIGKILL after the 2 s grace
+    assert "Container app failed liveness probe, will be restarted" in node.logs()
+    execs = traces.spans(lambda s: s.service == "pycrio" and s.name == "/runtime.v1.RuntimeService/ExecSync"
+                         and s.attributes.get("rpc.grpc.status_code") == 0)
+    assert execs, "no ExecSync reached pycrio"
+    remove_pod(node, "probed")
 
 
 @pytest.mark.parametrize("policy", ["Strict", "Merge"])
@@ -255,25 +291,29 @@ def test_in_place_resize_reaches_the_cgroups(node: KubeletNode, image: BuiltImag
     assert (int(linux["cpuQuota"]), int(linux["memoryLimitInBytes"]), int(linux["cpuShares"])) \
         == (40000, 256 * MiB, 204), linux
     # the CRI calls kubelet made for it, as pycrio's spans show them
-    calls = traces.wait_for(lambda s: s.service == "pycrio" and "/Update" in s.name, count=2, timeout=15)
-    RESIZE_SPANS.extend(calls)
-    names = [s.name.rsplit("/", 1)[1] for s in calls]
-    assert "UpdateContainerResources" in names, names
+    def both_calls() -> None:
+        calls = traces.spans(lambda s: s.service == "pycrio" and "/runtime.v1.RuntimeService/Update" in s.name)
+        names = {s.name.rsplit("/", 1)[1] for s in calls}
+        assert names == {"UpdatePodSandboxResources", "UpdateContainerResources"}, names
+        RESIZE_SPANS[:] = calls
+
+    eventually(both_calls, timeout=15)
     remove_pod(node, "resize")
 
 
 def test_update_pod_sandbox_resources_is_served() -> None:
-    """kubelet's resize starts with UpdatePodSandboxResources (best effort: it goes on when the
+    """kubelet's resize calls UpdatePodSandboxResources first (best effort: it goes on when the
     runtime answers UNIMPLEMENTED); pycrio should serve it. Reads the spans of the resize above."""
-    assert any(s.name.endswith("/UpdatePodSandboxResources") for s in RESIZE_SPANS) or not RESIZE_SPANS, \
-        [s.name for s in RESIZE_SPANS]
     spans = [s for s in RESIZE_SPANS if s.name.endswith("/UpdatePodSandboxResources")]
-    if not RESIZE_SPANS:
+    if not spans:
         pytest.skip("no resize ran in this session (run the whole module)")
     codes = {s.attributes.get("rpc.grpc.status_code") for s in spans}
     if codes == {12}:
         pytest.xfail("pycrio answers UpdatePodSandboxResources with UNIMPLEMENTED (another change implements it)")
     assert codes == {0}, [(s.attributes, s.status_message) for s in spans]
+    # kubelet grows the pod first, then its containers
+    first_container_update = min(s.start_ns for s in RESIZE_SPANS if s.name.endswith("/UpdateContainerResources"))
+    assert min(s.start_ns for s in spans) < first_container_update
 
 
 def test_pycrio_spans_nest_under_kubelet(node: KubeletNode, image: BuiltImage, traces: OTLPReceiver) -> None:
