@@ -133,6 +133,9 @@ class SandboxManager:
         self.events = containers.events
         self.directory = Path(config.runroot) / "pods"
         self.pod_cgroup_parent = config.runtime.pod_cgroup_parent.rstrip("/")
+        # pods whose RunPodSandbox is still running: not listed yet (as containerd), or kubelet's
+        # PLEG sees a NOTREADY sandbox appear and "die" before it is ready
+        self.creating: set[str] = set()
 
     def run(self, config: api_pb2.PodSandboxConfig, runtime_handler: str) -> str:
         validate(config)
@@ -153,6 +156,7 @@ class SandboxManager:
             resources=encode_message(config.linux.resources) if config.linux.HasField("resources") else "",
             overhead=encode_message(config.linux.overhead) if config.linux.HasField("overhead") else "",
         )
+        self.creating.add(pod_id)
         try:
             with self.state.locks.hold(pod_id):
                 self._setup(record, config, runtime)
@@ -161,6 +165,8 @@ class SandboxManager:
                 self.state.remove_pod(pod_id)
             self.state.release_name(name)
             raise
+        finally:
+            self.creating.discard(pod_id)
         self.events.publish(pod_id, pod_id, CREATED)
         self.events.publish(pod_id, pod_id, STARTED)
         log.info("pod sandbox %s (%s/%s) ready, ip %s", pod_id, config.metadata.namespace, config.metadata.name,

@@ -1,4 +1,4 @@
-"""ListPodSandbox and StreamPodSandboxes."""
+"""ListPodSandbox and StreamPodSandboxes: pods whose RunPodSandbox is still running are not listed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from pycrio.state.store import StateStore
 def _matching(daemon: Daemon, flt: api_pb2.PodSandboxFilter) -> list[api_pb2.PodSandbox]:
     pods = daemon.state.list_pods(id_prefix=flt.id, state=None, labels=dict(flt.label_selector))
     items = []
+    creating = daemon.sandboxes.creating
     for pod in pods:
+        if pod.id in creating:
+            continue  # listed once its RunPodSandbox has finished (a failed one's debris is listed)
         item = pod.to_cri()
         if StateStore.pod_problem(pod):  # infra process or namespaces gone: as PodSandboxStatus says
             item.state = api_pb2.SANDBOX_NOTREADY
