@@ -131,8 +131,9 @@ conformance: install critest $(if $(filter containerd,$(PEER)),peer-containerd-b
 clean-test-state:
 	$(PY) tests/clean_test_state.py
 
+# tests/kubelet needs the kubelet build: `make kubelet-e2e`
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/kubelet
 
 # Without Chromium the demo still runs (it says how to get the picture).
 demo: install jaeger
