@@ -28,6 +28,9 @@ def _check_server_span(span: ReceivedSpan) -> None:
     assert span.attributes["rpc.service"] == service
     assert span.attributes["rpc.method"] == method
     assert span.attributes["rpc.grpc.status_code"] == 0
+    # The newer RPC conventions, as kubelet's and crictl's otelgrpc write them on their client spans.
+    assert span.attributes["rpc.system.name"] == "grpc"
+    assert span.attributes["rpc.response.status_code"] == "OK"
     assert span.attributes["name"] == span.name
     assert _is_uuid4(span.attributes["id"])
     assert span.resource["service.name"] == "pycrio"
@@ -75,6 +78,9 @@ def test_each_crictl_call_is_one_pycrio_span_child_of_crictl(make_daemon, receiv
         assert server.trace_id == trace_id
         assert server.name == "/" + client.name
         _check_server_span(server)
+        # One query by the newer attribute names finds both sides of the call.
+        for side in (client, server):
+            assert (side.attributes["rpc.system.name"], side.attributes["rpc.response.status_code"]) == ("grpc", "OK")
     ids = [s.attributes["id"] for s in servers]
     assert len(set(ids)) == len(ids), "request ids must be unique per call"
 

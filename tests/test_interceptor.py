@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import subprocess
+import sys
+import uuid
 from concurrent import futures
+from pathlib import Path
 from typing import Iterator
 
 import grpc
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from pycrio.cri import api_pb2, api_pb2_grpc
 from pycrio.errors import NotFound
-from pycrio.tracing import CRIServerInterceptor, FixedSpanPolicy
+import pycrio.tracing
+from pycrio.tracing import CRIServerInterceptor, FixedSpanPolicy, step_span
+from pycrio.tracing.call import new_request_id
 from pycrio.tracing.logs import SpanEventHandler
 
 log = logging.getLogger("pycrio.test")
+
+
+@contextlib.contextmanager
+def mock_step_tracer(tracer) -> Iterator[None]:
+    """step_span's spans from `tracer` (the process's global provider can be set only once)."""
+    saved = pycrio.tracing._STEP_TRACER
+    pycrio.tracing._STEP_TRACER = tracer
+    try:
+        yield
+    finally:
+        pycrio.tracing._STEP_TRACER = saved
 
 
 class Servicer(api_pb2_grpc.RuntimeServiceServicer):
@@ -34,6 +53,9 @@ class Servicer(api_pb2_grpc.RuntimeServiceServicer):
 
     def RunPodSandbox(self, request, context):  # noqa: N802
         raise ValueError("cgroup parent '/a/../..' escapes the cgroup root")
+
+    def ListContainers(self, request, context):  # noqa: N802
+        return api_pb2.ListContainersResponse()
 
     def StreamContainers(self, request, context):  # noqa: N802
         yield api_pb2.StreamContainersResponse(containers=[api_pb2.Container(id="a")])
@@ -74,6 +96,8 @@ def test_unexpected_exception_is_internal_with_message_and_error_span(traced) ->
     assert span.name == "/runtime.v1.RuntimeService/Version"
     assert span.kind == SpanKind.SERVER
     assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
+    assert span.attributes["rpc.response.status_code"] == "INTERNAL"
     events = [e for e in span.events if e.name == "log"]
     severities = [e.attributes["log.severity"] for e in events]
     assert severities == ["WARN", "ERROR"]
@@ -91,6 +115,7 @@ def test_handler_abort_keeps_its_code(traced) -> None:
     assert err.value.details() == "not yours"
     [span] = exporter.get_finished_spans()
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert span.attributes["rpc.response.status_code"] == "PERMISSION_DENIED"
     assert span.status.description == "PERMISSION_DENIED: not yours"
 
 
@@ -101,6 +126,7 @@ def test_cri_error_maps_to_its_status(traced) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     [span] = exporter.get_finished_spans()
     assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["rpc.response.status_code"] == "NOT_FOUND"
 
 
 def test_value_error_is_the_callers_invalid_argument(traced) -> None:
@@ -139,3 +165,117 @@ def test_list_replies_are_logged_compactly() -> None:
     assert text.endswith("more characters)")
     small = api_pb2.ListContainersResponse(containers=[api_pb2.Container(id="abc")])
     assert describe(small) == 'containers { id: "abc" }'
+
+
+def test_call_span_attributes_old_and_new_conventions(traced) -> None:
+    stub, exporter = traced
+    stub.ListContainers(api_pb2.ListContainersRequest(), timeout=5)
+    [span] = exporter.get_finished_spans()
+    request_id = span.attributes["id"]
+    assert uuid.UUID(request_id).version == 4
+    assert dict(span.attributes) == {
+        "rpc.system": "grpc",
+        "rpc.system.name": "grpc",  # kubelet's otelgrpc (semconv v1.40) names
+        "rpc.service": "runtime.v1.RuntimeService",
+        "rpc.method": "ListContainers",
+        "name": "/runtime.v1.RuntimeService/ListContainers",
+        "id": request_id,
+        "rpc.grpc.status_code": 0,
+        "rpc.response.status_code": "OK",
+    }
+
+
+def test_span_limits_still_apply_to_call_spans() -> None:
+    """Attributes skip the SDK's cleaning only when no limit could apply; with limits, the SDK's own
+    path truncates and drops as it always did."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=SpanLimits(max_span_attributes=3, max_span_attribute_length=6))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[CRIServerInterceptor(FixedSpanPolicy(provider.get_tracer("test")))],
+    )
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            api_pb2_grpc.RuntimeServiceStub(channel).ListContainers(api_pb2.ListContainersRequest(), timeout=5)
+    finally:
+        server.stop(None)
+    [span] = exporter.get_finished_spans()
+    assert len(span.attributes) == 3
+    assert span.attributes["rpc.response.status_code"] == "OK"
+    assert all(len(v) <= 6 for v in span.attributes.values() if isinstance(v, str))
+    assert span.dropped_attributes == 5
+
+
+def test_request_ids_unique_within_and_across_processes() -> None:
+    ids = [new_request_id() for _ in range(10000)]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in ids[:100])
+    code = "from pycrio.tracing.call import new_request_id as n; print(n(), n())"
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(2)]  # fmt: skip
+    others = {i for run in runs for i in run}
+    assert len(others) == 4 and not others & set(ids)
+    # Another process (a restart) does not continue this one's sequence: its random part differs.
+    assert {i[:24] for i in others} != {ids[0][:24]}
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked child must not repeat its parent's next ids
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child[:24] != ids[0][:24] and child not in ids
+
+
+def test_step_span_nests_records_errors_and_cleans_odd_values() -> None:
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    from pycrio.tracing import _StepSpan
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    # step_span's tracer is the global provider's; here the steps are made by this provider's.
+    with mock_step_tracer(tracer):
+        call = tracer.start_span("call")
+        token = otel_context.attach(trace.set_span_in_context(call))
+        try:
+            with step_span("mount_rootfs", **{"container.id": "c1", "layers": 3}) as step:
+                assert trace.get_current_span() is step
+                step.set_attribute("cached", True)
+                with step_span("inner", path=Path("/var/lib/x"), empty=None):
+                    pass
+            assert trace.get_current_span() is call
+            with pytest.raises(ValueError):
+                with step_span("generate_spec"):
+                    raise ValueError("bad mount")
+            assert trace.get_current_span() is call
+        finally:
+            otel_context.detach(token)
+            call.end()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert dict(spans["mount_rootfs"].attributes) == {"container.id": "c1", "layers": 3, "cached": True}
+    assert dict(spans["inner"].attributes) == {"path": "/var/lib/x", "empty": None}  # the SDK cleaned them
+    assert spans["inner"].parent.span_id == spans["mount_rootfs"].context.span_id
+    assert spans["mount_rootfs"].parent.span_id == call.get_span_context().span_id
+    failed = spans["generate_spec"]
+    assert failed.status.status_code == StatusCode.ERROR
+    assert failed.status.description == "ValueError: bad mount"
+    assert [e.name for e in failed.events] == ["exception"]
+    assert failed.events[0].attributes["exception.message"] == "bad mount"
+    assert failed.end_time is not None
+    assert _StepSpan.__slots__  # one small object per step
+
+
+def test_step_span_without_a_recording_parent_opens_nothing() -> None:
+    with step_span("cni_add", **{"pod.id": "p"}) as span:
+        assert not span.is_recording()
+        span.set_attribute("x", 1)

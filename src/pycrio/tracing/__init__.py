@@ -9,8 +9,11 @@ import importlib
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
+from pycrio.tracing.attributes import put_attributes
 from pycrio.tracing.call import CallInfo, current_call
 
 if TYPE_CHECKING:
@@ -41,6 +44,36 @@ def __getattr__(name: str) -> Any:
 _STEP_TRACER = trace.get_tracer("pycrio")
 
 
+class _StepSpan:
+    """What `tracer.start_as_current_span(name, attributes=...)` does, as one small class: the
+    span is current inside the block, an exception escaping it is recorded on the span and sets
+    its status to ERROR (`<type>: <message>`, as the SDK's use_span does), and the span ends on exit.
+    The SDK's version runs two generator-based context managers per step (a fifth of a step span's
+    cost on the request thread)."""
+
+    __slots__ = ("_name", "_attributes", "_span", "_token")
+
+    def __init__(self, name: str, attributes: dict[str, Any]) -> None:
+        self._name = name
+        self._attributes = attributes
+
+    def __enter__(self) -> trace.Span:
+        span = self._span = _STEP_TRACER.start_span(self._name)
+        if self._attributes and span.is_recording():
+            put_attributes(span, self._attributes)
+        self._token = otel_context.attach(trace.set_span_in_context(span))
+        return span
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        otel_context.detach(self._token)
+        span = self._span
+        # Only Exception subclasses are errors (not GeneratorExit, KeyboardInterrupt), as in the SDK.
+        if isinstance(exc, Exception) and span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.end()
+
+
 def step_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
     """A child span of the current call for one step (pull a layer, create a container...).
 
@@ -49,7 +82,7 @@ def step_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
     """
     if not trace.get_current_span().is_recording():
         return nullcontext(trace.INVALID_SPAN)
-    return _STEP_TRACER.start_as_current_span(name, attributes=attributes)
+    return _StepSpan(name, attributes)
 
 
 __all__ = [

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import logging
 import time
-import uuid
 from typing import Any, Callable, Iterator, NoReturn, Protocol
 
 import grpc
@@ -16,13 +16,34 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from pycrio.errors import CRIError, grpc_status
-from pycrio.tracing.call import CallInfo, current_call
+from pycrio.tracing.attributes import put_attributes
+from pycrio.tracing.call import CallInfo, current_call, new_request_id
 
 log = logging.getLogger("pycrio.server")
 
 # Big List*/Stream* responses are logged compactly: full dumps once made CRI-O miss gRPC deadlines.
 MAX_LOGGED_LIST = 2048
 PROPAGATION_KEYS = frozenset(("traceparent", "tracestate", "baggage"))
+
+# The status attributes a call span ends with, under the tutorial's (older) RPC semantic conventions
+# and the newer ones kubelet's otelgrpc uses on its client spans (semconv v1.40: `rpc.system.name`,
+# `rpc.response.status_code` as the canonical code name), so one query finds both sides. Made once
+# per code.
+STATUS_ATTRIBUTES: dict[grpc.StatusCode, dict[str, int | str]] = {
+    code: {"rpc.grpc.status_code": code.value[0], "rpc.response.status_code": code.name} for code in grpc.StatusCode
+}
+
+
+def span_attributes(method: str) -> dict[str, str]:
+    """The start attributes of a call span of `method` (all but the request id), made once per method."""
+    service, _, rpc_method = method[1:].rpartition("/")
+    return {
+        "rpc.system": "grpc",
+        "rpc.system.name": "grpc",
+        "rpc.service": service,
+        "rpc.method": rpc_method,
+        "name": method,
+    }
 
 
 def describe(message: Message) -> str:
@@ -71,15 +92,16 @@ class FixedSpanPolicy:
 class _Call:
     """Per-call bookkeeping shared by the unary and streaming wrappers."""
 
-    __slots__ = ("method", "span", "tokens", "code", "message", "started")
+    __slots__ = ("method", "span", "var_token", "span_token", "code", "message", "started")
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, started: float) -> None:
         self.method = method
         self.span: trace.Span | None = None
-        self.tokens: tuple[Any, Any] | None = None
+        self.var_token: contextvars.Token[CallInfo | None] | None = None
+        self.span_token: object = None
         self.code = grpc.StatusCode.OK
         self.message = ""
-        self.started = time.perf_counter()
+        self.started = started
 
 
 def _keep_thread_pool(inner: Callable[..., Any], outer: Callable[..., Any]) -> None:
@@ -119,11 +141,12 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        attributes = span_attributes(method)
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
             def unary(request: Message, context: grpc.ServicerContext) -> Message:
-                call = self._begin(method, request, context)
+                call = self._begin(method, attributes, request, context)
                 try:
                     response = behavior(request, context)
                     if log.isEnabledFor(logging.DEBUG):
@@ -142,7 +165,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             stream_behavior = handler.unary_stream
 
             def unary_stream(request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
-                call = self._begin(method, request, context)
+                call = self._begin(method, attributes, request, context)
                 try:
                     for response in stream_behavior(request, context):
                         if log.isEnabledFor(logging.DEBUG):
@@ -164,31 +187,23 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             )
         return handler  # CRI has no client-streaming methods
 
-    def _begin(self, method: str, request: Message, context: grpc.ServicerContext) -> _Call:
-        call = _Call(method)
-        info = CallInfo(str(uuid.uuid4()), method)
-        span_token = None
-        mode = self._spans.span_mode(method) if self._spans is not None else SpanMode.NONE
+    def _begin(
+        self, method: str, attributes: dict[str, str], request: Message, context: grpc.ServicerContext
+    ) -> _Call:
+        call = _Call(method, time.perf_counter() if self._metrics is not None else 0.0)
+        info = CallInfo(new_request_id(), method)
+        spans = self._spans
+        mode = spans.span_mode(method) if spans is not None else SpanMode.NONE
         if mode is not SpanMode.NONE:
-            assert self._spans is not None
+            assert spans is not None
             parent = self._parent_context(context)
             if parent is not None or mode is SpanMode.ALL:
-                service, _, rpc_method = method[1:].rpartition("/")
-                span = self._spans.tracer.start_span(
-                    method,
-                    context=parent,
-                    kind=SpanKind.SERVER,
-                    attributes={
-                        "rpc.system": "grpc",
-                        "rpc.service": service,
-                        "rpc.method": rpc_method,
-                        "id": info.request_id,
-                        "name": method,
-                    },
-                )
+                span = spans.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+                if span.is_recording():  # our own str values: set without the SDK's cleaning pass
+                    put_attributes(span, {**attributes, "id": info.request_id}, plain=True)
                 call.span = span
-                span_token = otel_context.attach(trace.set_span_in_context(span, parent))
-        call.tokens = (current_call.set(info), span_token)
+                call.span_token = otel_context.attach(trace.set_span_in_context(span, parent))
+        call.var_token = current_call.set(info)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s: %s", type(request).__name__, describe(request))
         return call
@@ -196,8 +211,13 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
     @staticmethod
     def _parent_context(context: grpc.ServicerContext) -> otel_context.Context | None:
         """The caller's W3C context, or None when the metadata carries none (the common case)."""
-        carrier = {md.key: md.value for md in context.invocation_metadata() if md.key in PROPAGATION_KEYS}
-        if "traceparent" not in carrier:
+        carrier = None
+        for md in context.invocation_metadata():
+            if md.key in PROPAGATION_KEYS:
+                if carrier is None:
+                    carrier = {}
+                carrier[md.key] = md.value
+        if carrier is None or "traceparent" not in carrier:
             return None
         return propagate.extract(carrier)
 
@@ -227,12 +247,12 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                 log.exception("recording metrics of %s failed", call.method)
         span = call.span
         if span is not None:
-            span.set_attribute("rpc.grpc.status_code", call.code.value[0])
+            if span.is_recording():
+                put_attributes(span, STATUS_ATTRIBUTES[call.code], plain=True)
             if call.code is not grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, f"{call.code.name}: {call.message}"))
             span.end()
-        assert call.tokens is not None
-        var_token, span_token = call.tokens
-        if span_token is not None:
-            otel_context.detach(span_token)
-        current_call.reset(var_token)
+        if call.span_token is not None:
+            otel_context.detach(call.span_token)  # type: ignore[arg-type]
+        assert call.var_token is not None
+        current_call.reset(call.var_token)
