@@ -1,26 +1,45 @@
-"""Tracing and metrics overhead of pycrio: per-call latency of cheap CRI calls under five setups.
+"""Tracing overhead of pycrio: latency, throughput and daemon CPU per call, tracing off vs on.
 
-What is measured: the client-side latency of sequential unary CRI calls (Version and
-ListContainers, both trivially cheap, so the per-call tracing work dominates any difference)
-against five pycrio daemons running side by side:
+Daemons run side by side, one per configuration:
 
-1. "disabled"                      tracing off, no span objects made at all;
-2. "rate 0"                        tracing on, rate 0: calls without a W3C parent get no span;
-3. "rate 1000000, collector up"    every call is a sampled span exported to a live receiver;
-4. "rate 1000000, collector down"  every call is a span, exported to a closed port;
-5. "metrics on, tracing off"       [pycrio.metrics]: per-method counters and latency histogram,
-                                   pushed over OTLP every 15 s and served to Prometheus.
+1. "off"      tracing disabled: no span objects at all;
+2. "rate 0"   tracing on at rate 0: calls without a W3C parent get no span;
+3. "live"     rate 1000000, every call a sampled span, exported to Jaeger (the demo's Go
+              collector: .venv/bin/jaeger with contrib/jaeger.yaml, on ports of its own);
+4. "down"     rate 1000000, exported to a closed port (the collector is down);
+5. "metrics"  tracing off, [pycrio.metrics] on (OTLP push to an in-process receiver every 15 s,
+              Prometheus endpoint); `--no-metrics` leaves it out.
 
-The daemons run with the SDK's default batch delay (OTEL_BSP_SCHEDULE_DELAY=5000), as in
-production. Per call we record time.perf_counter_ns() around one blocking unary call from a
-single client thread, and report p50, p99 and throughput, plus ratios to "disabled".
+Three phases, each in `--blocks` rounds; in every round each configuration runs one block, in an
+order rotated per round, so the drift of a shared machine (other processes, CPU frequency) hits all
+configurations alike:
 
-Why interleaved: on a small, shared machine the noise (CPU frequency, other processes, page
-cache) drifts over minutes, and measuring configurations one after the other would bake that
-drift into the ratios. Instead every round measures every configuration, in an order rotated
-per round, so the drift hits all configurations alike; latencies are pooled across rounds.
+- sequential: `--calls` ListContainers calls one after the other from one client thread (the
+  issue's 10 x 300); latency of each call (time.perf_counter_ns around the blocking call);
+- parallel:   the same number of calls from 4 client threads (a channel each): throughput;
+- pods:       `--pods` pod groups: RunPodSandbox + CreateContainer + StartContainer timed (a pod
+              start, a dozen step spans per call on the traced daemons), then StopContainer,
+              RemoveContainer, StopPodSandbox, RemovePodSandbox untimed; on a CNI bridge of its
+              own (pycriotrb0, 10.150.0.0/24) with a busybox image from a loopback registry.
+              `--pods 0` skips the phase (no registry, no network).
 
-Run from the repo root:  .venv/bin/python bench/tracing_overhead.py [--calls N] [--rounds R]
+Daemon CPU per call: utime+stime from /proc/<pid>/stat of the daemon and of every process below
+it (an exporter process it may start), leaving out runc, conmon, pycrio-monitor, pycrio-zygote
+and what runs below them (short-lived children such as runc and CNI plugins are reaped by the
+daemon and count in its cutime, which is not read). A configuration's CPU window opens just before
+its block and closes after every configuration of the round has run its block and the batch delay
+has passed (the daemons run with OTEL_BSP_SCHEDULE_DELAY=--bsp-delay ms), so the export of a
+block's spans falls in that block's window. CPU per call is the sum over blocks of the window CPU
+over the calls made; "extra" is that above the "off" daemon (the idle CPU of the windows is in
+both). Ticks are 10 ms: the sum over 10 blocks of 300 calls is good to about 10 us per call; the
+"sched" columns add the same from the live threads' /proc/<pid>/task/*/schedstat (nanoseconds, but
+a thread that ended inside a window is missing).
+
+Targets (issue 15), per phase: p50 live/off <= 1.05, p99 live/off <= 1.20, p50 rate 0/off <= 1.02,
+extra CPU per traced call (live) <= 60 us.
+
+Run from the repo root, as root:
+  .venv/bin/python bench/tracing_overhead.py [--blocks 10] [--calls 300] [--pods 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,10 +50,15 @@ import json
 import math
 import os
 import platform
+import secrets
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -46,224 +70,659 @@ if str(REPO) not in sys.path:
 import grpc  # noqa: E402
 
 from pycrio.cri import api_pb2, api_pb2_grpc  # noqa: E402
+from tests.cni_fixture import bridge_network  # noqa: E402
 from tests.harness import PycrioDaemon, tracing_args  # noqa: E402
+from tests.jaeger_fixture import JAEGER_BIN, JaegerInstance  # noqa: E402
 from tests.otlp_receiver import OTLPReceiver, free_port  # noqa: E402
 
-DISABLED = "disabled"
+OFF = "off"
 RATE0 = "rate 0"
-UP = "rate 1000000, collector up"
-DOWN = "rate 1000000, collector down"
-METRICS = "metrics on, tracing off"
-CONFIGS = (DISABLED, RATE0, UP, DOWN, METRICS)
-METHODS = ("Version", "ListContainers")
-WARMUP = 200
-# The SDK default batch delay, so the export thread wakes as often as in production.
-DAEMON_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "5000"}
-
-Call = Callable[[api_pb2_grpc.RuntimeServiceStub], Any]
-CALLS: dict[str, Call] = {
-    "Version": lambda stub: stub.Version(api_pb2.VersionRequest(), timeout=10),
-    "ListContainers": lambda stub: stub.ListContainers(api_pb2.ListContainersRequest(), timeout=10),
+LIVE = "live"
+DOWN = "down"
+METRICS = "metrics"
+ALL_CONFIGS = (OFF, RATE0, LIVE, DOWN, METRICS)
+DESCRIPTIONS = {
+    OFF: "tracing disabled",
+    RATE0: "tracing on, rate 0",
+    LIVE: "rate 1000000, Jaeger live",
+    DOWN: "rate 1000000, collector down",
+    METRICS: "metrics on, tracing off",
 }
+SEQUENTIAL = "sequential ListContainers"
+PARALLEL = "ListContainers, 4 clients"
+PODS = "pod start (Run+Create+Start)"
+CLIENTS = 4
+POD_CALLS = ("RunPodSandbox", "CreateContainer", "StartContainer")
+CALLS_PER_POD = 7  # the timed three and the untimed teardown, all in the CPU window
+LIST = "/runtime.v1.RuntimeService/ListContainers"
+
+BRIDGE = "pycriotrb0"
+SUBNET = "10.150.0.0/24"
+NETWORK_NAME = "pycrio-bench-tracing"
+CGROUP_FS = Path("/sys/fs/cgroup")
+CONTAINER_COMMAND = ["/bin/sleep", "1000"]
+RPC_TIMEOUT = 60.0
+WARMUP_CALLS = 200
+# Processes below a daemon whose CPU is the containers' (or their supervisors'), not the daemon's.
+NOT_THE_DAEMON = frozenset({"conmon", "runc", "pycrio-monitor", "pycrio-zygote", "sleep"})
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+TARGETS = (
+    # (name, configuration, metric, limit)
+    ("p50 live / off", LIVE, "p50_ratio", 1.05),
+    ("p99 live / off", LIVE, "p99_ratio", 1.20),
+    ("p50 rate 0 / off", RATE0, "p50_ratio", 1.02),
+    ("extra CPU per traced call (live), us", LIVE, "extra_cpu_us", 60.0),
+)
+
+Stub = api_pb2_grpc.RuntimeServiceStub
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return float(ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1])
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+# -- CPU of a daemon's process tree ----------------------------------------------------------
+
+
+def _processes() -> dict[int, tuple[int, str, int]]:
+    """pid -> (ppid, comm, utime+stime ticks) of every process now."""
+    out: dict[int, tuple[int, str, int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        out[int(entry.name)] = (int(fields[1]), comm, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def _threads_ns(pid: int) -> int:
+    """On-CPU nanoseconds of the process's live threads (/proc/<pid>/task/*/schedstat)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 @dataclass
-class Sample:
-    """All latencies of one (method, configuration), pooled over rounds."""
+class Cpu:
+    """CPU seconds of a daemon's process tree: from /proc/<pid>/stat (utime+stime, 10 ms ticks, all
+    threads ever) and from the live threads' schedstat (nanoseconds; a thread that ended is missing)."""
 
-    latencies_ns: list[int] = field(default_factory=list)
-    elapsed_ns: int = 0
+    stat_s: float = 0.0
+    sched_s: float = 0.0
 
-    @property
-    def calls(self) -> int:
-        return len(self.latencies_ns)
-
-    def calls_per_s(self) -> float:
-        return self.calls / (self.elapsed_ns / 1e9) if self.elapsed_ns else 0.0
+    def __sub__(self, other: Cpu) -> Cpu:
+        return Cpu(self.stat_s - other.stat_s, self.sched_s - other.sched_s)
 
 
-def percentile(sorted_values: list[int], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of already sorted values."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return float(sorted_values[rank - 1])
+def tree_cpu(roots: dict[str, int]) -> dict[str, Cpu]:
+    """CPU of each root and its descendants, the runtimes' processes (and what runs below them) left out."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    result: dict[str, Cpu] = {}
+    for name, root in roots.items():
+        ticks = 0
+        ns = 0
+        stack = [root]
+        while stack:
+            pid = stack.pop()
+            info = procs.get(pid)
+            if info is None or (pid != root and info[1] in NOT_THE_DAEMON):
+                continue
+            ticks += info[2]
+            ns += _threads_ns(pid)
+            stack.extend(children.get(pid, ()))
+        result[name] = Cpu(ticks / CLK_TCK, ns / 1e9)
+    return result
+
+
+def tree_pids(root: int) -> list[int]:
+    """The daemon and the processes below it that count as the daemon's (for the report)."""
+    procs = _processes()
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        info = procs.get(pid)
+        if info is None or (pid != root and info[1] in NOT_THE_DAEMON):
+            continue
+        found.append(pid)
+        stack.extend(p for p, (ppid, _, _) in procs.items() if ppid == pid)
+    return found
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    """One configuration in one phase, pooled over blocks."""
+
+    latencies_ns: list[int] = field(default_factory=list)  # per call (sequential), per pod group (pods)
+    per_call_ns: dict[str, list[int]] = field(default_factory=dict)  # pods: each timed call
+    calls: int = 0  # CRI calls made inside the CPU windows
+    elapsed_ns: int = 0  # wall time of the timed part (parallel: throughput)
+    cpu: Cpu = field(default_factory=Cpu)
+    block_cpu_us: list[float] = field(default_factory=list)  # CPU per call of each block (stat)
+    errors: list[str] = field(default_factory=list)
+
+
+# -- the calls -------------------------------------------------------------------------------
+
+
+def sequential_block(stub: Stub, calls: int, result: PhaseResult) -> None:
+    clock = time.perf_counter_ns
+    request = api_pb2.ListContainersRequest()
+    latencies = [0] * calls
+    gc.disable()  # the client's own GC pauses stay out of the tail
+    try:
+        start = clock()
+        for i in range(calls):
+            t0 = clock()
+            stub.ListContainers(request, timeout=10)
+            latencies[i] = clock() - t0
+        result.elapsed_ns += clock() - start
+    finally:
+        gc.enable()
+    result.latencies_ns.extend(latencies)
+    result.calls += calls
+
+
+def parallel_block(stubs: list[Stub], calls: int, result: PhaseResult) -> None:
+    per_client = max(1, calls // len(stubs))
+    request = api_pb2.ListContainersRequest()
+    barrier = threading.Barrier(len(stubs) + 1)
+    failures: list[str] = []
+
+    def client(stub: Stub) -> None:
+        barrier.wait()
+        try:
+            for _ in range(per_client):
+                stub.ListContainers(request, timeout=10)
+        except grpc.RpcError as exc:
+            failures.append(f"{exc.code().name}: {exc.details()}")
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in stubs]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter_ns()
+    for t in threads:
+        t.join()
+    result.elapsed_ns += time.perf_counter_ns() - start
+    result.calls += per_client * len(stubs)
+    result.errors.extend(failures)
+
+
+def pod_config(name: str, uid: str, log_dir: Path) -> api_pb2.PodSandboxConfig:
+    """A pod as kubelet sends it: network and IPC namespaces per pod, PID namespace per container."""
+    ns = api_pb2.NamespaceOption(network=api_pb2.POD, pid=api_pb2.CONTAINER, ipc=api_pb2.POD)
+    return api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name=name, namespace="bench", uid=uid, attempt=0),
+        hostname=name,
+        log_directory=str(log_dir),
+        linux=api_pb2.LinuxPodSandboxConfig(security_context=api_pb2.LinuxSandboxSecurityContext(namespace_options=ns)),
+    )
+
+
+def container_config(image: str) -> api_pb2.ContainerConfig:
+    ns = api_pb2.NamespaceOption(network=api_pb2.POD, pid=api_pb2.CONTAINER, ipc=api_pb2.POD)
+    return api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name="sleeper", attempt=0),
+        image=api_pb2.ImageSpec(image=image),
+        command=CONTAINER_COMMAND,
+        log_path="sleeper.log",
+        linux=api_pb2.LinuxContainerConfig(
+            security_context=api_pb2.LinuxContainerSecurityContext(namespace_options=ns)
+        ),
+    )
+
+
+def pod_group(stub: Stub, image: str, log_dir: Path, result: PhaseResult | None) -> None:
+    """Run + Create + Start timed, then the untimed teardown (StopContainer with timeout 0: sleep
+    is PID 1 and ignores SIGTERM). A failure is recorded and the pod removed."""
+    clock = time.perf_counter_ns
+    sandbox = pod_config(f"bench-{secrets.token_hex(3)}", secrets.token_hex(8), log_dir)
+    timings: dict[str, int] = {}
+    pod_id = ""
+    current = ""
+
+    def timed(call: str, invoke: Callable[[], Any]) -> Any:
+        nonlocal current
+        current = call
+        t0 = clock()
+        reply = invoke()
+        timings[call] = clock() - t0
+        return reply
+
+    try:
+        pod_id = timed("RunPodSandbox", lambda: stub.RunPodSandbox(
+            api_pb2.RunPodSandboxRequest(config=sandbox), timeout=RPC_TIMEOUT)).pod_sandbox_id
+        cid = timed("CreateContainer", lambda: stub.CreateContainer(api_pb2.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=container_config(image), sandbox_config=sandbox), timeout=RPC_TIMEOUT)).container_id
+        timed("StartContainer", lambda: stub.StartContainer(
+            api_pb2.StartContainerRequest(container_id=cid), timeout=RPC_TIMEOUT))
+        current = "teardown"
+        stub.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=0), timeout=RPC_TIMEOUT)
+        stub.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=RPC_TIMEOUT)
+        stub.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
+        stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
+    except grpc.RpcError as exc:
+        if result is not None:
+            result.errors.append(f"{current}: {exc.code().name}: {exc.details()}")
+        if pod_id:
+            try:
+                stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
+            except grpc.RpcError:
+                pass
+        return
+    if result is not None:
+        result.calls += CALLS_PER_POD
+        result.latencies_ns.append(sum(timings[c] for c in POD_CALLS))
+        for call in POD_CALLS:
+            result.per_call_ns.setdefault(call, []).append(timings[call])
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def run_phase(
+    phase: str,
+    configs: list[str],
+    roots: dict[str, int],
+    results: dict[str, dict[str, PhaseResult]],
+    block: Callable[[str, PhaseResult], None],
+    rounds: int,
+    settle_s: float,
+) -> None:
+    """`rounds` rounds of one block per configuration, order rotated per round, with CPU windows."""
+    t_start = time.monotonic()
+    for r in range(rounds):
+        order = [configs[(r + i) % len(configs)] for i in range(len(configs))]
+        before: dict[str, Cpu] = {}
+        calls_before = {c: results[phase][c].calls for c in configs}
+        for config in order:
+            before[config] = tree_cpu({config: roots[config]})[config]
+            block(config, results[phase][config])
+        time.sleep(settle_s)  # the last block's spans leave within the batch delay
+        after = tree_cpu({c: roots[c] for c in configs})
+        for config in configs:
+            made = results[phase][config].calls - calls_before[config]
+            spent = after[config] - before[config]
+            res = results[phase][config]
+            res.cpu = Cpu(res.cpu.stat_s + spent.stat_s, res.cpu.sched_s + spent.sched_s)
+            if made:
+                res.block_cpu_us.append(spent.stat_s / made * 1e6)
+        print(f"  {phase}: round {r + 1}/{rounds} ({time.monotonic() - t_start:.0f}s)", file=sys.stderr, flush=True)
+
+
+def summarize(phase: str, rows: dict[str, PhaseResult]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for config, res in rows.items():
+        values = [v / 1000 for v in res.latencies_ns]  # µs
+        row: dict[str, Any] = {
+            "calls": res.calls,
+            "p50_us": percentile(values, 50),
+            "p99_us": percentile(values, 99),
+            "cpu_us_per_call": res.cpu.stat_s / res.calls * 1e6 if res.calls else math.nan,
+            "sched_cpu_us_per_call": res.cpu.sched_s / res.calls * 1e6 if res.calls else math.nan,
+            "block_cpu_us": [round(v, 1) for v in res.block_cpu_us],
+            "errors": len(res.errors),
+            "first_error": res.errors[0] if res.errors else "",
+        }
+        if phase == PARALLEL:
+            row["calls_per_s"] = res.calls / (res.elapsed_ns / 1e9) if res.elapsed_ns else math.nan
+        if phase == PODS:
+            row["per_call_p50_ms"] = {c: percentile(v, 50) / 1e6 for c, v in res.per_call_ns.items()}
+        out[config] = row
+    base = out[OFF]
+    for row in out.values():
+        row["p50_ratio"] = ratio(row["p50_us"], base["p50_us"])
+        row["p99_ratio"] = ratio(row["p99_us"], base["p99_us"])
+        row["extra_cpu_us"] = row["cpu_us_per_call"] - base["cpu_us_per_call"]
+        row["extra_sched_cpu_us"] = row["sched_cpu_us_per_call"] - base["sched_cpu_us_per_call"]
+        if phase == PARALLEL:
+            row["throughput_ratio"] = ratio(row["calls_per_s"], base["calls_per_s"])
+    return out
+
+
+def checks(phase: str, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for name, config, metric, limit in TARGETS:
+        if config not in rows:
+            continue
+        if phase == PARALLEL and metric != "extra_cpu_us":
+            continue  # latency targets are for sequential calls; this phase is for throughput
+        value = rows[config][metric]
+        out.append({"phase": phase, "check": name, "value": value, "limit": limit,
+                    "pass": not math.isnan(value) and value <= limit})  # fmt: skip
+    return out
+
+
+# -- set-up and clean-up of the pod phase ----------------------------------------------------
+
+
+def bridge_in_use() -> list[str]:
+    out = subprocess.run(["ip", "-o", "link", "show", "master", BRIDGE], capture_output=True, text=True).stdout
+    return [line.split(":")[1].strip() for line in out.splitlines() if ":" in line]
+
+
+def remove_all_pods(daemon: PycrioDaemon) -> int:
+    if not daemon.alive():
+        return 0
+    try:
+        listed = json.loads(daemon.crictl("pods", "-o", "json", check=False).stdout or "{}")
+    except json.JSONDecodeError:
+        listed = {}
+    ids = [item["id"] for item in listed.get("items", [])]
+    for pod_id in ids:
+        daemon.crictl("rmp", "-f", pod_id, check=False)
+    return len(ids)
+
+
+def leftovers(base: Path, daemons: dict[str, PycrioDaemon]) -> list[str]:
+    """What the pod phase left on the host after its last RemovePodSandbox."""
+    found = []
+    for config, daemon in daemons.items():
+        if not daemon.alive():
+            found.append(f"{config}: daemon not running")
+            continue
+        with daemon.channel() as ch:
+            pods = daemon.runtime(ch).ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=RPC_TIMEOUT).items
+        if pods:
+            found.append(f"{config}: {len(pods)} pod sandboxes still listed")
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(base) in line]
+    if mounts:
+        found.append(f"{len(mounts)} mounts under {base}")
+    if bridge_in_use():
+        found.append(f"interfaces still on {BRIDGE}: {bridge_in_use()}")
+    prefix = SUBNET.rsplit(".", 1)[0] + "."
+    rules = [r for r in subprocess.run(["iptables-save"], capture_output=True, text=True).stdout.splitlines() if prefix in r]
+    if rules:
+        found.append(f"{len(rules)} iptables rules for {SUBNET}")
+    return found
+
+
+def clean_up(base: Path, daemons: dict[str, PycrioDaemon], cgroup_parent: str, pods: bool) -> dict[str, Any]:
+    report: dict[str, Any] = {"pods_removed_at_clean_up": {}, "problems": []}
+    if pods:
+        for config, daemon in daemons.items():
+            try:
+                report["pods_removed_at_clean_up"][config] = remove_all_pods(daemon)
+            except Exception as exc:  # noqa: BLE001 - keep cleaning
+                report["problems"].append(f"{config}: removing pods: {exc}")
+    # SIGTERM makes each daemon flush its queued spans before exiting.
+    report["exit_codes"] = {config: daemon.stop() for config, daemon in daemons.items()}
+    if pods:
+        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+            if str(base) in line:
+                subprocess.run(["umount", "-l", line.split()[4]], capture_output=True)
+                report["problems"].append(f"unmounted leftover {line.split()[4]}")
+        subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
+        from pycrio.oci import cgroups
+
+        try:
+            cgroups.remove_cgroup(cgroup_parent)
+        except OSError as exc:
+            report["problems"].append(f"cgroup parent {cgroup_parent}: {exc}")
+    return report
+
+
+# -- Jaeger ----------------------------------------------------------------------------------
+
+
+def jaeger_span_count(jaeger: JaegerInstance, pid: int, operation: str) -> int:
+    """Spans of `operation` from the daemon `pid` that Jaeger stored."""
+    # The limit must stay below the memory store's max_traces (contrib/jaeger.yaml: 100000).
+    url = (f"{jaeger.url}/api/traces?service=pycrio&operation={urllib.parse.quote(operation, safe='')}"
+           "&lookback=2h&limit=99999")
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        data = json.load(resp).get("data") or []
+    count = 0
+    for trace in data:
+        processes = trace.get("processes", {})
+        for span in trace.get("spans", []):
+            tags = {t["key"]: t["value"] for t in processes.get(span.get("processID"), {}).get("tags", [])}
+            if span.get("operationName") == operation and tags.get("process.pid") == pid:
+                count += 1
+    return count
+
+
+# -- printing --------------------------------------------------------------------------------
+
+
+def fmt(v: float, width: int = 8, digits: int = 1) -> str:
+    return f"{'-':>{width}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>{width}.{digits}f}"
+
+
+def print_phase(phase: str, rows: dict[str, dict[str, Any]], unit: str) -> None:
+    print(f"\n== {phase} ==")
+    tput = phase == PARALLEL
+    header = (
+        f"{'configuration':<30} {'calls':>6} {f'p50 {unit}':>9} {f'p99 {unit}':>9} "
+        + (f"{'calls/s':>8} {'tput/off':>8} " if tput else f"{'p50/off':>7} {'p99/off':>7} ")
+        + f"{'CPU us/call':>11} {'extra':>7} {'sched':>7} {'extra':>7} {'blocks min..max':>16}"
+    )
+    print(header)
+    print("-" * len(header))
+    scale = 1000.0 if unit == "ms" else 1.0
+    for config, row in rows.items():
+        blocks = row["block_cpu_us"]
+        spread = f"{min(blocks):.0f}..{max(blocks):.0f}" if blocks else "-"
+        middle = (
+            f"{fmt(row['calls_per_s'], 8, 0)} {fmt(row['throughput_ratio'], 8, 3)} "
+            if tput else f"{fmt(row['p50_ratio'], 7, 3)} {fmt(row['p99_ratio'], 7, 3)} "
+        )  # fmt: skip
+        print(
+            f"{DESCRIPTIONS[config]:<30} {row['calls']:>6d} {fmt(row['p50_us'] / scale, 9, 1 if unit == 'us' else 2)} "
+            f"{fmt(row['p99_us'] / scale, 9, 1 if unit == 'us' else 2)} {middle}"
+            f"{fmt(row['cpu_us_per_call'], 11, 1)} {fmt(row['extra_cpu_us'], 7, 1)} "
+            f"{fmt(row['sched_cpu_us_per_call'], 7, 1)} {fmt(row['extra_sched_cpu_us'], 7, 1)} {spread:>16}"
+        )
+        if row["errors"]:
+            print(f"  {row['errors']} failed: {row['first_error']}")
+    if phase == PODS:
+        print("p50 per call, ms: " + "; ".join(
+            f"{config}: " + ", ".join(f"{c} {v:.1f}" for c, v in row["per_call_p50_ms"].items())
+            for config, row in rows.items()))  # fmt: skip
+        print(f"(latency: the three timed calls summed; CPU per call: the {CALLS_PER_POD} calls of a pod's life)")
+
+
+def print_checks(results: list[dict[str, Any]]) -> None:
+    print("\ntargets (issue 15):")
+    for check in results:
+        verdict = "PASS" if check["pass"] else "MISS"
+        print(f"  {check['phase']:<28} {check['check']:<38} = {check['value']:8.3f}  (<= {check['limit']:g})  {verdict}")
+
+
+# -- main ------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000, help="timed calls per configuration per round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    parser.add_argument("--method", choices=[*METHODS, "both"], default="both", help="CRI method to call")
-    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls before each timed loop")
+    parser.add_argument("--blocks", type=int, default=10, help="interleaved rounds per phase")
+    parser.add_argument("--calls", type=int, default=300, help="ListContainers calls per block (sequential and parallel)")
+    parser.add_argument("--pods", type=int, default=2, help="pod groups per block; 0 skips the pod phase")
+    parser.add_argument("--bsp-delay", type=int, default=500, help="OTEL_BSP_SCHEDULE_DELAY of the daemons, ms")
+    parser.add_argument("--no-metrics", action="store_true", help='leave out the "metrics on" daemon')
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    if args.calls < 1 or args.rounds < 1 or args.warmup < 0:
-        parser.error("--calls and --rounds must be >= 1, --warmup >= 0")
+    if args.blocks < 1 or args.calls < CLIENTS or args.pods < 0 or args.bsp_delay < 1:
+        parser.error(f"--blocks >= 1, --calls >= {CLIENTS}, --pods >= 0, --bsp-delay >= 1")
     return args
 
 
-def measure(daemon: PycrioDaemon, call: Call, calls: int, warmup: int, sample: Sample) -> None:
-    """On a fresh channel: `warmup` untimed calls, then `calls` timed ones appended to `sample`."""
-    with grpc.insecure_channel(daemon.endpoint) as channel:
-        stub = api_pb2_grpc.RuntimeServiceStub(channel)
-        for _ in range(warmup):
-            call(stub)
-        latencies = [0] * calls
-        clock = time.perf_counter_ns
-        gc.collect()
-        gc.disable()  # keep the client's own GC pauses out of the tail
-        try:
-            start = clock()
-            for i in range(calls):
-                t0 = clock()
-                call(stub)
-                latencies[i] = clock() - t0
-            elapsed = clock() - start
-        finally:
-            gc.enable()
-    sample.latencies_ns.extend(latencies)
-    sample.elapsed_ns += elapsed
-
-
-def run(
-    daemons: dict[str, PycrioDaemon], methods: list[str], calls: int, rounds: int, warmup: int
-) -> dict[str, dict[str, Sample]]:
-    """Interleaved rounds per method; the configuration order rotates every round."""
-    results = {m: {c: Sample() for c in CONFIGS} for m in methods}
-    for method in methods:
-        for r in range(rounds):
-            order = [CONFIGS[(r + i) % len(CONFIGS)] for i in range(len(CONFIGS))]
-            t0 = time.monotonic()
-            for config in order:
-                measure(daemons[config], CALLS[method], calls, warmup, results[method][config])
-            print(f"  {method} round {r + 1}/{rounds} ({time.monotonic() - t0:.1f}s)", file=sys.stderr, flush=True)
-    return results
-
-
-def summarize(samples: dict[str, Sample]) -> dict[str, dict[str, float]]:
-    """p50/p99 in µs, calls/s and ratios to "disabled" for each configuration of one method."""
-    rows: dict[str, dict[str, float]] = {}
-    for config, sample in samples.items():
-        ordered = sorted(sample.latencies_ns)
-        rows[config] = {
-            "calls": sample.calls,
-            "p50_us": percentile(ordered, 50) / 1000,
-            "p99_us": percentile(ordered, 99) / 1000,
-            "calls_per_s": sample.calls_per_s(),
-        }
-    base = rows[DISABLED]
-    for row in rows.values():
-        row["p50_ratio"] = row["p50_us"] / base["p50_us"]
-        row["p99_ratio"] = row["p99_us"] / base["p99_us"]
-    return rows
-
-
-def checks(rows: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """The three overhead targets, measured."""
-    targets = [
-        ("p50(rate 1000000 up) / p50(disabled)", rows[UP]["p50_us"] / rows[DISABLED]["p50_us"], 1.10),
-        ("p50(rate 0) / p50(disabled)", rows[RATE0]["p50_us"] / rows[DISABLED]["p50_us"], 1.02),
-        ("p99(collector down) / p99(collector up)", rows[DOWN]["p99_us"] / rows[UP]["p99_us"], 1.10),
-        ("p50(metrics on) / p50(disabled)", rows[METRICS]["p50_us"] / rows[DISABLED]["p50_us"], 1.05),
-    ]
-    return [{"check": name, "value": value, "limit": limit, "pass": value <= limit} for name, value, limit in targets]
-
-
-def print_method(method: str, rows: dict[str, dict[str, float]], results: list[dict[str, Any]]) -> None:
-    """The table and target checks of one method."""
-    print(f"\n== {method} ==")
-    header = f"{'configuration':<30} {'calls':>7} {'p50 µs':>9} {'p99 µs':>9} {'calls/s':>9} {'p50/dis':>8} {'p99/dis':>8}"
-    print(header)
-    print("-" * len(header))
-    for config, row in rows.items():
-        print(
-            f"{config:<30} {row['calls']:>7d} {row['p50_us']:>9.1f} {row['p99_us']:>9.1f} "
-            f"{row['calls_per_s']:>9.0f} {row['p50_ratio']:>8.3f} {row['p99_ratio']:>8.3f}"
-        )
-    print("targets:")
-    for check in results:
-        verdict = "PASS" if check["pass"] else "MISS"
-        print(f"  {check['check']:<42} = {check['value']:.3f}  (<= {check['limit']:.2f})  {verdict}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Start the receiver and four daemons, measure, print; exit 0 whatever the numbers."""
+    """Jaeger, a metrics receiver, registry and network (pods), daemons; measure; print; exit 0."""
     args = parse_args(argv)
-    # A SIGTERM (CI timeout, kill) unwinds like Ctrl-C, so the finally blocks stop the daemons.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    methods = list(METHODS) if args.method == "both" else [args.method]
+    configs = [c for c in ALL_CONFIGS if not (c == METRICS and args.no_metrics)]
+    if not JAEGER_BIN.is_file():
+        print(f"{JAEGER_BIN} missing: make jaeger", file=sys.stderr)
+        return 1
+    if args.pods and bridge_in_use():
+        print(f"bridge {BRIDGE} has interfaces {bridge_in_use()[:3]}: another run uses it; not starting", file=sys.stderr)
+        return 1
+    settle_s = args.bsp_delay / 1000 + 0.3
+    env = {"OTEL_BSP_SCHEDULE_DELAY": str(args.bsp_delay)}
     print(
-        f"pycrio tracing overhead: {args.calls} calls x {args.rounds} rounds per configuration, "
-        f"warm-up {args.warmup}, methods {', '.join(methods)}"
+        f"pycrio tracing overhead: {args.blocks} interleaved blocks per phase of {args.calls} ListContainers calls "
+        f"(sequential; then {CLIENTS} clients) and {args.pods} pod groups, configurations: {', '.join(configs)}; "
+        f"OTEL_BSP_SCHEDULE_DELAY={args.bsp_delay}"
     )
-    print(f"python {platform.python_version()}, grpc {grpc.__version__}, {os.cpu_count()} CPUs, {platform.platform()}")
-
-    receiver = OTLPReceiver().start()
-    daemons: dict[str, PycrioDaemon] = {}
-    pids: dict[str, int] = {}
+    print(f"python {platform.python_version()}, grpc {grpc.__version__}, {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.1f}, {platform.platform()}; pycrio from {Path(api_pb2.__file__).parents[2]}")
+    bench_id = secrets.token_hex(4)
+    cgroup_parent = f"/pycrio-bench-tracing-{bench_id}"
     started = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="pycrio-bench-") as tmp:
-            base = Path(tmp)
+    report: dict[str, Any] = {"parameters": {**vars(args), "json": str(args.json), "configs": configs}}
+    daemons: dict[str, PycrioDaemon] = {}
+    results = {p: {c: PhaseResult() for c in configs} for p in (SEQUENTIAL, PARALLEL, PODS)}
+    leaked: list[str] = []
+    cleanup: dict[str, Any] = {}
+    spans_seen: dict[str, int] = {}
+    metrics_receiver = OTLPReceiver().start() if METRICS in configs else None
+    with tempfile.TemporaryDirectory(prefix="pycrio-bench-tracing-", ignore_cleanup_errors=True) as tmp:
+        base = Path(tmp)
+        jaeger = JaegerInstance(base / "jaeger").start()
+        registry = None
+        try:
+            text = ""
+            image = ""
+            if args.pods:
+                from tests.registry_fixture import ImageBuilder, TestRegistry
+
+                registry = TestRegistry(base / "registry").start()
+                image = ImageBuilder(base / "images", registry).busybox("bench/busybox", "1").reference
+                netdir = bridge_network(base / "net.d", NETWORK_NAME, BRIDGE, SUBNET, portmap="portmap",
+                                        ipam_dir=base / "ipam")  # fmt: skip
+                text = (
+                    f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
+                    f'[pycrio.network]\nnetwork_dir = "{netdir}"\n'
+                )
             daemon_args = {
-                DISABLED: ["--log-level", "info"],
-                RATE0: tracing_args(receiver.endpoint, rate=0),
-                UP: tracing_args(receiver.endpoint, rate=1_000_000),
+                OFF: ["--log-level", "info"],
+                RATE0: tracing_args(jaeger.otlp_grpc, rate=0),
+                LIVE: tracing_args(jaeger.otlp_grpc, rate=1_000_000),
                 DOWN: tracing_args(f"127.0.0.1:{free_port()}", rate=1_000_000),
                 METRICS: ["--log-level", "info"],
             }
-            config_text = {
-                METRICS: (
-                    "[pycrio.metrics]\nenable_metrics = true\n"
-                    f'metrics_endpoint = "{receiver.endpoint}"\nmetrics_port = {free_port()}\n'
-                ),
-            }
-            try:
-                for i, config in enumerate(CONFIGS):
-                    daemon = PycrioDaemon(
-                        base / f"d{i}", args=daemon_args[config], env=DAEMON_ENV, config_text=config_text.get(config, "")
+            for i, config in enumerate(configs):
+                config_text = text + (f'[pycrio.runtime]\npod_cgroup_parent = "{cgroup_parent}/d{i}"\n' if args.pods else "")
+                if config == METRICS and metrics_receiver is not None:
+                    config_text += (
+                        "[pycrio.metrics]\nenable_metrics = true\n"
+                        f'metrics_endpoint = "{metrics_receiver.endpoint}"\nmetrics_port = {free_port()}\n'
                     )
-                    daemons[config] = daemon
-                    daemon.start()
-                    assert daemon.proc is not None
-                    pids[config] = daemon.proc.pid
-                results = run(daemons, methods, args.calls, args.rounds, args.warmup)
-            finally:
-                # SIGTERM makes each daemon flush its queued spans before exiting.
-                exit_codes = {config: daemon.stop() for config, daemon in daemons.items()}
-    finally:
-        spans = receiver.spans()
-        receiver.stop()
+                daemon = PycrioDaemon(base / f"d{i}", args=daemon_args[config], env=env, config_text=config_text)
+                daemons[config] = daemon
+                daemon.start()
+            roots = {c: d.proc.pid for c, d in daemons.items() if d.proc is not None}
+            channels = {c: d.channel() for c, d in daemons.items()}
+            stubs = {c: daemons[c].runtime(ch) for c, ch in channels.items()}
+            parallel_channels = {c: [daemons[c].channel() for _ in range(CLIENTS)] for c in configs}
+            parallel = {c: [daemons[c].runtime(ch) for ch in chs] for c, chs in parallel_channels.items()}
+            for config in configs:  # warm-up: caches, first calls, the parallel channels connected
+                for _ in range(WARMUP_CALLS):
+                    stubs[config].ListContainers(api_pb2.ListContainersRequest(), timeout=10)
+                for stub in parallel[config]:
+                    stub.ListContainers(api_pb2.ListContainersRequest(), timeout=10)
+            if args.pods:
+                t0 = time.monotonic()
+                for config, daemon in daemons.items():
+                    daemon.images(channels[config]).PullImage(
+                        api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=300)
+                    pod_group(stubs[config], image, base / "logs" / f"warm-{config}", None)
+                print(f"image {image} pulled, one warm-up pod per daemon ({time.monotonic() - t0:.1f}s, untimed)")
+            time.sleep(settle_s)
+            report["daemon_processes"] = {c: tree_pids(pid) for c, pid in roots.items()}
+
+            run_phase(SEQUENTIAL, configs, roots, results,
+                      lambda c, r: sequential_block(stubs[c], args.calls, r), args.blocks, settle_s)  # fmt: skip
+            run_phase(PARALLEL, configs, roots, results,
+                      lambda c, r: parallel_block(parallel[c], args.calls, r), args.blocks, settle_s)  # fmt: skip
+            if args.pods:
+                logs = base / "logs"
+
+                def pods_block(config: str, result: PhaseResult) -> None:
+                    for _ in range(args.pods):
+                        pod_group(stubs[config], image, logs / config.replace(" ", "-"), result)
+
+                run_phase(PODS, configs, roots, results, pods_block, args.blocks, settle_s)
+                leaked = leftovers(base, daemons)
+            live_pid = roots[LIVE]
+            time.sleep(1.0)  # Jaeger's batch processor (200 ms) has stored what it got
+            spans_seen = {
+                op.rsplit("/", 1)[1]: jaeger_span_count(jaeger, live_pid, op)
+                for op in [LIST, *(f"/runtime.v1.RuntimeService/{c}" for c in (POD_CALLS if args.pods else ()))]
+            }
+            for ch in [*channels.values(), *(ch for chs in parallel_channels.values() for ch in chs)]:
+                ch.close()
+        except Exception as exc:  # noqa: BLE001 - report, clean up, exit 0
+            print(f"\nbenchmark aborted: {type(exc).__name__}: {exc}", flush=True)
+            report["aborted"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            cleanup = clean_up(base, daemons, cgroup_parent, bool(args.pods))
+            if registry is not None:
+                registry.stop()
+            jaeger.stop()
+            if metrics_receiver is not None:
+                metrics_receiver.stop()
     duration = time.monotonic() - started
 
-    report: dict[str, Any] = {
-        "parameters": {"calls": args.calls, "rounds": args.rounds, "warmup": args.warmup, "methods": methods,
-                       "daemon_env": DAEMON_ENV},
-        "methods": {},
-    }
-    for method in methods:
-        rows = summarize(results[method])
-        method_checks = checks(rows)
-        print_method(method, rows, method_checks)
-        report["methods"][method] = {"configurations": rows, "checks": method_checks}
-
-    # Spans per daemon, told apart by the process.pid resource attribute.
-    per_call = len(methods) * args.rounds * (args.warmup + args.calls)
-    expected = {DISABLED: 0, RATE0: 0, UP: per_call + 1, DOWN: 0}  # +1: start()'s readiness Version
-    received = {config: sum(1 for s in spans if s.resource.get("process.pid") == pid) for config, pid in pids.items()}
-    print(f"\nspans received: {len(spans)} in total")
-    for config in CONFIGS:
-        print(f"  {config:<30} {received.get(config, 0):>7d}  (expected {expected[config]})")
-    print(f"daemon exit codes: {', '.join(f'{c}={code}' for c, code in exit_codes.items())}")
-    print(f"total time {duration:.1f}s")
-    report["spans"] = {"total": len(spans), "received": received, "expected": expected}
-    report["exit_codes"] = exit_codes
-    report["duration_s"] = duration
-
+    phases = [SEQUENTIAL, PARALLEL] + ([PODS] if args.pods else [])
+    all_checks: list[dict[str, Any]] = []
+    report["phases"] = {}
+    for phase in phases:
+        if not any(r.calls for r in results[phase].values()):
+            continue
+        rows = summarize(phase, results[phase])
+        report["phases"][phase] = rows
+        print_phase(phase, rows, "ms" if phase == PODS else "us")
+        all_checks += checks(phase, rows)
+    # Every call the live daemon answered: the timed ones and the warm-up (the pod phase's failed
+    # groups would make fewer).
+    expected = {LIST.rsplit("/", 1)[1]: results[SEQUENTIAL][LIVE].calls + results[PARALLEL][LIVE].calls
+                + WARMUP_CALLS + CLIENTS}
+    for call in POD_CALLS if args.pods else ():
+        expected[call] = len(results[PODS][LIVE].latencies_ns) + 1
+    print("\nserver spans in Jaeger from the live daemon, received/expected (timed calls and warm-up): "
+          + ", ".join(f"{k} {spans_seen.get(k, 0)}/{v}" for k, v in expected.items()))  # fmt: skip
+    if leaked:
+        print(f"left on the host after the pod phase: {leaked}")
+    print(f"clean-up: daemon exit codes {cleanup.get('exit_codes')}"
+          + (f", problems: {cleanup['problems']}" if cleanup.get("problems") else ""))  # fmt: skip
+    print_checks(all_checks)
+    print(f"\ntotal time {duration:.0f}s")
+    report.update({"checks": all_checks, "spans_in_jaeger": spans_seen, "spans_expected": expected,
+                   "leaks": leaked, "cleanup": cleanup, "duration_s": duration})  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
         print(f"results written to {args.json}")
     return 0
 
