@@ -209,6 +209,20 @@ def test_update_pod_sandbox_resources_errors(node: Node) -> None:
                          "memory_limit_in_bytes": 9223372036854771712}) == grpc.StatusCode.OK
     assert quota(node.pod_cgroup(pod_id)) == -1
     assert memory_limit(node.pod_cgroup(pod_id)) >= cgroups.UNLIMITED
+    if V1:  # a cpuset cgroup made for the pod gets its parent's memory nodes, or no task could join it
+        # The pod's infra process (it shares its PID namespace) has a cpuset cgroup below the pod's,
+        # with every CPU: it is narrowed first, or the kernel refuses the pod's (EBUSY).
+        assert code(pod_id, {"cpuset_cpus": "0"}) == grpc.StatusCode.OK
+        cpuset = cgroups.controller_dirs(node.pod_cgroup(pod_id))["cpuset"]
+        assert (cpuset / "cpuset.cpus").read_text().strip() == "0"
+        assert (cpuset / f"pycrio-{pod_id}" / "cpuset.cpus").read_text().strip() == "0"
+        assert (cpuset / "cpuset.mems").read_text().strip() == (cpuset.parent / "cpuset.mems").read_text().strip() != ""
+        cid = node.run(pod_id, "errors", "pinned", SLEEP)
+        assert (cpuset / f"pycrio-{cid}" / "cpuset.cpus").read_text().strip() == "0"
+        assert code(pod_id, {"cpuset_cpus": f"0-{os.cpu_count() + 8}"}) == grpc.StatusCode.INVALID_ARGUMENT  # no such CPUs
+        all_cpus = (cpuset.parent / "cpuset.cpus").read_text().strip()
+        assert code(pod_id, {"cpuset_cpus": all_cpus}) == grpc.StatusCode.OK  # widened: the infra follows
+        assert (cpuset / f"pycrio-{pod_id}" / "cpuset.cpus").read_text().strip() == all_cpus
     node.crictl("stopp", pod_id)
     assert code(pod_id, {"cpu_shares": 512}) == grpc.StatusCode.FAILED_PRECONDITION
 

@@ -347,10 +347,12 @@ class _Journal:
         self.done.clear()
 
 
-def set_resources(path: str, resources: dict, mode: str | None = None) -> None:
+def set_resources(path: str, resources: dict, mode: str | None = None, followers: tuple[str, ...] = ()) -> None:
     """Write OCI `linux.resources` (cpu, memory, hugepageLimits; unified on v2) to cgroup `path`,
     creating it where it is missing, in the order runc uses for a container's update. All or
-    nothing: when the kernel refuses a value (CgroupWriteError), what was written is put back."""
+    nothing: when the kernel refuses a value (CgroupWriteError), what was written is put back.
+    `followers`: cgroups below `path` that take its cpuset too (a pod's infra process: on v1 a
+    child's cpuset must stay inside its parent's, so they are narrowed first, widened after)."""
     mode = mode or detect_support().mode
     relative = path.strip("/")
     if not relative or ".." in relative.split("/"):
@@ -360,7 +362,7 @@ def set_resources(path: str, resources: dict, mode: str | None = None) -> None:
         if mode == "v2":
             _set_v2(relative, resources, journal)
         else:
-            _set_v1(relative, resources, journal)
+            _set_v1(relative, resources, journal, [f.strip("/") for f in followers])
     except BaseException:
         journal.undo()
         raise
@@ -384,16 +386,17 @@ def _v1_dir(controller: str, relative: str) -> Path | None:
     return directory
 
 
-def _set_v1(relative: str, resources: dict, journal: _Journal) -> None:
+def _set_v1(relative: str, resources: dict, journal: _Journal, followers: list[str]) -> None:
     cpu = resources.get("cpu") or {}
     memory = resources.get("memory") or {}
     if cpu.get("cpus") or cpu.get("mems"):
         directory = _v1_dir("cpuset", relative)
         if directory is not None:
-            if cpu.get("mems"):
-                journal.write(directory / "cpuset.mems", cpu["mems"])
-            if cpu.get("cpus"):
-                journal.write(directory / "cpuset.cpus", cpu["cpus"])
+            below = [directory.parent / Path(f).relative_to(Path(relative).parent) for f in followers]
+            below = [d for d in below if d.is_dir()]
+            for name, key in (("cpuset.mems", "mems"), ("cpuset.cpus", "cpus")):
+                if cpu.get(key):
+                    _set_v1_cpuset(directory, below, name, str(cpu[key]), journal)
     if any(cpu.get(k) for k in ("shares", "quota", "period")):
         directory = _v1_dir("cpu", relative)
         if directory is not None:
@@ -408,6 +411,22 @@ def _set_v1(relative: str, resources: dict, journal: _Journal) -> None:
         directory = _v1_dir("hugetlb", relative)
         if directory is not None:
             journal.write(directory / f"hugetlb.{hugepage['pageSize']}.limit_in_bytes", hugepage["limit"])
+
+
+def _set_v1_cpuset(directory: Path, below: list[Path], name: str, value: str, journal: _Journal) -> None:
+    """Widening: the cgroup, then those below it; narrowing (EBUSY while a child's set is wider):
+    those below first."""
+    try:
+        journal.write(directory / name, value)
+    except CgroupWriteError as exc:
+        if exc.errno != errno.EBUSY or not below:
+            raise
+        for child in below:
+            journal.write(child / name, value)
+        journal.write(directory / name, value)
+        return
+    for child in below:
+        journal.write(child / name, value)
 
 
 def _set_v1_bandwidth(directory: Path, period: int, quota: int, journal: _Journal) -> None:

@@ -338,8 +338,10 @@ class SandboxManager:
         for warning in warnings:
             log.warning("pod sandbox %s: %s", record.id, warning)
         path = cgroups.cgroups_path(record.cgroup_parent, record.id, None)
+        # The infra process (a shared PID namespace) is pycrio's, not kubelet's: its cpuset follows the pod's.
+        infra = (cgroups.cgroups_path(record.cgroup_parent, record.id, record.id),) if record.infra_id else ()
         try:
-            cgroups.set_resources(path, oci)
+            cgroups.set_resources(path, oci, followers=infra)
         except cgroups.CgroupWriteError as exc:
             raise _refused(record.id, exc) from exc
 
@@ -474,13 +476,16 @@ def _refused(pod_id: str, exc: cgroups.CgroupWriteError) -> CRIError:
     """A value the kernel refused for the pod's cgroup, with what usually causes it."""
     name = exc.file.name
     what = f"pod sandbox {pod_id}: the kernel refused {name} = {exc.value} ({os.strerror(exc.errno or 0)})"
-    if exc.errno in (errno.EINVAL, errno.EBUSY):
+    if exc.errno == errno.ERANGE:  # CPUs or memory nodes this host does not have
+        return InvalidArgument(f"{what}: out of range on this host")
+    if exc.errno in (errno.EINVAL, errno.EBUSY, errno.EACCES, errno.ENOSPC):  # v1 cpuset: EACCES, ENOSPC
         if name.startswith("cpu.cfs") or name == "cpu.max":
             hint = "a container of the pod may have a higher CPU quota: lower the containers first, raise the pod first"
         elif name.startswith("memory."):
             hint = "the pod may use more memory than that, or a value is out of range"
         elif name.startswith("cpuset."):
-            hint = "a container of the pod may use CPUs or memory nodes outside that set, or they do not exist"
+            hint = ("a container of the pod may use CPUs or memory nodes outside that set, or the set is not "
+                    "inside the parent cgroup's")
         else:
             hint = "the value is out of range for this kernel"
         return FailedPrecondition(f"{what}: {hint}")
