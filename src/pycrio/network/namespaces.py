@@ -90,12 +90,34 @@ def mount_points() -> list[tuple[str, str]]:
     return points
 
 
-def is_namespace(path: Path) -> bool:
-    """True if `path` is a namespace file (a pin or /proc/<pid>/ns/<kind>), not a plain file."""
+def _nsfs_device() -> int | None:
+    """st_dev of the kernel's one nsfs instance (every namespace file has it), None if unknown."""
+    try:
+        device = os.stat("/proc/self/ns/net").st_dev
+    except OSError:
+        return None
+    return device if _statfs_is_nsfs("/proc/self/ns/net") else None
+
+
+def _statfs_is_nsfs(path: str) -> bool:
     buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first (long) field
-    if _libc.statfs(str(path).encode(), buf) != 0:
+    if _libc.statfs(path.encode(), buf) != 0:
         return False
     return ctypes.c_long.from_buffer(buf).value == _NSFS_MAGIC
+
+
+_NSFS_DEVICE = _nsfs_device()
+
+
+def is_namespace(path: Path) -> bool:
+    """True if `path` is a namespace file (a pin or /proc/<pid>/ns/<kind>), not a plain file.
+    A stat against nsfs's device (2 µs; ListPodSandbox checks every pod's pins) where known."""
+    if _NSFS_DEVICE is None:
+        return _statfs_is_nsfs(str(path))
+    try:
+        return os.stat(path).st_dev == _NSFS_DEVICE
+    except OSError:
+        return False
 
 
 def _make_private_mount(directory: Path) -> None:

@@ -63,6 +63,15 @@ class SandboxRecord:
         return decode_message(api_pb2.PodSandboxConfig, self.config)
 
     def to_cri(self) -> api_pb2.PodSandbox:
+        """The CRI PodSandbox, built once per record and state (ListPodSandbox copies it)."""
+        cached = self.__dict__.get("_cri")
+        if cached is not None and cached[0] == self.state:
+            return cached[1]
+        message = self._build_cri()
+        self.__dict__["_cri"] = (self.state, message)
+        return message
+
+    def _build_cri(self) -> api_pb2.PodSandbox:
         config = self.pod_config
         return api_pb2.PodSandbox(
             id=self.id,
