@@ -170,6 +170,7 @@ class KubeletNode:
         runtime_type: str = "oci",
         tracing_endpoint: str | None = None,
         feature_gates: dict[str, bool] | None = None,
+        config: dict[str, Any] | None = None,
         verbosity: int = 3,
     ) -> None:
         self.base = base
@@ -185,6 +186,7 @@ class KubeletNode:
         self.healthz_port = free_port()
         self.tracing_endpoint = tracing_endpoint
         self.feature_gates = feature_gates or {}
+        self.config = config or {}  # more KubeletConfiguration fields (not ones the template sets)
         self.verbosity = verbosity
         netdir = bridge_network(base / "net.d", NETWORK, BRIDGE, SUBNET, filename="10-kubelet.conflist")
         tracing = (
@@ -258,6 +260,7 @@ class KubeletNode:
             TRACING_ENDPOINT=self.tracing_endpoint or "127.0.0.1:4317",
             TRACING_RATE=1_000_000 if self.tracing_endpoint else 0,
         )
+        text += "".join(f"{key}: {json.dumps(value)}\n" for key, value in self.config.items())  # JSON is YAML
         if self.feature_gates:
             text += "featureGates:\n" + "".join(f"  {k}: {str(v).lower()}\n" for k, v in self.feature_gates.items())
         return text
