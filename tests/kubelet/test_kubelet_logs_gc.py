@@ -12,10 +12,12 @@
   (ContainerGCPeriod, a constant minute in pkg/kubelet/kubelet.go: the one long wait here);
 - image GC and eviction: kubelet's image calls (ImageFsInfo, ListImages, ImageStatus) succeed,
   its summary API reports the image filesystem pycrio names with the capacity of that disk, and
-  the only image GC / eviction errors in its log are kubelet's own (see KUBELET_SIDE_ERRORS).
+  the only image GC / eviction errors in its log are kubelet's own (see KUBELET_SIDE_ERRORS);
+  under disk pressure its image GC removes the image no container uses, and pycrio frees it.
 
-One node per handler type, with kubelet's rotation settings small: 10 KiB, 3 files, checked every
-3 s (containerLogMonitorInterval's minimum, pkg/kubelet/apis/config/validation).
+Three nodes, one after the other (NODES): "oci" and "pod" (the handler types) with kubelet's
+rotation settings small (10 KiB, 3 files, checked every 3 s: containerLogMonitorInterval's
+minimum, pkg/kubelet/apis/config/validation), and "pressure" for the image GC.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from tests.kubelet.harness import (
     runtime_containers, runtime_pods, state, static_pod, wait,
 )
 from tests.otlp_receiver import OTLPReceiver, ReceivedSpan
-from tests.registry_fixture import BuiltImage, TestRegistry
+from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
 
 pytestmark = requires_kubelet
 
@@ -75,26 +77,37 @@ KLOG = re.compile(r'^([EW])\d{4} [\d:.]+\s+\d+ ([\w.]+):\d+\] "((?:[^"\\]|\\.)*)
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", params=["oci", "pod"])
+# a node whose kubelet is under (made-up) image filesystem pressure from the start: its eviction
+# manager reclaims (every 10 s) through container GC and image GC (DeleteUnusedImages); images
+# older than a second may go (imageMinimumGCAge, 2 min by default; 0 means the default)
+PRESSURE_CONFIG = {"evictionHard": {"imagefs.available": "99%"}, "imageMinimumGCAge": "1s"}
+NODES = {"oci": ("oci", ROTATION_CONFIG), "pod": ("pod", ROTATION_CONFIG), "pressure": ("oci", PRESSURE_CONFIG)}
+
+
+@pytest.fixture(scope="module")
 def node(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, registry: TestRegistry,
     image: BuiltImage, traces: OTLPReceiver,
 ) -> Iterator[KubeletNode]:
-    runtime_type: str = request.param
+    """The node of NODES[param] (tests choose with an indirect parametrization: one node at a
+    time, each made once for the tests that use it)."""
+    runtime_type, config = NODES[request.param]
     kubelet = KubeletNode(
-        tmp_path_factory.mktemp(f"kubelet-logs-gc-{runtime_type}"), registry.address, runtime_type=runtime_type,
+        tmp_path_factory.mktemp(f"kubelet-logs-gc-{request.param}"), registry.address, runtime_type=runtime_type,
         tracing_endpoint=traces.endpoint, feature_gates={"ReduceDefaultCrashLoopBackOffDecay": True},
-        config=ROTATION_CONFIG,
+        config=config,
     ).start()
     try:
         yield kubelet
     finally:
         kubelet.stop()
-        kubelet.keep_logs(LOGS / f"logs-gc-{runtime_type}")
+        kubelet.keep_logs(LOGS / f"logs-gc-{request.param}")
     assert kubelet.host_changes() == [], "the host is not as it was before kubelet ran"
 
 
+on_nodes = pytest.mark.parametrize("node", ["oci", "pod"], indirect=True)
 only_oci = pytest.mark.parametrize("node", ["oci"], indirect=True)
+under_pressure = pytest.mark.parametrize("node", ["pressure"], indirect=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -186,6 +199,7 @@ def image_errors(node: KubeletNode) -> list[tuple[str, str, str]]:
 # --------------------------------------------------------------------------- log rotation
 
 
+@on_nodes
 def test_log_rotation_reopens_the_log_and_loses_no_line(node: KubeletNode, image: BuiltImage) -> None:
     node.write_manifest("logger", static_pod("logger", [container("app", image, WRITER)]))
     pod = node.wait_pod("logger", lambda p: state(container_status(p, "app")) == "running", what="running")
@@ -270,18 +284,19 @@ def test_log_rotation_reopens_the_log_and_loses_no_line(node: KubeletNode, image
 
     # and still does (the slow phase), which kubectl logs shows: kubelet reads the file at the
     # path the runtime reported
-    eventually(lambda: _assert_more(last_number(), sequence[-1]), timeout=10)
-    newest_on_disk = last_number()
+    def grown() -> list[int]:
+        now = numbers(cri_messages(log.read_bytes()))
+        assert len(now) >= 3 and now[-1] > sequence[-1], (now[-3:], sequence[-1])
+        return now
+
+    eventually(grown, timeout=15)  # a line every 2 s
+    newest_on_disk = grown()[-1]
     tail = kubelet_api(node, f"/containerLogs/default/logger-{NODE_NAME}/app?tailLines=3").decode()
     shown = numbers(tail.splitlines())
     assert len(shown) == 3 and shown[-1] >= newest_on_disk and gaps(shown) == [], tail
     failed = re.compile(r"(?i)rotate log|reopen container log|container log")
     assert [line for line in node.logs().splitlines() if failed.search(line) and line[:1] in "EW"] == []
     remove_pod(node, "logger")
-
-
-def _assert_more(value: int, than: int) -> None:
-    assert value > than, (value, than)
 
 
 # --------------------------------------------------------------------------- container GC
@@ -303,23 +318,22 @@ def test_dead_containers_and_sandboxes_are_garbage_collected(node: KubeletNode, 
     # back-off 1, 2, 4 s (ReduceDefaultCrashLoopBackOffDecay): five instances in about 10 s
     wait(lambda: len(created()) >= 5, 60, "five instances of the failing container", interval=0.5)
 
-    def kept_per_policy() -> list[dict[str, Any]]:
+    def kept_per_policy() -> tuple[list[str], list[dict[str, Any]]]:
+        order = created()
         listed = runtime_containers(node, "crashloop")
+        assert created() == order, "a new instance meanwhile: look again"
         exited = [c for c in listed if c["state"] == "CONTAINER_EXITED"]
         # kubelet keeps the newest dead instance (MaxPerPodContainer 1) and the one it runs now
         assert len(exited) <= 1 and len(listed) - len(exited) <= 1, [(c["id"][:12], c["state"]) for c in listed]
-        assert len(created()) - len(listed) >= 3
-        return listed
+        assert {c["id"] for c in listed} <= set(order) and len(order) - len(listed) >= 3, (order, listed)
+        if exited:  # the one kept is the newest that died
+            alive = {c["id"] for c in listed if c["state"] != "CONTAINER_EXITED"}
+            assert exited[0]["id"] == [cid for cid in order if cid not in alive][-1], (exited, order)
+        return order, listed
 
     eventually(kept_per_policy, timeout=15)
-    listed = kept_per_policy()
-    order = created()
+    order, listed = kept_per_policy()
     removed = set(order) - {c["id"] for c in listed}
-    assert {c["id"] for c in listed} <= set(order)
-    if (exited := [c for c in listed if c["state"] == "CONTAINER_EXITED"]):
-        # the one kept is the newest that died
-        dead = [cid for cid in order if cid not in {c["id"] for c in listed if c["state"] != "CONTAINER_EXITED"}]
-        assert exited[0]["id"] == dead[-1], (exited[0]["id"], dead)
 
     # removed through RemoveContainer, and nothing of them left: pycrio's record, files, mounts,
     # conmon; kubelet deleted their log files (the paths pycrio's ContainerStatus gave)
@@ -421,3 +435,47 @@ def _passes(check: Any) -> Any:
         return check()
     except AssertionError:
         return None
+
+
+@under_pressure
+def test_image_gc_under_disk_pressure_removes_unused_images(
+    node: KubeletNode, image: BuiltImage, image_builder: ImageBuilder
+) -> None:
+    """kubelet's image GC (here the eviction manager's DeleteUnusedImages: the periodic one runs
+    every 5 minutes) lists pycrio's images and its containers, and removes the images no
+    container uses: it knows them by ListImages' id = ListContainers' image_ref."""
+    node.write_manifest("inuse", static_pod("inuse", [container("app", image, "exec sleep 1000")]))
+    pod = node.wait_pod("inuse", lambda p: state(container_status(p, "app")) == "running", what="running")
+    cid = container_status(pod, "app")["containerID"].removeprefix("pycrio://")
+    unused = image_builder.multi_layer("kubelet/unused", "1", layers=1, layer_size=256 * 1024)
+    node.crictl("pull", unused.reference)
+    listed = {tag: i["id"] for i in node.crictl_json("images")["images"] for tag in i["repoTags"]}
+    in_use_id, unused_id = listed[image.reference], listed[unused.reference]
+    running = next(c for c in node.crictl_json("ps")["containers"] if c["id"] == cid)
+    assert running["imageRef"] == in_use_id, (running["imageRef"], in_use_id)
+    # what only the unused image holds on disk (README "Store layout"): its config and layer
+    # blobs, its unpacked layers
+    storage = node.daemon.base / "root" / "storage"
+    records = {i: json.loads((storage / "images" / f"{i.removeprefix('sha256:')}.json").read_text())
+               for i in (in_use_id, unused_id)}
+    shared = set(records[in_use_id]["diff_ids"])
+    own = [storage / "blobs" / "sha256" / d.removeprefix("sha256:")
+           for d in (unused.config_digest, *unused.layers) if d not in image.layers]
+    own += [storage / "layers" / d.removeprefix("sha256:") for d in records[unused_id]["diff_ids"] if d not in shared]
+    assert len(own) >= 4 and all(path.exists() for path in own), own
+
+    def images_now() -> list[str]:
+        return [i["id"] for i in node.crictl_json("images")["images"]]
+
+    wait(lambda: unused_id not in images_now(), 60, "kubelet's image GC removes the unused image", interval=2)
+    assert f'"Removing image to free bytes" imageID="{unused_id}"' in node.logs()
+    assert in_use_id in images_now() and f'imageID="{in_use_id}"' not in node.logs().split("Removing image")[-1]
+    assert [str(path) for path in own if path.exists()] == []  # its disk space freed
+    # the container in use is untouched, its image's files there (the tools layer on the shared base)
+    assert next(c for c in node.crictl_json("ps")["containers"] if c["id"] == cid)["state"] == "CONTAINER_RUNNING"
+    assert "group-defined-in-image:x:50000:" in node.crictl("exec", "-s", cid, "cat", "/etc/group").stdout
+    assert node.crictl_json("inspecti", in_use_id)["status"]["id"] == in_use_id
+    failed = [line for line in node.logs().splitlines() if line[:1] == "E" and "image" in line.lower()
+              and "rpc error" in line]
+    assert failed == []
+    remove_pod(node, "inuse")
