@@ -648,7 +648,14 @@ def test_a_pod_whose_infra_process_dies_is_notready_at_once(ds_daemon: PycrioDae
     while Path(f"/proc/{infra}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
 
+    # ListPodSandbox knows from the runtime's exit report (kubelet polls it: no /proc reads per pod)
+    deadline = time.monotonic() + 10
+    while True:
+        listed = json.loads(ds_daemon.crictl("pods", "-o", "json").stdout)["items"]
+        states = [p["state"] for p in listed if p["id"] == pod_id]
+        if states != ["SANDBOX_READY"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert states == ["SANDBOX_NOTREADY"]
     assert json.loads(ds_daemon.crictl("inspectp", pod_id).stdout)["status"]["state"] == "SANDBOX_NOTREADY"
-    listed = json.loads(ds_daemon.crictl("pods", "-o", "json").stdout)["items"]
-    assert [p["state"] for p in listed if p["id"] == pod_id] == ["SANDBOX_NOTREADY"]
     ds_daemon.crictl("rmp", "-f", pod_id)

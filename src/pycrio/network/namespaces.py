@@ -109,7 +109,7 @@ def _statfs_is_nsfs(path: str) -> bool:
 _NSFS_DEVICE = _nsfs_device()
 
 
-def is_namespace(path: Path) -> bool:
+def is_namespace(path: Path | str) -> bool:
     """True if `path` is a namespace file (a pin or /proc/<pid>/ns/<kind>), not a plain file.
     A stat against nsfs's device (2 µs; ListPodSandbox checks every pod's pins) where known."""
     if _NSFS_DEVICE is None:

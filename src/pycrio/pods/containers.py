@@ -150,8 +150,8 @@ class ContainerManager:
                     self._pending.discard(container_id)
                 try:
                     self._observe(container_id)
-                except NotFound:
-                    pass  # removed, or not a container of ours (a pod's infra process)
+                except NotFound:  # removed, or not a container of ours: a pod's infra process?
+                    self.state.infra_exit_reported(container_id)
                 except Exception as exc:  # noqa: BLE001 - the next report or the re-check retries
                     log.warning("recording the exit of container %s: %s", container_id, exc)
 

@@ -7,7 +7,6 @@ from typing import Iterator
 from pycrio.cri import api_pb2
 from pycrio.server.daemon import Daemon
 from pycrio.server.streaming_list import chunks
-from pycrio.state.store import StateStore
 
 
 def _matching(daemon: Daemon, flt: api_pb2.PodSandboxFilter) -> list[api_pb2.PodSandbox]:
@@ -18,7 +17,7 @@ def _matching(daemon: Daemon, flt: api_pb2.PodSandboxFilter) -> list[api_pb2.Pod
         if pod.id in creating:
             continue  # listed once its RunPodSandbox has finished (a failed one's debris is listed)
         item = pod.to_cri()  # shared: copied before a change
-        if StateStore.pod_problem(pod):  # infra process or namespaces gone: as PodSandboxStatus says
+        if daemon.state.listed_problem(pod):  # infra process or namespaces gone: as PodSandboxStatus says
             item = api_pb2.PodSandbox()
             item.CopyFrom(pod.to_cri())
             item.state = api_pb2.SANDBOX_NOTREADY

@@ -73,6 +73,7 @@ class StateStore:
         self._pods: dict[str, SandboxRecord] = {}
         self._containers: dict[str, ContainerRecord] = {}
         self._names: dict[str, str] = {}  # reserved name -> id
+        self._infra_exits: set[str] = set()  # pods whose infra process exited (runtime reports)
         self.locks = KeyedLocks()
         self.pod_cidr = ""
 
@@ -120,17 +121,33 @@ class StateStore:
         boot.record_boot(self.directory, runroot, check.boot_id)
 
     @staticmethod
-    def pod_problem(pod: SandboxRecord) -> str:
-        """Why a READY pod cannot be ready any more: its infra process (checked by start time)
-        or one of its pinned namespaces is gone; '' if nothing is wrong with it."""
+    def pod_problem(pod: SandboxRecord, infra_exited: bool | None = None) -> str:
+        """Why a READY pod cannot be ready any more: its infra process (checked by start time,
+        unless `infra_exited` says what its runtime reported) or one of its pinned namespaces
+        is gone; '' if nothing is wrong with it."""
         if pod.state != SANDBOX_READY:
             return ""
-        if pod.infra_pid and not _is_infra(pod):
+        if pod.infra_pid and (infra_exited if infra_exited is not None else not _is_infra(pod)):
             return f"its infra process {pod.infra_pid} is gone"
         for kind, path in sorted(pod.namespaces.items()):
-            if not _is_namespace(Path(path)):
+            if not _is_namespace(path):
                 return f"its {kind} namespace {path} is gone"
         return ""
+
+    def listed_problem(self, pod: SandboxRecord) -> str:
+        """pod_problem for ListPodSandbox (kubelet polls it every second): the infra process is
+        known by its runtime's exit report (infra_exit_reported), not re-read from /proc."""
+        return self.pod_problem(pod, infra_exited=pod.id in self._infra_exits)
+
+    def infra_exit_reported(self, infra_id: str) -> None:
+        """The runtime reported that the infra process `infra_id` may have exited: if it did,
+        its pod is listed NOTREADY from now on."""
+        with self._lock:
+            pods = [p for p in self._pods.values() if p.infra_id == infra_id and p.infra_pid]
+        for pod in pods:
+            if not _is_infra(pod):
+                with self._lock:
+                    self._infra_exits.add(pod.id)
 
     def _pod_gone(self, pod: SandboxRecord) -> None:
         """NOTREADY, pids forgotten; namespaces and IPs stay so that StopPodSandbox still releases them."""
@@ -196,6 +213,7 @@ class StateStore:
     def remove_pod(self, pod_id: str) -> None:
         with self._lock:
             self._pods.pop(pod_id, None)
+            self._infra_exits.discard(pod_id)
         self._delete("pods", pod_id)
 
     def get_pod(self, pod_id: str) -> SandboxRecord:
@@ -287,7 +305,7 @@ def _is_infra(pod: SandboxRecord) -> bool:
     return process_start_time(pod.infra_pid) > 0
 
 
-def _is_namespace(path: Path) -> bool:
+def _is_namespace(path: Path | str) -> bool:
     from pycrio.network.namespaces import is_namespace  # the network layer owns what a pin is
 
     return is_namespace(path)
