@@ -279,3 +279,30 @@ def test_step_span_without_a_recording_parent_opens_nothing() -> None:
     with step_span("cni_add", **{"pod.id": "p"}) as span:
         assert not span.is_recording()
         span.set_attribute("x", 1)
+
+
+def test_log_events_keep_the_sdk_limits() -> None:
+    """Log events skip the SDK's cleaning only when no limit could apply."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=SpanLimits(max_attribute_length=5))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    handler = SpanEventHandler()
+    logging.getLogger().addHandler(handler)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[CRIServerInterceptor(FixedSpanPolicy(provider.get_tracer("test")))],
+    )
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError):
+                api_pb2_grpc.RuntimeServiceStub(channel).Version(api_pb2.VersionRequest(), timeout=5)
+    finally:
+        server.stop(None)
+        logging.getLogger().removeHandler(handler)
+    [span] = exporter.get_finished_spans()
+    warn = next(e for e in span.events if e.attributes["log.severity"] == "WARN")
+    assert warn.attributes["log.message"] == "about"  # "about to fail", cut by the SDK
+    assert warn.attributes["code.lineno"] > 0

@@ -7,6 +7,7 @@ import logging
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from pycrio.tracing.attributes import add_plain_event
 from pycrio.tracing.call import current_call
 
 
@@ -23,17 +24,29 @@ def severity(levelno: int) -> str:
     return "TRACE"
 
 
+_SEVERITIES = {level: severity(level) for level in (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)}
+
+
 class SpanEventHandler(logging.Handler):
-    """Adds each record emitted while a recording span is current as a span event named `log`."""
+    """Adds each record emitted while a recording span is current as a span event named `log`.
+
+    Nothing runs for a call that logs nothing (records below the level are never made); a record
+    becomes an event whose attributes skip the SDK's cleaning pass (all str/int). The SDK's own
+    records are not made events: it logs them at any point, also while it holds the current span's
+    lock (a value cut to OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT), where adding an event would wait on
+    that lock forever, and cutting the event's own long message would log again, and again.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("opentelemetry"):
+            return
         span = trace.get_current_span()
         if not span.is_recording():
             return
         try:
             message = record.getMessage()
             attributes: dict[str, str | int] = {
-                "log.severity": severity(record.levelno),
+                "log.severity": _SEVERITIES.get(record.levelno) or severity(record.levelno),
                 "log.message": message,
                 "code.function": record.funcName,
                 "code.filepath": record.pathname,
@@ -47,7 +60,7 @@ class SpanEventHandler(logging.Handler):
                 exc = record.exc_info[1]
                 attributes["exception.type"] = type(exc).__qualname__
                 attributes["exception.message"] = str(exc)
-            span.add_event("log", attributes)
+            add_plain_event(span, "log", attributes)
             if record.levelno >= logging.ERROR:
                 span.set_status(Status(StatusCode.ERROR, message))
         except Exception:  # a log line must never break the call that wrote it
