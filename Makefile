@@ -141,7 +141,7 @@ demo: install jaeger
 	$(PY) contrib/demo.py $(DEMO_ARGS)
 
 bench: install
-	$(PY) bench/tracing_overhead.py
+	$(MAKE) jaeger && $(PY) bench/tracing_overhead.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(CRI_OUT)/api_pb2*.py $(CRI_OUT)/api_pb2*.pyi
