@@ -61,18 +61,23 @@ def test_a_pod_is_listed_only_once_its_run_pod_sandbox_finished(slow_network_dae
     runner = threading.Thread(target=lambda: result.update(
         id=stub.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id))  # fmt: skip
     runner.start()
-    started = tmp_path / "cni-bin" / "add-started"
-    deadline = time.monotonic() + 20
-    while not started.exists():
-        assert time.monotonic() < deadline, "CNI ADD never ran"
-        time.sleep(0.02)
-    # the record is on disk (crash recovery) but the call is still in CNI ADD
+    try:
+        started = tmp_path / "cni-bin" / "add-started"
+        deadline = time.monotonic() + 20
+        while not started.exists():
+            assert time.monotonic() < deadline, "CNI ADD never ran"
+            time.sleep(0.02)
+        # the record is on disk (crash recovery) but the call is still in CNI ADD
+        assert stub.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items == []
+        streamed = [p for r in stub.StreamPodSandboxes(api_pb2.StreamPodSandboxesRequest()) for p in r.pod_sandboxes]
+        assert streamed == []
+        runner.join(30)
+        pods = stub.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items
+        assert [(p.id, p.state) for p in pods] == [(result["id"], api_pb2.SANDBOX_READY)]
+    finally:
+        runner.join(30)
+        if "id" in result:  # whatever was asserted, the pod goes (mounts and namespaces with it)
+            stub.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=result["id"]))
+            stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=result["id"]))
     assert stub.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items == []
-    streamed = [p for r in stub.StreamPodSandboxes(api_pb2.StreamPodSandboxesRequest()) for p in r.pod_sandboxes]
-    assert streamed == []
-    runner.join(30)
-    pods = stub.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items
-    assert [(p.id, p.state) for p in pods] == [(result["id"], api_pb2.SANDBOX_READY)]
-    stub.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=result["id"]))
-    stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=result["id"]))
-    assert stub.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items == []
+    assert [m for m in Path("/proc/self/mountinfo").read_text().splitlines() if str(tmp_path) in m] == []
