@@ -306,3 +306,63 @@ def test_log_events_keep_the_sdk_limits() -> None:
     warn = next(e for e in span.events if e.attributes["log.severity"] == "WARN")
     assert warn.attributes["log.message"] == "about"  # "about to fail", cut by the SDK
     assert warn.attributes["code.lineno"] > 0
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-ff",
+        "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",  # upper case: invalid
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # zero trace id
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # zero span id
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # version ff
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-the-future-holds",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0x",
+        "00-0x0f7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "garbage",
+    ],
+)
+def test_fast_traceparent_reads_what_the_w3c_propagator_reads(header) -> None:
+    from opentelemetry import propagate, trace
+
+    from pycrio.tracing.interceptor import w3c_parent
+
+    expected = trace.get_current_span(propagate.extract({"traceparent": header})).get_span_context()
+    fast = w3c_parent(header)
+    if fast is None:  # not the exact usual form: the interceptor asks the propagator
+        return
+    got = trace.get_current_span(fast).get_span_context()
+    assert expected.is_valid
+    assert (got.trace_id, got.span_id, got.trace_flags, got.is_remote, got.trace_state) == (
+        expected.trace_id, expected.span_id, expected.trace_flags, expected.is_remote, expected.trace_state
+    )
+
+
+def test_call_spans_continue_the_callers_trace(traced) -> None:
+    stub, exporter = traced
+    stub.ListContainers(
+        api_pb2.ListContainersRequest(),
+        metadata=[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), ("tracestate", "k=v")],
+        timeout=5,
+    )
+    stub.ListContainers(
+        api_pb2.ListContainersRequest(),
+        metadata=[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],  # the fast path
+        timeout=5,
+    )
+    stub.ListContainers(
+        api_pb2.ListContainersRequest(),
+        metadata=[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")],  # not sampled
+        timeout=5,
+    )
+    first, second = exporter.get_finished_spans()
+    assert first.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert first.parent.span_id == 0xB7AD6B7169203331 and first.parent.is_remote
+    assert first.context.trace_state.get("k") == "v"  # tracestate: read by the propagator
+    assert second.context.trace_id == 0x4BF92F3577B34DA6A3CE929D0E0E4736
+    assert second.parent.span_id == 0x00F067AA0BA902B7 and second.parent.is_remote
+    assert second.context.trace_flags.sampled

@@ -13,7 +13,9 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pycrio.errors import CRIError, grpc_status
 from pycrio.tracing.attributes import put_attributes
@@ -32,6 +34,34 @@ PROPAGATION_KEYS = frozenset(("traceparent", "tracestate", "baggage"))
 STATUS_ATTRIBUTES: dict[grpc.StatusCode, dict[str, int | str]] = {
     code: {"rpc.grpc.status_code": code.value[0], "rpc.response.status_code": code.name} for code in grpc.StatusCode
 }
+
+
+_HEX = frozenset("0123456789abcdef")
+_W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
+
+
+def w3c_parent(traceparent: str) -> otel_context.Context | None:
+    """The context TraceContextTextMapPropagator extracts from a lone `traceparent` of the exact
+    version-00 form kubelet and crictl send (lower-case hex, non-zero ids, nothing around it); None
+    for anything else, which the propagator itself then reads. A tenth of its cost (no regex, no
+    getter, no composite)."""
+    if len(traceparent) != 55 or not traceparent.startswith("00-") or traceparent[35] != "-" or traceparent[52] != "-":
+        return None
+    trace_hex, span_hex, flags_hex = traceparent[3:35], traceparent[36:52], traceparent[53:]
+    if not (_HEX.issuperset(trace_hex) and _HEX.issuperset(span_hex) and _HEX.issuperset(flags_hex)):
+        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(flags_hex, 16)))
+    return trace.set_span_in_context(NonRecordingSpan(parent), otel_context.Context())
+
+
+def _is_w3c(textmap: object) -> bool:
+    """Whether the global propagator is W3C trace context (and baggage) only, as pycrio sets it."""
+    propagators = getattr(textmap, "_propagators", (textmap,))
+    types = [type(p) for p in propagators]
+    return TraceContextTextMapPropagator in types and all(t in _W3C_PROPAGATORS for t in types)
 
 
 def span_attributes(method: str) -> dict[str, str]:
@@ -125,6 +155,8 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
         self._spans = spans
         self._metrics = metrics
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._textmap: object = None  # the global propagator last checked, and whether it is W3C only
+        self._textmap_w3c = False
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: grpc.HandlerCallDetails
@@ -208,8 +240,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             log.debug("Request: %s: %s", type(request).__name__, describe(request))
         return call
 
-    @staticmethod
-    def _parent_context(context: grpc.ServicerContext) -> otel_context.Context | None:
+    def _parent_context(self, context: grpc.ServicerContext) -> otel_context.Context | None:
         """The caller's W3C context, or None when the metadata carries none (the common case)."""
         carrier = None
         for md in context.invocation_metadata():
@@ -219,6 +250,13 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                 carrier[md.key] = md.value
         if carrier is None or "traceparent" not in carrier:
             return None
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:
+            self._textmap, self._textmap_w3c = textmap, _is_w3c(textmap)
+        if self._textmap_w3c and len(carrier) == 1:  # no tracestate, no baggage: the usual call
+            parent = w3c_parent(carrier["traceparent"])
+            if parent is not None:
+                return parent
         return propagate.extract(carrier)
 
     def _fail(self, call: _Call, exc: Exception, context: grpc.ServicerContext) -> NoReturn:
