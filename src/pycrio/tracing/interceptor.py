@@ -43,8 +43,8 @@ _W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
 def w3c_parent(traceparent: str) -> otel_context.Context | None:
     """The context TraceContextTextMapPropagator extracts from a lone `traceparent` of the exact
     version-00 form kubelet and crictl send (lower-case hex, non-zero ids, nothing around it); None
-    for anything else, which the propagator itself then reads. A tenth of its cost (no regex, no
-    getter, no composite)."""
+    for anything else, which the propagator itself then reads. Two thirds of the composite
+    propagator's cost (no regex, no getter, no baggage pass)."""
     if len(traceparent) != 55 or not traceparent.startswith("00-") or traceparent[35] != "-" or traceparent[52] != "-":
         return None
     trace_hex, span_hex, flags_hex = traceparent[3:35], traceparent[36:52], traceparent[53:]
