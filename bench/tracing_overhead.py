@@ -8,7 +8,9 @@ Daemons run side by side, one per configuration:
               collector: .venv/bin/jaeger with contrib/jaeger.yaml, on ports of its own);
 4. "down"     rate 1000000, exported to a closed port (the collector is down);
 5. "metrics"  tracing off, [pycrio.metrics] on (OTLP push to an in-process receiver every 15 s,
-              Prometheus endpoint); `--no-metrics` leaves it out.
+              Prometheus endpoint); `--no-metrics` leaves it out;
+6. with `--baseline-src DIR`: "off" and "live" once more, running the pycrio found in DIR (an
+   older tree), each compared with its own "off": before and after in the same blocks.
 
 Three phases, each in `--blocks` rounds; in every round each configuration runs one block, in an
 order rotated per round, so the drift of a shared machine (other processes, CPU frequency) hits all
@@ -80,14 +82,20 @@ RATE0 = "rate 0"
 LIVE = "live"
 DOWN = "down"
 METRICS = "metrics"
-ALL_CONFIGS = (OFF, RATE0, LIVE, DOWN, METRICS)
+BASE_OFF = "off, baseline"
+BASE_LIVE = "live, baseline"
+ALL_CONFIGS = (OFF, RATE0, LIVE, DOWN, METRICS, BASE_OFF, BASE_LIVE)
 DESCRIPTIONS = {
     OFF: "tracing disabled",
     RATE0: "tracing on, rate 0",
     LIVE: "rate 1000000, Jaeger live",
     DOWN: "rate 1000000, collector down",
     METRICS: "metrics on, tracing off",
+    BASE_OFF: "baseline: tracing disabled",
+    BASE_LIVE: "baseline: 1000000, Jaeger",
 }
+# The --baseline-src daemons are compared with their own "off".
+REFERENCE = {BASE_OFF: BASE_OFF, BASE_LIVE: BASE_OFF}
 SEQUENTIAL = "sequential ListContainers"
 PARALLEL = "ListContainers, 4 clients"
 PODS = "pod start (Run+Create+Start)"
@@ -400,8 +408,8 @@ def summarize(phase: str, rows: dict[str, PhaseResult]) -> dict[str, dict[str, A
         if phase == PODS:
             row["per_call_p50_ms"] = {c: percentile(v, 50) / 1e6 for c, v in res.per_call_ns.items()}
         out[config] = row
-    base = out[OFF]
-    for row in out.values():
+    for config, row in out.items():
+        base = out[REFERENCE.get(config, OFF)]
         row["p50_ratio"] = ratio(row["p50_us"], base["p50_us"])
         row["p99_ratio"] = ratio(row["p99_us"], base["p99_us"])
         row["extra_cpu_us"] = row["cpu_us_per_call"] - base["cpu_us_per_call"]
@@ -421,6 +429,10 @@ def checks(phase: str, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         value = rows[config][metric]
         out.append({"phase": phase, "check": name, "value": value, "limit": limit,
                     "pass": not math.isnan(value) and value <= limit})  # fmt: skip
+        if config == LIVE and BASE_LIVE in rows:  # the same target, met by the baseline tree?
+            value = rows[BASE_LIVE][metric]
+            out.append({"phase": phase, "check": f"{name} [baseline]", "value": value, "limit": limit,
+                        "pass": not math.isnan(value) and value <= limit})  # fmt: skip
     return out
 
 
@@ -557,7 +569,7 @@ def print_checks(results: list[dict[str, Any]]) -> None:
     print("\ntargets (issue 15):")
     for check in results:
         verdict = "PASS" if check["pass"] else "MISS"
-        print(f"  {check['phase']:<28} {check['check']:<38} = {check['value']:8.3f}  (<= {check['limit']:g})  {verdict}")
+        print(f"  {check['phase']:<28} {check['check']:<49} = {check['value']:8.3f}  (<= {check['limit']:g})  {verdict}")
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -570,6 +582,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pods", type=int, default=2, help="pod groups per block; 0 skips the pod phase")
     parser.add_argument("--bsp-delay", type=int, default=500, help="OTEL_BSP_SCHEDULE_DELAY of the daemons, ms")
     parser.add_argument("--no-metrics", action="store_true", help='leave out the "metrics on" daemon')
+    parser.add_argument(
+        "--baseline-src", type=Path, metavar="DIR",
+        help="also run an off and a live daemon with PYTHONPATH=DIR (e.g. a `git archive` of an older commit's src/, "
+        "with its generated stubs), in the same interleaved blocks: before/after in one run",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.blocks < 1 or args.calls < CLIENTS or args.pods < 0 or args.bsp_delay < 1:
@@ -581,7 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     """Jaeger, a metrics receiver, registry and network (pods), daemons; measure; print; exit 0."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    configs = [c for c in ALL_CONFIGS if not (c == METRICS and args.no_metrics)]
+    configs = [
+        c for c in ALL_CONFIGS
+        if not (c == METRICS and args.no_metrics) and (c not in REFERENCE or args.baseline_src is not None)
+    ]
     if not JAEGER_BIN.is_file():
         print(f"{JAEGER_BIN} missing: make jaeger", file=sys.stderr)
         return 1
@@ -631,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
                 LIVE: tracing_args(jaeger.otlp_grpc, rate=1_000_000),
                 DOWN: tracing_args(f"127.0.0.1:{free_port()}", rate=1_000_000),
                 METRICS: ["--log-level", "info"],
+                BASE_OFF: ["--log-level", "info"],
+                BASE_LIVE: tracing_args(jaeger.otlp_grpc, rate=1_000_000),
             }
             for i, config in enumerate(configs):
                 config_text = text + (f'[pycrio.runtime]\npod_cgroup_parent = "{cgroup_parent}/d{i}"\n' if args.pods else "")
@@ -639,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
                         "[pycrio.metrics]\nenable_metrics = true\n"
                         f'metrics_endpoint = "{metrics_receiver.endpoint}"\nmetrics_port = {free_port()}\n'
                     )
-                daemon = PycrioDaemon(base / f"d{i}", args=daemon_args[config], env=env, config_text=config_text)
+                own_env = {**env, "PYTHONPATH": str(args.baseline_src)} if config in REFERENCE else env
+                daemon = PycrioDaemon(base / f"d{i}", args=daemon_args[config], env=own_env, config_text=config_text)
                 daemons[config] = daemon
                 daemon.start()
             roots = {c: d.proc.pid for c, d in daemons.items() if d.proc is not None}
