@@ -366,3 +366,13 @@ def test_call_spans_continue_the_callers_trace(traced) -> None:
     assert second.context.trace_id == 0x4BF92F3577B34DA6A3CE929D0E0E4736
     assert second.parent.span_id == 0x00F067AA0BA902B7 and second.parent.is_remote
     assert second.context.trace_flags.sampled
+
+
+def test_step_spans_and_log_events_import_neither_the_sdk_nor_grpc() -> None:
+    """pycrio-monitor with tracing off imports pycrio.tracing for step_span and the log handler."""
+    code = (
+        "import sys, pycrio.tracing, pycrio.tracing.logs, pycrio.log\n"
+        "print(sorted(m for m in ('grpc', 'opentelemetry.sdk.trace') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.sdk.trace import Event
 from opentelemetry.trace import Span
 
 PLAIN_TYPES = frozenset((str, int, float, bool))
@@ -56,4 +55,18 @@ def add_plain_event(span: Span, name: str, attributes: Mapping[str, Any]) -> Non
     bounded = BoundedAttributes(maxlen, immutable=False)
     bounded._dict.update(attributes)
     bounded._immutable = True
-    add(Event(name, bounded))
+    add(_event_class()(name, bounded))
+
+
+_EVENT: type | None = None
+
+
+def _event_class() -> type:
+    """The SDK's Event, imported on first use: pycrio-monitor with tracing off imports
+    pycrio.tracing (step_span) without the SDK; a span that gets events is the SDK's."""
+    global _EVENT
+    if _EVENT is None:
+        from opentelemetry.sdk.trace import Event
+
+        _EVENT = Event
+    return _EVENT
