@@ -402,16 +402,16 @@ class ContainerSupervisor:
         """What `runc start` does, without runc: read the init's "go" from the exec fifo to EOF
         (the init closes its end as it execs the process), then remove the fifo (runc state then
         says running). False when this container cannot be started so (`runc start` must)."""
-        fifo = self._runc.runtime_root / c.id / "exec.fifo"
         if not c.start_by_fifo:
             return False
+        fifo = self._runc.runtime_root / c.id / "exec.fifo"
         try:
             # non-blocking: a reader open never waits; poll reports nothing until the init writes
             fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         try:
-            data = await self._read_exec_fifo(c, fd)
+            data = await self._read_exec_fifo(c, fifo, fd)
         finally:
             os.close(fd)
         if not data:
@@ -419,7 +419,7 @@ class ContainerSupervisor:
         fifo.unlink(missing_ok=True)
         return True
 
-    async def _read_exec_fifo(self, c: _Container, fd: int) -> bytes:
+    async def _read_exec_fifo(self, c: _Container, fifo: Path, fd: int) -> bytes:
         """The fifo's bytes up to EOF, or what is there once the init exited."""
         loop = asyncio.get_running_loop()
         data = b""
@@ -432,7 +432,7 @@ class ContainerSupervisor:
                 )
             except TimeoutError:
                 raise RuntimeCommandError(
-                    ["read", str(self._runc.runtime_root / c.id / "exec.fifo")],
+                    ["read", str(fifo)],
                     f"the init of container {c.id} did not take the start within {_COMMAND_TIMEOUT:.0f}s",
                     what=f"start container {c.id}",
                 ) from None

@@ -521,26 +521,19 @@ class PodRuntime(OCIRuntime):
         ).start()
 
     def wait_sandbox(self, sandbox: SandboxHandle) -> None:
-        with self._shared.lock:
-            monitor, started = self._shared.starting.get(sandbox.id, (None, None))
-        if started is None:
+        pending = self._take_start(sandbox.id)
+        if pending is None:
             return
-        try:
-            started.result()
-        finally:
-            with self._shared.lock:
-                self._shared.starting.pop(sandbox.id, None)
+        monitor, started = pending
+        started.result()
         with self._shared.lock:
             self._shared.monitors[sandbox.id] = monitor
         self._ensure_watching(monitor)
 
-    def _await_start(self, pod_id: str) -> None:
-        """A monitor still starting is waited for (whether it came up or not) before it is removed."""
+    def _take_start(self, pod_id: str) -> tuple[_Monitor, concurrent.futures.Future[None]] | None:
+        """The start create_sandbox began for the pod, if nobody waited for it yet."""
         with self._shared.lock:
-            _, started = self._shared.starting.pop(pod_id, (None, None))
-        if started is not None:
-            with contextlib.suppress(Exception):
-                started.result()
+            return self._shared.starting.pop(pod_id, None)
 
     def restore_sandbox(self, sandbox: SandboxHandle) -> None:
         monitor = self._monitor(sandbox.id, Path(sandbox.directory))
@@ -551,7 +544,10 @@ class PodRuntime(OCIRuntime):
 
     def remove_sandbox(self, sandbox: SandboxHandle) -> None:
         directory = Path(sandbox.directory) / "monitor"
-        self._await_start(sandbox.id)
+        pending = self._take_start(sandbox.id)
+        if pending is not None:  # still starting: waited for, whether it comes up or not
+            with contextlib.suppress(Exception):
+                pending[1].result()
         with step_span("monitor_shutdown", **{"pod.id": sandbox.id}):
             with self._shared.lock:
                 monitor = self._shared.monitors.pop(sandbox.id, None)

@@ -18,8 +18,8 @@ def _matching(daemon: Daemon, flt: api_pb2.PodSandboxFilter) -> list[api_pb2.Pod
             continue  # listed once its RunPodSandbox has finished (a failed one's debris is listed)
         item = pod.to_cri()  # shared: copied before a change
         if daemon.state.listed_problem(pod):  # infra process or namespaces gone: as PodSandboxStatus says
-            item = api_pb2.PodSandbox()
-            item.CopyFrom(pod.to_cri())
+            shared, item = item, api_pb2.PodSandbox()
+            item.CopyFrom(shared)
             item.state = api_pb2.SANDBOX_NOTREADY
         if not flt.HasField("state") or item.state == flt.state.state:
             items.append(item)

@@ -29,6 +29,17 @@ def encode_message(message: Any) -> str:
     return base64.b64encode(message.SerializeToString()).decode()
 
 
+def _cached_cri(record: Any, key: Any) -> Any:
+    """`record._build_cri()`, kept in the record (not a dataclass field: never saved) until `key`
+    (what the message shows of a record changed in place) differs."""
+    cached = record.__dict__.get("_cri")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    message = record._build_cri()
+    record.__dict__["_cri"] = (key, message)
+    return message
+
+
 def decode_message(cls: Any, text: str) -> Any:
     message = cls()
     message.ParseFromString(base64.b64decode(text))
@@ -64,12 +75,7 @@ class SandboxRecord:
 
     def to_cri(self) -> api_pb2.PodSandbox:
         """The CRI PodSandbox, built once per record and state (ListPodSandbox copies it)."""
-        cached = self.__dict__.get("_cri")
-        if cached is not None and cached[0] == self.state:
-            return cached[1]
-        message = self._build_cri()
-        self.__dict__["_cri"] = (self.state, message)
-        return message
+        return _cached_cri(self, self.state)
 
     def _build_cri(self) -> api_pb2.PodSandbox:
         config = self.pod_config
@@ -147,13 +153,7 @@ class ContainerRecord:
 
     def to_cri(self) -> api_pb2.Container:
         """The CRI Container, built once per record and state (ListContainers copies it)."""
-        key = (self.state, self.image_name, self.image, self.image_ref, self.created_at)
-        cached = self.__dict__.get("_cri")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        message = self._build_cri()
-        self.__dict__["_cri"] = (key, message)
-        return message
+        return _cached_cri(self, (self.state, self.image_name, self.image, self.image_ref, self.created_at))
 
     def _build_cri(self) -> api_pb2.Container:
         config = self._config

@@ -121,23 +121,23 @@ class StateStore:
         boot.record_boot(self.directory, runroot, check.boot_id)
 
     @staticmethod
-    def pod_problem(pod: SandboxRecord, infra_exited: bool | None = None) -> str:
-        """Why a READY pod cannot be ready any more: its infra process (checked by start time,
-        unless `infra_exited` says what its runtime reported) or one of its pinned namespaces
-        is gone; '' if nothing is wrong with it."""
+    def pod_problem(pod: SandboxRecord) -> str:
+        """Why a READY pod cannot be ready any more: its infra process (checked by start time)
+        or one of its pinned namespaces is gone; '' if nothing is wrong with it."""
         if pod.state != SANDBOX_READY:
             return ""
-        if pod.infra_pid and (infra_exited if infra_exited is not None else not _is_infra(pod)):
-            return f"its infra process {pod.infra_pid} is gone"
-        for kind, path in sorted(pod.namespaces.items()):
-            if not _is_namespace(path):
-                return f"its {kind} namespace {path} is gone"
-        return ""
+        if pod.infra_pid and not _is_infra(pod):
+            return _infra_gone(pod)
+        return _namespace_problem(pod)
 
     def listed_problem(self, pod: SandboxRecord) -> str:
         """pod_problem for ListPodSandbox (kubelet polls it every second): the infra process is
         known by its runtime's exit report (infra_exit_reported), not re-read from /proc."""
-        return self.pod_problem(pod, infra_exited=pod.id in self._infra_exits)
+        if pod.state != SANDBOX_READY:
+            return ""
+        if pod.infra_pid and pod.id in self._infra_exits:
+            return _infra_gone(pod)
+        return _namespace_problem(pod)
 
     def infra_exit_reported(self, infra_id: str) -> None:
         """The runtime reported that the infra process `infra_id` may have exited: if it did,
@@ -303,6 +303,17 @@ def _is_infra(pod: SandboxRecord) -> bool:
     if pod.infra_pid_start:
         return same_process(pod.infra_pid, pod.infra_pid_start)
     return process_start_time(pod.infra_pid) > 0
+
+
+def _infra_gone(pod: SandboxRecord) -> str:
+    return f"its infra process {pod.infra_pid} is gone"
+
+
+def _namespace_problem(pod: SandboxRecord) -> str:
+    for kind, path in sorted(pod.namespaces.items()):
+        if not _is_namespace(path):
+            return f"its {kind} namespace {path} is gone"
+    return ""
 
 
 def _is_namespace(path: Path | str) -> bool:
