@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import timeit
 import uuid
 from pathlib import Path
 from typing import Any, Callable

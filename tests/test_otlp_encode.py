@@ -4,7 +4,7 @@ and the exporter built on it delivers spans to a real OTLP receiver."""
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
