@@ -50,7 +50,8 @@ def slow_network_daemon(make_daemon, tmp_path: Path) -> PycrioDaemon:
 
 
 def test_a_pod_is_listed_only_once_its_run_pod_sandbox_finished(slow_network_daemon: PycrioDaemon, tmp_path: Path) -> None:
-    stub = api_pb2_grpc.RuntimeServiceStub(grpc.insecure_channel(slow_network_daemon.endpoint))
+    channel = grpc.insecure_channel(slow_network_daemon.endpoint)
+    stub = api_pb2_grpc.RuntimeServiceStub(channel)
     # no shared PID namespace: no infra container, the pod is namespaces and the network only
     config = api_pb2.PodSandboxConfig(
         metadata=api_pb2.PodSandboxMetadata(name="slow", namespace="listtest", uid="uid-slow"),
@@ -80,4 +81,5 @@ def test_a_pod_is_listed_only_once_its_run_pod_sandbox_finished(slow_network_dae
             stub.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=result["id"]))
             stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=result["id"]))
     assert stub.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items == []
+    channel.close()
     assert [m for m in Path("/proc/self/mountinfo").read_text().splitlines() if str(tmp_path) in m] == []
