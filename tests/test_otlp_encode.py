@@ -4,7 +4,7 @@ and the exporter built on it delivers spans to a real OTLP receiver."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from opentelemetry import context as otel_context
@@ -21,6 +21,7 @@ from pycrio.tracing.otlp_encode import SpanEncoder, Unsupported, _any_value, sdk
 from pycrio.tracing.otlp_exporter import FastOTLPSpanExporter
 from pycrio.tracing.provider import make_resource
 from pycrio.tracing.sampling import _as_kept
+from pycrio.tracing.span import LightTracerProvider
 from tests.otlp_receiver import OTLPReceiver
 
 LIST = "/runtime.v1.RuntimeService/ListContainers"
@@ -38,9 +39,22 @@ class Keep(SpanExporter):
         pass
 
 
+# Every test runs with the SDK's spans and with pycrio's LightSpan (what the daemon makes).
+PROVIDER_CLASSES: dict[str, type[TracerProvider]] = {"sdk": TracerProvider, "light": LightTracerProvider}
+_provider_class: type[TracerProvider] = TracerProvider
+
+
+@pytest.fixture(autouse=True, params=sorted(PROVIDER_CLASSES))
+def span_class(request: pytest.FixtureRequest) -> Iterator[str]:
+    global _provider_class
+    _provider_class = PROVIDER_CLASSES[request.param]
+    yield request.param
+    _provider_class = TracerProvider
+
+
 def provider(resource: Resource | None = None, limits: SpanLimits | None = None) -> tuple[TracerProvider, Keep]:
     keep = Keep()
-    p = TracerProvider(resource=resource or make_resource(), span_limits=limits)
+    p = _provider_class(resource=resource or make_resource(), span_limits=limits)
     p.add_span_processor(SimpleSpanProcessor(keep))
     return p, keep
 

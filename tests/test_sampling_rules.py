@@ -195,3 +195,47 @@ def test_invalid_rules_are_one_line_naming_file_and_key(tmp_path: Path, text: st
         assert lines[0] == f"pycrio: {confd / '50-rules.conf'}: {expected}" or (
             lines[0].startswith(f"pycrio: {confd / '50-rules.conf'}: ") and expected in lines[0]
         ), lines[0]
+
+
+CALL_SAMPLER_CASES = [
+    ("root at rate 0", VERSION, None, None),
+    ("root at 1000000", LIST, None, None),
+    ("root at a ratio", STATUS, None, None),
+    ("root with sampler attributes", LIST, None, {"a": 1}),
+    ("remote sampled parent", VERSION, (True, 0x01, None), None),
+    ("remote unsampled parent", LIST, (True, 0x00, None), None),
+    ("local sampled parent", VERSION, (False, 0x01, None), None),
+    ("local unsampled parent", LIST, (False, 0x00, None), None),
+    ("parent with a tracestate", VERSION, (True, 0x01, "vendor=x"), None),
+    ("parent with an empty tracestate", VERSION, (True, 0x01, ""), None),
+]
+
+
+@pytest.mark.parametrize("name, method, parent, attributes", CALL_SAMPLER_CASES, ids=[c[0] for c in CALL_SAMPLER_CASES])
+def test_call_sampler_decides_as_the_sdks_parent_based_chain(name, method, parent, attributes) -> None:
+    """The daemon's sampler answers exactly what ParentBased(MethodRateSampler) answers, for
+    many trace ids (the ratio case depends on them)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import ParentBased
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+    from opentelemetry.trace.span import TraceState
+
+    from pycrio.tracing.sampling import CallSampler, MethodRateSampler
+
+    rules = SamplingRules(1_000_000, {"Version": 0, "ContainerStatus": 500_000})
+    ours, sdk = CallSampler(rules), ParentBased(root=MethodRateSampler(rules))
+    context = None
+    if parent is not None:
+        remote, flags, state = parent
+        trace_state = TraceState.from_header([state]) if state is not None else None
+        span_context = SpanContext(0xAB, 0xCD, is_remote=remote, trace_flags=TraceFlags(flags), trace_state=trace_state)
+        context = trace.set_span_in_context(NonRecordingSpan(span_context))
+    decisions = set()
+    for trace_id in [0xAB, *(secrets.randbits(128) for _ in range(200))]:
+        a = ours.should_sample(context, trace_id, method, attributes=attributes)
+        b = sdk.should_sample(context, trace_id, method, attributes=attributes)
+        assert (a.decision, dict(a.attributes), a.trace_state) == (b.decision, dict(b.attributes), b.trace_state)
+        decisions.add(a.decision)
+    if name == "root at a ratio":
+        assert len(decisions) == 2  # both answers came up: the ids mattered
+    assert ours.get_description() == sdk.get_description()

@@ -24,6 +24,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.span import TraceState
 
+from pycrio.tracing.span import LightSpan
+
 _FIXED64 = Struct("<Q").pack
 _DOUBLE = Struct("<d").pack
 _FIXED32 = Struct("<I").pack
@@ -380,7 +382,7 @@ def _schema_url(scope: InstrumentationScope | None) -> bytes:
 # By SpanKind value: SpanKind.INTERNAL (0) is SPAN_KIND_INTERNAL (1) on the wire, and so on.
 _KINDS = {kind.value: b"\x30" + _varint(kind.value + 1) for kind in SpanKind}
 _UNSET = StatusCode.UNSET
-_SDK_SPANS = frozenset((ReadableSpan, Span))
+_SDK_SPANS = frozenset((ReadableSpan, Span, LightSpan))
 
 
 def sdk_encode(spans: Sequence[ReadableSpan]) -> bytes:

@@ -21,10 +21,14 @@ from pycrio.config import TracingConfig
 from pycrio.tracing.exporter import ExportHealth
 from pycrio.tracing.interceptor import SpanMode
 from pycrio.tracing.pipeline import Pipeline, SwitchableSampler, SwitchableSpanProcessor
+from pycrio.tracing.span import LightTracerProvider
 
 log = logging.getLogger("pycrio.tracing")
 
 SERVICE_NAME = "pycrio"
+# "sdk" makes spans with the SDK's own Tracer and Span instead of pycrio's LightTracer/LightSpan
+# (same spans, about twice the CPU per span): for comparisons and as an escape hatch.
+SPANS_ENV = "PYCRIO_TRACING_SPANS"
 INSTRUMENTATION_NAME = "pycrio"
 
 
@@ -58,7 +62,8 @@ class Tracing:
         self._sampler = SwitchableSampler()
         self._processor = SwitchableSpanProcessor(self.health)
         self.resource = make_resource(service_name, attributes)
-        self.provider = TracerProvider(sampler=self._sampler, resource=self.resource)
+        provider_class = TracerProvider if os.environ.get(SPANS_ENV) == "sdk" else LightTracerProvider
+        self.provider = provider_class(sampler=self._sampler, resource=self.resource)
         self.provider.add_span_processor(self._processor)
         self.tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, __version__)
         trace.set_tracer_provider(self.provider)

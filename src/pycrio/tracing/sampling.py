@@ -27,7 +27,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable, Mapping, Sequence
 
-from opentelemetry.context import Context
+from opentelemetry.context import Context, get_current
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -36,10 +36,13 @@ from opentelemetry.sdk.trace.sampling import (
     ParentBased,
     Sampler,
     SamplingResult,
+    StaticSampler,
     TraceIdRatioBased,
 )
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
-from opentelemetry.trace.span import TraceState
+from opentelemetry.trace import Span as APISpan
+from opentelemetry.trace.propagation import _SPAN_KEY
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 from opentelemetry.util.types import Attributes
 
 MAX_RATE = 1_000_000
@@ -223,7 +226,77 @@ def _as_kept(span: ReadableSpan) -> ReadableSpan:
     )
 
 
+class CallSampler(ParentBased):
+    """`ParentBased(root=MethodRateSampler(rules))` with the SDK's default delegates, deciding as
+    it does in one step, without a new SamplingResult per span where the answer cannot differ.
+
+    Every span asks the sampler. The SDK's chain (ParentBased -> MethodRateSampler -> a
+    StaticSampler) finds the parent span three times and builds a SamplingResult each time.
+    Here, a root span of a method sampled at 0 or 1000000 per million, or a child of a parent
+    without a tracestate, gets a shared result made once. It is the same decision, no
+    attributes and the same trace state. Anything else (a ratio, a parent with a tracestate,
+    sampler attributes) goes through the SDK's chain. `get_description` is ParentBased's.
+    """
+
+    def __init__(self, rules: SamplingRules) -> None:
+        super().__init__(root=MethodRateSampler(rules))
+        self._method_rates: MethodRateSampler = self._root  # type: ignore[assignment]
+        self._root_results: dict[str, SamplingResult | None] = {}
+        self._child_results = {
+            (remote, sampled): _static_result(delegate, DEFAULT_TRACE_STATE)
+            for (remote, sampled), delegate in {
+                (True, True): self._remote_parent_sampled,
+                (True, False): self._remote_parent_not_sampled,
+                (False, True): self._local_parent_sampled,
+                (False, False): self._local_parent_not_sampled,
+            }.items()
+        }
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        if not attributes:
+            span = (parent_context if parent_context is not None else get_current()).get(_SPAN_KEY)
+            parent = span.get_span_context() if isinstance(span, APISpan) else None
+            if parent is None or not parent.is_valid:
+                result = self._root_results.get(name, _UNKNOWN)
+                if result is _UNKNOWN:
+                    result = _static_result(self._method_rates.sampler_for(name))
+                    if len(self._root_results) < MAX_CACHED_NAMES:
+                        self._root_results[name] = result
+                if result is not None:
+                    return result
+            elif parent.trace_state is DEFAULT_TRACE_STATE or not parent.trace_state:
+                result = self._child_results[(parent.is_remote, parent.trace_flags.sampled)]
+                if result is not None:
+                    return result if parent.trace_state is DEFAULT_TRACE_STATE else _with_state(result, parent)
+        return super().should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+
+_UNKNOWN = SamplingResult(Decision.DROP)  # a marker: "not cached yet"
+
+
+def _static_result(sampler: Sampler, trace_state: TraceState | None = None) -> SamplingResult | None:
+    """The one result a StaticSampler (ALWAYS_ON, ALWAYS_OFF) gives for a span without
+    attributes whose parent has `trace_state` (None: no parent); None for any other sampler."""
+    if type(sampler) is not StaticSampler:
+        return None
+    return SamplingResult(sampler._decision, None, trace_state)
+
+
+def _with_state(result: SamplingResult, parent: SpanContext) -> SamplingResult:
+    return SamplingResult(result.decision, None, parent.trace_state)
+
+
 def make_sampler(rules: SamplingRules, always_sample_errors: bool = False) -> Sampler:
-    """ParentBased(MethodRateSampler), wrapped to record dropped calls when errors are kept."""
-    sampler: Sampler = ParentBased(root=MethodRateSampler(rules))
+    """ParentBased(MethodRateSampler) (as CallSampler), wrapped to record dropped calls when
+    errors are kept."""
+    sampler: Sampler = CallSampler(rules)
     return ErrorKeepingSampler(sampler) if always_sample_errors else sampler
