@@ -23,7 +23,15 @@ configurations alike:
               start, a dozen step spans per call on the traced daemons), then StopContainer,
               RemoveContainer, StopPodSandbox, RemovePodSandbox untimed; on a CNI bridge of its
               own (pycriotrb0, 10.150.0.0/24) with a busybox image from a loopback registry.
-              `--pods 0` skips the phase (no registry, no network).
+              `--pods 0` skips the phase (no registry, no network);
+- paired:     on the rate-0 daemon (and a rate-0 daemon of `--baseline-src`), `--paired-blocks` pairs
+              of `--paired-calls` ListContainers calls, one block with a sampled `traceparent` on
+              every call (a span each, as kubelet's calls get) and one without (no span), order
+              alternating. Extra CPU per traced call = the median over pairs of the difference in
+              the daemon's thread schedstat (without the export thread), plus the export thread's
+              CPU over the phase per traced call. The same process makes both kinds of call, so
+              the spread between daemons (a heap, threads and caches of their own, up to +-60 us
+              per call in the phases above) is not in it.
 
 Daemon CPU per call: utime+stime from /proc/<pid>/stat of the daemon and of every process below
 it (an exporter process it may start), leaving out runc, conmon, pycrio-monitor, pycrio-zygote
@@ -84,6 +92,7 @@ DOWN = "down"
 METRICS = "metrics"
 BASE_OFF = "off, baseline"
 BASE_LIVE = "live, baseline"
+BASE_RATE0 = "rate 0, baseline"  # only in the paired phase
 ALL_CONFIGS = (OFF, RATE0, LIVE, DOWN, METRICS, BASE_OFF, BASE_LIVE)
 DESCRIPTIONS = {
     OFF: "tracing disabled",
@@ -93,12 +102,15 @@ DESCRIPTIONS = {
     METRICS: "metrics on, tracing off",
     BASE_OFF: "baseline: tracing disabled",
     BASE_LIVE: "baseline: 1000000, Jaeger",
+    BASE_RATE0: "baseline: rate 0",
 }
 # The --baseline-src daemons are compared with their own "off".
 REFERENCE = {BASE_OFF: BASE_OFF, BASE_LIVE: BASE_OFF}
 SEQUENTIAL = "sequential ListContainers"
 PARALLEL = "ListContainers, 4 clients"
 PODS = "pod start (Run+Create+Start)"
+PAIRED = "same daemon, with and without a sampled parent"
+EXPORT_THREAD = "pycrio-spans"
 CLIENTS = 4
 POD_CALLS = ("RunPodSandbox", "CreateContainer", "StartContainer")
 CALLS_PER_POD = 7  # the timed three and the untimed teardown, all in the CPU window
@@ -436,6 +448,93 @@ def checks(phase: str, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# -- the paired phase: one daemon, calls with and without a sampled parent -------------------
+
+
+def _thread_ns(pid: int) -> tuple[int, int]:
+    """(all threads, the span export thread) on-CPU nanoseconds of the daemon process."""
+    total = export = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in tasks:
+        try:
+            ns = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        total += ns
+        if comm == EXPORT_THREAD:
+            export += ns
+    return total, export
+
+
+def traceparent() -> tuple[tuple[str, str], ...]:
+    return (("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),)
+
+
+def paired_phase(stubs: dict[str, Stub], pids: dict[str, int], blocks: int, calls: int, settle_s: float
+                 ) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """On each rate-0 daemon: `blocks` pairs of blocks of `calls` ListContainers, one block with a
+    sampled W3C parent on every call (each call a span, as kubelet's are) and one without (no
+    span at all), in alternating order, daemons interleaved. The request side's extra CPU is the
+    median over pairs of (traced block - untraced block) per call, from the daemon's thread
+    schedstat without the export thread; the export thread's CPU over the phase (and its last
+    batch) divided by the traced calls is added. One process, one heap, one set of threads:
+    none of the between-daemon spread of the other phases."""
+    request = api_pb2.ListContainersRequest()
+    diffs: dict[str, list[float]] = {n: [] for n in stubs}
+    plain_us: dict[str, list[float]] = {n: [] for n in stubs}
+    export_start = {n: _thread_ns(pid)[1] for n, pid in pids.items()}
+    names = list(stubs)
+    t_start = time.monotonic()
+    for b in range(blocks):
+        for name in names[b % len(names):] + names[: b % len(names)]:
+            spent = {}
+            for traced in ((False, True) if b % 2 == 0 else (True, False)):
+                metadata = [traceparent() if traced else () for _ in range(calls)]
+                total0, export0 = _thread_ns(pids[name])
+                for md in metadata:
+                    stubs[name].ListContainers(request, metadata=md, timeout=10)
+                total1, export1 = _thread_ns(pids[name])
+                spent[traced] = ((total1 - total0) - (export1 - export0)) / calls / 1000
+            diffs[name].append(spent[True] - spent[False])
+            plain_us[name].append(spent[False])
+        if (b + 1) % 20 == 0:
+            print(f"  {PAIRED}: pair {b + 1}/{blocks} ({time.monotonic() - t_start:.0f}s)", file=sys.stderr, flush=True)
+    time.sleep(settle_s)
+    out = {}
+    for name in names:
+        d = sorted(diffs[name])
+        export_us = (_thread_ns(pids[name])[1] - export_start[name]) / (blocks * calls) / 1000
+        request_us = percentile(d, 50)
+        out[name] = {
+            "traced_calls": blocks * calls,
+            "untraced_cpu_us_per_call": percentile(plain_us[name], 50),
+            "request_extra_us_p50": request_us,
+            "request_extra_us_mean": sum(d) / len(d),
+            "request_extra_us_iqr": [percentile(d, 25), percentile(d, 75)],
+            "export_thread_us": export_us,
+            "extra_cpu_us": request_us + export_us,
+        }
+    return out
+
+
+def print_paired(rows: dict[str, dict[str, Any]], calls: int, blocks: int) -> None:
+    print(f"\n== {PAIRED} ({blocks} pairs of {calls}-call blocks, CPU from thread schedstat) ==")
+    header = (f"{'daemon':<30} {'untraced':>9} {'request extra':>14} {'(mean)':>7} {'(IQR of pairs)':>15} "
+              f"{'export thread':>14} {'extra CPU':>10}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for name, row in rows.items():
+        lo, hi = row["request_extra_us_iqr"]
+        print(f"{DESCRIPTIONS[name]:<30} {fmt(row['untraced_cpu_us_per_call'], 9)} {fmt(row['request_extra_us_p50'], 14)} "
+              f"{fmt(row['request_extra_us_mean'], 7)} {f'{lo:.0f}..{hi:.0f}':>15} {fmt(row['export_thread_us'], 14)} "
+              f"{fmt(row['extra_cpu_us'], 10)}")  # fmt: skip
+    print("(us per call; untraced: the daemon's CPU per call without a parent; extra CPU: request extra + export thread)")
+
+
 # -- set-up and clean-up of the pod phase ----------------------------------------------------
 
 
@@ -587,10 +686,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run an off and a live daemon with PYTHONPATH=DIR (e.g. a `git archive` of an older commit's src/, "
         "with its generated stubs), in the same interleaved blocks: before/after in one run",
     )  # fmt: skip
+    parser.add_argument("--paired-blocks", type=int, default=150,
+                        help="pairs of blocks in the same-daemon phase (with/without a sampled parent); 0 skips it")
+    parser.add_argument("--paired-calls", type=int, default=50, help="ListContainers calls per block of that phase")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    if args.blocks < 1 or args.calls < CLIENTS or args.pods < 0 or args.bsp_delay < 1:
-        parser.error(f"--blocks >= 1, --calls >= {CLIENTS}, --pods >= 0, --bsp-delay >= 1")
+    if (args.blocks < 1 or args.calls < CLIENTS or args.pods < 0 or args.bsp_delay < 1 or args.paired_blocks < 0
+            or args.paired_calls < 1):  # fmt: skip
+        parser.error(f"--blocks >= 1, --calls >= {CLIENTS}, --pods >= 0, --bsp-delay >= 1, --paired-blocks >= 0, "
+                     "--paired-calls >= 1")  # fmt: skip
     return args
 
 
@@ -621,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     cgroup_parent = f"/pycrio-bench-tracing-{bench_id}"
     started = time.monotonic()
     report: dict[str, Any] = {"parameters": {**vars(args), "json": str(args.json), "configs": configs}}
+    paired: dict[str, dict[str, Any]] = {}
     daemons: dict[str, PycrioDaemon] = {}
     results = {p: {c: PhaseResult() for c in configs} for p in (SEQUENTIAL, PARALLEL, PODS)}
     leaked: list[str] = []
@@ -653,15 +758,18 @@ def main(argv: list[str] | None = None) -> int:
                 METRICS: ["--log-level", "info"],
                 BASE_OFF: ["--log-level", "info"],
                 BASE_LIVE: tracing_args(jaeger.otlp_grpc, rate=1_000_000),
+                BASE_RATE0: tracing_args(jaeger.otlp_grpc, rate=0),
             }
-            for i, config in enumerate(configs):
+            paired_configs = [RATE0] + ([BASE_RATE0] if args.baseline_src is not None else [])
+            extra_daemons = [BASE_RATE0] if args.paired_blocks and args.baseline_src is not None else []
+            for i, config in enumerate([*configs, *extra_daemons]):
                 config_text = text + (f'[pycrio.runtime]\npod_cgroup_parent = "{cgroup_parent}/d{i}"\n' if args.pods else "")
                 if config == METRICS and metrics_receiver is not None:
                     config_text += (
                         "[pycrio.metrics]\nenable_metrics = true\n"
                         f'metrics_endpoint = "{metrics_receiver.endpoint}"\nmetrics_port = {free_port()}\n'
                     )
-                own_env = {**env, "PYTHONPATH": str(args.baseline_src)} if config in REFERENCE else env
+                own_env = {**env, "PYTHONPATH": str(args.baseline_src)} if config in (*REFERENCE, BASE_RATE0) else env
                 daemon = PycrioDaemon(base / f"d{i}", args=daemon_args[config], env=own_env, config_text=config_text)
                 daemons[config] = daemon
                 daemon.start()
@@ -689,6 +797,14 @@ def main(argv: list[str] | None = None) -> int:
                       lambda c, r: sequential_block(stubs[c], args.calls, r), args.blocks, settle_s)  # fmt: skip
             run_phase(PARALLEL, configs, roots, results,
                       lambda c, r: parallel_block(parallel[c], args.calls, r), args.blocks, settle_s)  # fmt: skip
+            if args.paired_blocks:
+                for config in paired_configs:  # the untraced and the traced path warmed up
+                    for _ in range(WARMUP_CALLS):
+                        stubs[config].ListContainers(api_pb2.ListContainersRequest(), metadata=traceparent(), timeout=10)
+                        stubs[config].ListContainers(api_pb2.ListContainersRequest(), timeout=10)
+                time.sleep(settle_s)
+                paired = paired_phase({c: stubs[c] for c in paired_configs}, {c: roots[c] for c in paired_configs},
+                                      args.paired_blocks, args.paired_calls, settle_s)  # fmt: skip
             if args.pods:
                 logs = base / "logs"
 
@@ -728,6 +844,13 @@ def main(argv: list[str] | None = None) -> int:
         report["phases"][phase] = rows
         print_phase(phase, rows, "ms" if phase == PODS else "us")
         all_checks += checks(phase, rows)
+    if paired:
+        report["phases"][PAIRED] = paired
+        print_paired(paired, args.paired_calls, args.paired_blocks)
+        for config, row in paired.items():
+            name = "extra CPU per traced call, us" + (" [baseline]" if config == BASE_RATE0 else "")
+            all_checks.append({"phase": "same daemon, paired", "check": name, "value": row["extra_cpu_us"], "limit": 60.0,
+                               "pass": row["extra_cpu_us"] <= 60.0})  # fmt: skip
     # Every call the live daemon answered: the timed ones and the warm-up (the pod phase's failed
     # groups would make fewer).
     expected = {LIST.rsplit("/", 1)[1]: results[SEQUENTIAL][LIVE].calls + results[PARALLEL][LIVE].calls

@@ -531,8 +531,8 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(runtime_pod, "_TRACER", provider.get_tracer("pycrio"))
-    monkeypatch.setattr(pycrio.tracing, "_STEP_TRACER", provider.get_tracer("pycrio"))  # the runtime_* steps
+    # The client spans and the runtime_* steps come from pycrio.tracing's tracer.
+    monkeypatch.setattr(pycrio.tracing, "_STEP_TRACER", provider.get_tracer("pycrio"))
     yield provider.get_tracer("test"), exporter
     provider.shutdown()
 

@@ -146,18 +146,25 @@ class Telemetry:
         from opentelemetry import propagate, trace
         from opentelemetry.trace import SpanKind
 
-        from pycrio.tracing.interceptor import SpanMode
+        from pycrio.tracing.attributes import put_attributes
+        from pycrio.tracing.interceptor import SpanMode, is_w3c, w3c_parent
 
         mode = tracing.span_mode(name)
         parent = None
         if "traceparent" in carrier:
-            parent = propagate.extract({k: v for k, v in carrier.items() if k in PROPAGATION_KEYS})
+            wanted = {k: v for k, v in carrier.items() if k in PROPAGATION_KEYS}
+            if len(wanted) == 1 and is_w3c(propagate.get_global_textmap()):  # the daemon's usual carrier
+                parent = w3c_parent(wanted["traceparent"])
+            if parent is None:
+                parent = propagate.extract(wanted)
         if mode is SpanMode.NONE or (parent is None and mode is not SpanMode.ALL):
             return None, None  # a root span at rate 0 would never be recorded: make none at all
-        attributes: dict[str, str] = {POD_ID_ATTRIBUTE: self.pod_id, "uuid": request_id}
-        if container_id:
-            attributes["container_id"] = container_id
-        span = tracing.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+        span = tracing.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
+        if span.is_recording():  # our own str values: set without the SDK's cleaning pass
+            attributes: dict[str, str] = {POD_ID_ATTRIBUTE: self.pod_id, "uuid": request_id}
+            if container_id:
+                attributes["container_id"] = container_id
+            put_attributes(span, attributes, plain=True)
         return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
     def shutdown(self, timeout: float = FLUSH_TIMEOUT_SECONDS) -> bool:

@@ -37,14 +37,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import Message
-from opentelemetry import propagate, trace
+from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 
 from pycrio.config import Config, TracingConfig
@@ -78,7 +77,8 @@ from pycrio.oci.runtime_oci import OCIRuntime, _binary_runs, _read_int, _tail, _
 from pycrio.oci.runtime_oci import _write_atomic as _write_text
 from pycrio.procfs import process_start_time, same_process
 from pycrio.streaming.session import ClientGone
-from pycrio.tracing import step_span
+from pycrio.tracing import child_span, step_span
+from pycrio.tracing.call import new_request_id
 
 if TYPE_CHECKING:
     from pycrio.streaming.session import SessionIO
@@ -96,7 +96,6 @@ _DEATH_WAIT = 2.0  # after its WatchExits stream ended: how long the monitor's p
 _SUN_PATH_MAX = 107  # sockaddr_un's sun_path holds 108 bytes with the NUL
 _PID_WAIT = 2.0
 
-_TRACER = trace.get_tracer("pycrio")
 
 # Request.op field -> the method name of the CLIENT span
 METHODS = {
@@ -160,16 +159,14 @@ def tracing_settings(config: TracingConfig) -> monitor_pb2.TracingSettings:
 
 def _client_span(method: str, pod_id: str, container_id: str, request_uuid: str) -> contextlib.AbstractContextManager[Any]:
     """The CLIENT span of one monitor call, child of the current call (none without one)."""
-    if not trace.get_current_span().is_recording():
-        return contextlib.nullcontext(trace.INVALID_SPAN)
     attributes = {"pod.id": pod_id, "uuid": request_uuid, "rpc.system": "pycrio-monitor", "rpc.method": method}
     if container_id:
         attributes["container_id"] = container_id
-    return _TRACER.start_as_current_span(f"pycrio-monitor-client: {method}", kind=SpanKind.CLIENT, attributes=attributes)
+    return child_span(f"pycrio-monitor-client: {method}", SpanKind.CLIENT, attributes)
 
 
 def _request(op: str, message: Message) -> monitor_pb2.Request:
-    request = monitor_pb2.Request(uuid=uuid.uuid4().hex)
+    request = monitor_pb2.Request(uuid=new_request_id())
     getattr(request, op).CopyFrom(message)
     return request
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +35,7 @@ from pycrio.streaming.server import (
     WebSocketTransport,
 )
 from pycrio.streaming.session import ExecOutcome, SessionCounters, SessionIO
-from pycrio.tracing.call import CallInfo, current_call
+from pycrio.tracing.call import CallInfo, current_call, new_request_id
 
 log = logging.getLogger("pycrio.streaming")
 
@@ -210,7 +209,7 @@ class _Session:
             "stream.protocol": protocol,
             "stream.subprotocol": self.transport.protocol,
             "pod.id": request.pod_id,
-            "uuid": str(uuid.uuid4()),
+            "uuid": new_request_id(),
         }
         if isinstance(self.transport, SpdyTransport) and self.transport.tunnelled:
             attributes["stream.protocol"] = "spdy-over-websocket"

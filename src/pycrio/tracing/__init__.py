@@ -51,14 +51,15 @@ class _StepSpan:
     The SDK's version runs two generator-based context managers per step (a fifth of a step span's
     cost on the request thread)."""
 
-    __slots__ = ("_name", "_attributes", "_span", "_token")
+    __slots__ = ("_name", "_attributes", "_kind", "_span", "_token")
 
-    def __init__(self, name: str, attributes: dict[str, Any]) -> None:
+    def __init__(self, name: str, attributes: dict[str, Any], kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> None:
         self._name = name
         self._attributes = attributes
+        self._kind = kind
 
     def __enter__(self) -> trace.Span:
-        span = self._span = _STEP_TRACER.start_span(self._name)
+        span = self._span = _STEP_TRACER.start_span(self._name, kind=self._kind)
         if self._attributes and span.is_recording():
             put_attributes(span, self._attributes)
         self._token = otel_context.attach(trace.set_span_in_context(span))
@@ -85,6 +86,13 @@ def step_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
     return _StepSpan(name, attributes)
 
 
+def child_span(name: str, kind: trace.SpanKind, attributes: dict[str, Any]) -> AbstractContextManager[Any]:
+    """`step_span` with a span kind (a CLIENT span around a call to another process)."""
+    if not trace.get_current_span().is_recording():
+        return nullcontext(trace.INVALID_SPAN)
+    return _StepSpan(name, attributes, kind)
+
+
 __all__ = [
     "CRIServerInterceptor",
     "CallInfo",
@@ -93,6 +101,7 @@ __all__ = [
     "SpanMode",
     "SpanPolicy",
     "Tracing",
+    "child_span",
     "current_call",
     "step_span",
 ]

@@ -57,7 +57,7 @@ def w3c_parent(traceparent: str) -> otel_context.Context | None:
     return trace.set_span_in_context(NonRecordingSpan(parent), otel_context.Context())
 
 
-def _is_w3c(textmap: object) -> bool:
+def is_w3c(textmap: object) -> bool:
     """Whether the global propagator is W3C trace context (and baggage) only, as pycrio sets it."""
     propagators = getattr(textmap, "_propagators", (textmap,))
     types = [type(p) for p in propagators]
@@ -122,10 +122,12 @@ class FixedSpanPolicy:
 class _Call:
     """Per-call bookkeeping shared by the unary and streaming wrappers."""
 
-    __slots__ = ("method", "span", "var_token", "span_token", "code", "message", "started")
+    __slots__ = ("method", "request_id", "attributes", "span", "var_token", "span_token", "code", "message", "started")
 
-    def __init__(self, method: str, started: float) -> None:
+    def __init__(self, method: str, request_id: str, started: float) -> None:
         self.method = method
+        self.request_id = request_id
+        self.attributes: dict[str, str] = {}
         self.span: trace.Span | None = None
         self.var_token: contextvars.Token[CallInfo | None] | None = None
         self.span_token: object = None
@@ -222,8 +224,8 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
     def _begin(
         self, method: str, attributes: dict[str, str], request: Message, context: grpc.ServicerContext
     ) -> _Call:
-        call = _Call(method, time.perf_counter() if self._metrics is not None else 0.0)
         info = CallInfo(new_request_id(), method)
+        call = _Call(method, info.request_id, time.perf_counter() if self._metrics is not None else 0.0)
         spans = self._spans
         mode = spans.span_mode(method) if spans is not None else SpanMode.NONE
         if mode is not SpanMode.NONE:
@@ -231,9 +233,8 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             parent = self._parent_context(context)
             if parent is not None or mode is SpanMode.ALL:
                 span = spans.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
-                if span.is_recording():  # our own str values: set without the SDK's cleaning pass
-                    put_attributes(span, {**attributes, "id": info.request_id}, plain=True)
                 call.span = span
+                call.attributes = attributes  # written with the status at the end, in one step
                 call.span_token = otel_context.attach(trace.set_span_in_context(span, parent))
         call.var_token = current_call.set(info)
         if log.isEnabledFor(logging.DEBUG):
@@ -252,7 +253,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             return None
         textmap = propagate.get_global_textmap()
         if textmap is not self._textmap:
-            self._textmap, self._textmap_w3c = textmap, _is_w3c(textmap)
+            self._textmap, self._textmap_w3c = textmap, is_w3c(textmap)
         if self._textmap_w3c and len(carrier) == 1:  # no tracestate, no baggage: the usual call
             parent = w3c_parent(carrier["traceparent"])
             if parent is not None:
@@ -285,8 +286,10 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                 log.exception("recording metrics of %s failed", call.method)
         span = call.span
         if span is not None:
-            if span.is_recording():
-                put_attributes(span, STATUS_ATTRIBUTES[call.code], plain=True)
+            if span.is_recording():  # our own str/int values: set without the SDK's cleaning pass
+                put_attributes(
+                    span, {**call.attributes, "id": call.request_id, **STATUS_ATTRIBUTES[call.code]}, plain=True
+                )
             if call.code is not grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, f"{call.code.name}: {call.message}"))
             span.end()
