@@ -337,6 +337,8 @@ def test_fast_traceparent_reads_what_the_w3c_propagator_reads(header) -> None:
         return
     got = trace.get_current_span(fast).get_span_context()
     assert expected.is_valid
+    assert tuple(got) == tuple(expected)  # ids, remote flag, flags, trace state and validity
+    assert type(fast) is type(propagate.extract({"traceparent": header})) and len(fast) == 1
     assert (got.trace_id, got.span_id, got.trace_flags, got.is_remote, got.trace_state) == (
         expected.trace_id, expected.span_id, expected.trace_flags, expected.is_remote, expected.trace_state
     )
