@@ -31,7 +31,10 @@ configurations alike:
               the daemon's thread schedstat (without the export thread), plus the export thread's
               CPU over the phase per traced call. The same process makes both kinds of call, so
               the spread between daemons (a heap, threads and caches of their own, up to +-60 us
-              per call in the phases above) is not in it.
+              per call in the phases above) is not in it;
+- paired pod lives: the same with `--paired-pods` pairs of pod groups (all 7 calls of a pod's
+              life with or without a sampled parent), after the pod phase: extra CPU per pod life,
+              per call and per span (spans counted by the daemon's export health).
 
 Daemon CPU per call: utime+stime from /proc/<pid>/stat of the daemon and of every process below
 it (an exporter process it may start), leaving out runc, conmon, pycrio-monitor, pycrio-zygote
@@ -323,9 +326,11 @@ def container_config(image: str) -> api_pb2.ContainerConfig:
     )
 
 
-def pod_group(stub: Stub, image: str, log_dir: Path, result: PhaseResult | None) -> None:
+def pod_group(stub: Stub, image: str, log_dir: Path, result: PhaseResult | None,
+              metadata: Callable[[], Any] = tuple) -> None:  # fmt: skip
     """Run + Create + Start timed, then the untimed teardown (StopContainer with timeout 0: sleep
-    is PID 1 and ignores SIGTERM). A failure is recorded and the pod removed."""
+    is PID 1 and ignores SIGTERM). A failure is recorded and the pod removed. `metadata()` gives
+    each call's metadata (a sampled traceparent in the paired phase)."""
     clock = time.perf_counter_ns
     sandbox = pod_config(f"bench-{secrets.token_hex(3)}", secrets.token_hex(8), log_dir)
     timings: dict[str, int] = {}
@@ -342,16 +347,20 @@ def pod_group(stub: Stub, image: str, log_dir: Path, result: PhaseResult | None)
 
     try:
         pod_id = timed("RunPodSandbox", lambda: stub.RunPodSandbox(
-            api_pb2.RunPodSandboxRequest(config=sandbox), timeout=RPC_TIMEOUT)).pod_sandbox_id
+            api_pb2.RunPodSandboxRequest(config=sandbox), metadata=metadata(), timeout=RPC_TIMEOUT)).pod_sandbox_id
         cid = timed("CreateContainer", lambda: stub.CreateContainer(api_pb2.CreateContainerRequest(
-            pod_sandbox_id=pod_id, config=container_config(image), sandbox_config=sandbox), timeout=RPC_TIMEOUT)).container_id
+            pod_sandbox_id=pod_id, config=container_config(image), sandbox_config=sandbox), metadata=metadata(),
+            timeout=RPC_TIMEOUT)).container_id
         timed("StartContainer", lambda: stub.StartContainer(
-            api_pb2.StartContainerRequest(container_id=cid), timeout=RPC_TIMEOUT))
+            api_pb2.StartContainerRequest(container_id=cid), metadata=metadata(), timeout=RPC_TIMEOUT))
         current = "teardown"
-        stub.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=0), timeout=RPC_TIMEOUT)
-        stub.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=RPC_TIMEOUT)
-        stub.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
-        stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
+        stub.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=0), metadata=metadata(),
+                           timeout=RPC_TIMEOUT)
+        stub.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), metadata=metadata(), timeout=RPC_TIMEOUT)
+        stub.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), metadata=metadata(),
+                            timeout=RPC_TIMEOUT)
+        stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), metadata=metadata(),
+                              timeout=RPC_TIMEOUT)
     except grpc.RpcError as exc:
         if result is not None:
             result.errors.append(f"{current}: {exc.code().name}: {exc.details()}")
@@ -519,6 +528,72 @@ def paired_phase(stubs: dict[str, Stub], pids: dict[str, int], blocks: int, call
             "extra_cpu_us": request_us + export_us,
         }
     return out
+
+
+def spans_started(stub: Stub) -> int:
+    """The daemon's count of sampled spans started (Status verbose, as `pycrio status` shows it)."""
+    info = stub.Status(api_pb2.StatusRequest(verbose=True), timeout=10).info
+    return int(json.loads(info["tracing"])["export"]["spans_started"])
+
+
+def paired_pods(stubs: dict[str, Stub], pids: dict[str, int], pairs: int, image: str, log_dir: Path, settle_s: float
+                ) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """As paired_phase, with pod lives (the 7 calls of one pod group) instead of ListContainers:
+    every call of the traced pod carries a sampled parent, so the whole life is traced with its
+    step spans and log events. Per pod life: extra CPU of the daemon process (runc, conmon and
+    CNI plugins are processes of their own, not counted), and the spans it made."""
+    diffs: dict[str, list[float]] = {n: [] for n in stubs}
+    spans = {n: 0 for n in stubs}
+    export_start = {n: _thread_ns(pid)[1] for n, pid in pids.items()}
+    names = list(stubs)
+    t_start = time.monotonic()
+    for b in range(pairs):
+        for name in names[b % len(names):] + names[: b % len(names)]:
+            spent = {}
+            for traced in ((False, True) if b % 2 == 0 else (True, False)):
+                started = spans_started(stubs[name]) if traced else 0
+                total0, export0 = _thread_ns(pids[name])
+                pod_group(stubs[name], image, log_dir / name.replace(" ", "-"), None, traceparent if traced else tuple)
+                total1, export1 = _thread_ns(pids[name])
+                if traced:
+                    spans[name] += spans_started(stubs[name]) - started
+                spent[traced] = ((total1 - total0) - (export1 - export0)) / 1000
+            diffs[name].append(spent[True] - spent[False])
+        if (b + 1) % 5 == 0:
+            print(f"  {PAIRED}, pod lives: pair {b + 1}/{pairs} ({time.monotonic() - t_start:.0f}s)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+    time.sleep(settle_s)
+    out = {}
+    for name in names:
+        d = sorted(diffs[name])
+        export_us = (_thread_ns(pids[name])[1] - export_start[name]) / pairs / 1000
+        per_pod = percentile(d, 50) + export_us
+        out[name] = {
+            "pod_lives": pairs,
+            "spans_per_pod_life": spans[name] / pairs,
+            "request_extra_us_p50": percentile(d, 50),
+            "request_extra_us_iqr": [percentile(d, 25), percentile(d, 75)],
+            "export_thread_us": export_us,
+            "extra_cpu_us_per_pod_life": per_pod,
+            "extra_cpu_us_per_call": per_pod / CALLS_PER_POD,
+            "extra_cpu_us_per_span": per_pod / (spans[name] / pairs) if spans[name] else math.nan,
+        }
+    return out
+
+
+def print_paired_pods(rows: dict[str, dict[str, Any]], pairs: int) -> None:
+    print(f"\n== {PAIRED}: pod lives ({pairs} pairs; Run+Create+Start+Stop+Remove+StopPod+RemovePod) ==")
+    header = (f"{'daemon':<30} {'spans':>6} {'request extra':>14} {'(IQR of pairs)':>17} {'export thread':>14} "
+              f"{'per pod life':>13} {'per call':>9} {'per span':>9}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for name, row in rows.items():
+        lo, hi = row["request_extra_us_iqr"]
+        print(f"{DESCRIPTIONS[name]:<30} {fmt(row['spans_per_pod_life'], 6)} {fmt(row['request_extra_us_p50'], 14, 0)} "
+              f"{f'{lo:.0f}..{hi:.0f}':>17} {fmt(row['export_thread_us'], 14, 0)} "
+              f"{fmt(row['extra_cpu_us_per_pod_life'], 13, 0)} {fmt(row['extra_cpu_us_per_call'], 9)} "
+              f"{fmt(row['extra_cpu_us_per_span'], 9)}")  # fmt: skip
+    print("(extra CPU in us of the daemon process, traced pod life minus untraced one)")
 
 
 def print_paired(rows: dict[str, dict[str, Any]], calls: int, blocks: int) -> None:
@@ -689,10 +764,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paired-blocks", type=int, default=150,
                         help="pairs of blocks in the same-daemon phase (with/without a sampled parent); 0 skips it")
     parser.add_argument("--paired-calls", type=int, default=50, help="ListContainers calls per block of that phase")
+    parser.add_argument("--paired-pods", type=int, default=20,
+                        help="pairs of pod lives (traced / untraced) on the rate-0 daemons after the pod phase; 0 skips")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if (args.blocks < 1 or args.calls < CLIENTS or args.pods < 0 or args.bsp_delay < 1 or args.paired_blocks < 0
-            or args.paired_calls < 1):  # fmt: skip
+            or args.paired_calls < 1 or args.paired_pods < 0):  # fmt: skip
         parser.error(f"--blocks >= 1, --calls >= {CLIENTS}, --pods >= 0, --bsp-delay >= 1, --paired-blocks >= 0, "
                      "--paired-calls >= 1")  # fmt: skip
     return args
@@ -726,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     report: dict[str, Any] = {"parameters": {**vars(args), "json": str(args.json), "configs": configs}}
     paired: dict[str, dict[str, Any]] = {}
+    paired_pod_rows: dict[str, dict[str, Any]] = {}
     daemons: dict[str, PycrioDaemon] = {}
     results = {p: {c: PhaseResult() for c in configs} for p in (SEQUENTIAL, PARALLEL, PODS)}
     leaked: list[str] = []
@@ -761,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
                 BASE_RATE0: tracing_args(jaeger.otlp_grpc, rate=0),
             }
             paired_configs = [RATE0] + ([BASE_RATE0] if args.baseline_src is not None else [])
-            extra_daemons = [BASE_RATE0] if args.paired_blocks and args.baseline_src is not None else []
+            extra_daemons = [BASE_RATE0] if (args.paired_blocks or args.paired_pods) and args.baseline_src is not None else []
             for i, config in enumerate([*configs, *extra_daemons]):
                 config_text = text + (f'[pycrio.runtime]\npod_cgroup_parent = "{cgroup_parent}/d{i}"\n' if args.pods else "")
                 if config == METRICS and metrics_receiver is not None:
@@ -813,6 +891,10 @@ def main(argv: list[str] | None = None) -> int:
                         pod_group(stubs[config], image, logs / config.replace(" ", "-"), result)
 
                 run_phase(PODS, configs, roots, results, pods_block, args.blocks, settle_s)
+                if args.paired_pods:
+                    paired_pod_rows = paired_pods({c: stubs[c] for c in paired_configs},
+                                                  {c: roots[c] for c in paired_configs}, args.paired_pods, image,
+                                                  logs / "paired", settle_s)  # fmt: skip
                 leaked = leftovers(base, daemons)
             live_pid = roots[LIVE]
             time.sleep(1.0)  # Jaeger's batch processor (200 ms) has stored what it got
@@ -851,6 +933,14 @@ def main(argv: list[str] | None = None) -> int:
             name = "extra CPU per traced call, us" + (" [baseline]" if config == BASE_RATE0 else "")
             all_checks.append({"phase": "same daemon, paired", "check": name, "value": row["extra_cpu_us"], "limit": 60.0,
                                "pass": row["extra_cpu_us"] <= 60.0})  # fmt: skip
+    if paired_pod_rows:
+        report["phases"][PAIRED + ": pod lives"] = paired_pod_rows
+        print_paired_pods(paired_pod_rows, args.paired_pods)
+        for config, row in paired_pod_rows.items():
+            name = "pod life: extra CPU per traced call, us" + (" [baseline]" if config == BASE_RATE0 else "")
+            value = row["extra_cpu_us_per_call"]
+            all_checks.append({"phase": "same daemon, paired", "check": name, "value": value, "limit": 60.0,
+                               "pass": value <= 60.0})  # fmt: skip
     # Every call the live daemon answered: the timed ones and the warm-up (the pod phase's failed
     # groups would make fewer).
     expected = {LIST.rsplit("/", 1)[1]: results[SEQUENTIAL][LIVE].calls + results[PARALLEL][LIVE].calls

@@ -55,6 +55,9 @@ class Pipeline:
         otlp = exporter_class(endpoint=config.tracing_endpoint, insecure=True, channel_options=CHANNEL_OPTIONS)
         self.exporter = ReportingSpanExporter(otlp, config.tracing_endpoint, health)
         self.batch = health.batch_processor(self.exporter)
+        self.exporter.full_batch = getattr(
+            getattr(self.batch, "_batch_processor", None), "_max_export_batch_size", self.exporter.full_batch
+        )
         # With errors kept, unsampled calls are recorded; only their ERROR spans go on to export.
         self.processor: SpanProcessor = (
             ErrorKeepingSpanProcessor(self.batch, on_kept=health.span_kept_for_error)
