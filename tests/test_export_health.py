@@ -128,7 +128,7 @@ def test_status_when_tracing_is_off_and_when_no_daemon(make_daemon, tmp_path) ->
     assert result.stderr.startswith(f"pycrio: no answer from {missing}: UNAVAILABLE")
 
 
-def test_the_queue_full_count_is_read_on_full_batches_and_once_a_second(monkeypatch) -> None:
+def test_the_queue_full_count_is_read_on_full_batches_and_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading the drop count collects metrics (~200 us): not on every export, but never missed."""
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
