@@ -198,6 +198,7 @@ def pipeline_cpu(spans: int = 2048, rounds: int = 5) -> None:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace import SpanProcessor
 
+    from pycrio.tracing.batch import SpanBatcher
     from pycrio.tracing.exporter import ExportHealth, ReportingSpanExporter
     from pycrio.tracing.otlp_exporter import FastOTLPSpanExporter
     from pycrio.tracing.pipeline import SwitchableSpanProcessor
@@ -214,11 +215,12 @@ def pipeline_cpu(spans: int = 2048, rounds: int = 5) -> None:
     tracer = provider.get_tracer("pycrio", "0.1.0")
     processors: dict[str, SpanProcessor | None] = {
         "no processor": None,
-        "queue, null exporter": health.batch_processor(Null()),
-        "queue, sdk exporter": health.batch_processor(
-            ReportingSpanExporter(OTLPSpanExporter(endpoint=receiver.endpoint, insecure=True), "r", health)),
-        "queue, pycrio exporter": health.batch_processor(
-            ReportingSpanExporter(FastOTLPSpanExporter(endpoint=receiver.endpoint, insecure=True), "r", health)),
+        "queue, null exporter": SpanBatcher(Null(), health),
+        "queue, sdk exporter": SpanBatcher(
+            ReportingSpanExporter(OTLPSpanExporter(endpoint=receiver.endpoint, insecure=True), "r", health), health),
+        "queue, pycrio exporter": SpanBatcher(
+            ReportingSpanExporter(FastOTLPSpanExporter(endpoint=receiver.endpoint, insecure=True), "r", health),
+            health),
     }  # fmt: skip
     results: dict[str, list[float]] = {name: [] for name in processors}
     try:

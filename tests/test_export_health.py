@@ -127,39 +127,3 @@ def test_status_when_tracing_is_off_and_when_no_daemon(make_daemon, tmp_path) ->
     assert result.returncode == 1
     assert result.stderr.startswith(f"pycrio: no answer from {missing}: UNAVAILABLE")
 
-
-def test_the_queue_full_count_is_read_on_full_batches_and_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reading the drop count collects metrics (~200 us): not on every export, but never missed."""
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-
-    from pycrio.tracing import exporter as exporter_module
-    from pycrio.tracing.exporter import ExportHealth, ReportingSpanExporter
-
-    class Ok(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    health = ExportHealth()
-    reads = []
-    drops = [0]
-
-    def dropped_queue_full() -> int:
-        reads.append(1)
-        return drops[0]
-
-    monkeypatch.setattr(health, "dropped_queue_full", dropped_queue_full)
-    clock = [100.0]
-    monkeypatch.setattr(exporter_module.time, "monotonic", lambda: clock[0])
-    reporting = ReportingSpanExporter(Ok(), "collector:4317", health)
-    reporting.full_batch = 4
-    reads.clear()
-    reporting.export([object()] * 2)  # a partial batch within the second: not read
-    assert reads == []
-    drops[0] = 7
-    with_log = []
-    monkeypatch.setattr(exporter_module.log, "warning", lambda *a, **k: with_log.append(a[0] % a[1:]))
-    reporting.export([object()] * 4)  # a full batch: read, and the drops are reported
-    assert len(reads) == 1 and any("7 spans dropped" in m for m in with_log)
-    clock[0] += 1.5
-    reporting.export([object()])  # a second later: read even for a partial batch
-    assert len(reads) == 2

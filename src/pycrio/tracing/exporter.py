@@ -6,8 +6,7 @@ counts, and where:
 - kept_for_error: unsampled call spans exported because they ended in an error;
 - exported: spans the collector accepted (`ReportingSpanExporter`);
 - dropped_export_failed: spans of batches the exporter failed to deliver;
-- dropped_queue_full: spans the batch processor dropped because its queue was full, read from the
-  SDK's own `otel.sdk.processor.span.processed{error.type="queue_full"}` counter;
+- dropped_queue_full: spans the batch processor (`SpanBatcher`) dropped because its queue was full;
 - failed_exports: export attempts (batches) that failed.
 started + kept_for_error - exported - dropped_* is what is still queued or in flight.
 """
@@ -15,58 +14,21 @@ started + kept_for_error - exported - dropped_* is what is still queued or in fl
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any, Sequence
 
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.environment_variables import OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 log = logging.getLogger("pycrio.tracing")
 
-# Loggers of the OTLP exporter and the batch processor: they log every failed export and (once per
-# 20 s) dropped spans; their messages are captured here and summarised instead.
-SDK_EXPORT_LOGGERS = (
-    "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.sdk._shared_internal",
-)
-SDK_PROCESSED_METRIC = "otel.sdk.processor.span.processed"
-# The batch processor's export thread, as `top -H` and /proc/<pid>/task/*/comm show it (CPU spent
-# encoding and sending spans is then readable per thread: bench/span_export.py).
+# The OTLP exporter's logger: it logs every failed export; its messages are captured here and
+# summarised instead.
+SDK_EXPORT_LOGGERS = ("opentelemetry.exporter.otlp.proto.grpc.exporter",)
+# The span export thread, as `top -H` and /proc/<pid>/task/*/comm show it (CPU spent encoding and
+# sending spans is then readable per thread: bench/tracing_overhead.py).
 EXPORT_THREAD_COMM = "pycrio-spans"
-DEFAULT_FULL_BATCH = 512  # the SDK's default max export batch size
-QUEUE_CHECK_INTERVAL = 1.0  # seconds: the queue-full drop count is read at least this often
-SDK_WORKER_PREFIX = "OtelBatch"
-
-
-def name_export_thread() -> bool:
-    """Give the calling thread its OS name if it is a batch processor's worker (not a thread
-    that flushes: renaming the main thread would rename the process); False if it is not."""
-    if not threading.current_thread().name.startswith(SDK_WORKER_PREFIX):
-        return False
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
-            comm.write(EXPORT_THREAD_COMM)
-    except OSError:
-        pass
-    return True
-
-
-def _queue_full_count(data: MetricsData | None) -> int:
-    total = 0
-    for resource_metrics in data.resource_metrics if data else ():
-        for scope_metrics in resource_metrics.scope_metrics:
-            for metric in scope_metrics.metrics:
-                if metric.name != SDK_PROCESSED_METRIC:
-                    continue
-                for point in metric.data.data_points:  # type: ignore[union-attr]
-                    if (point.attributes or {}).get("error.type") == "queue_full":
-                        total += int(point.value)  # type: ignore[union-attr]
-    return total
 
 
 class ExportHealth(logging.Filter):
@@ -84,10 +46,7 @@ class ExportHealth(logging.Filter):
         self.last_error = ""
         self.last_error_time: float | None = None
         self.failing_since: float | None = None
-        # Batch processors report their drops to this private meter provider (their
-        # `meter_provider` argument); nothing here is exported.
-        self._reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self._reader])
+        self._queue_full = 0
 
     # -- counting (called from span processors and the export thread) ------------------------
     def span_started(self) -> None:
@@ -111,27 +70,12 @@ class ExportHealth(logging.Filter):
             if self.failing_since is None:
                 self.failing_since = time.time()
 
-    def batch_processor(self, exporter: SpanExporter) -> BatchSpanProcessor:
-        """The SDK's batch processor, reporting its queue-full drops to this object.
-
-        The SDK records them only when OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED is true when the
-        processor is made; the variable is set for that moment only, so the tracer provider's
-        per-span internal metrics stay off.
-        """
-        saved = os.environ.get(OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED)
-        os.environ[OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED] = "true"
-        try:
-            # Queue, batch size and delay follow OTEL_BSP_* (SDK defaults 2048/512/5s): bounded, and
-            # a full queue drops spans instead of blocking the CRI call that ended them.
-            return BatchSpanProcessor(exporter, meter_provider=self.meter_provider)
-        finally:
-            if saved is None:
-                del os.environ[OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED]
-            else:
-                os.environ[OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED] = saved
+    def span_dropped_queue_full(self) -> None:
+        with self._lock:
+            self._queue_full += 1
 
     def dropped_queue_full(self) -> int:
-        return _queue_full_count(self._reader.get_metrics_data())
+        return self._queue_full
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain data (for Status(verbose), `pycrio status` and metrics)."""
@@ -183,27 +127,14 @@ class ReportingSpanExporter(SpanExporter):
         self._streak_dropped = 0
         self._failed_batches = 0
         self._queue_full_seen = health.dropped_queue_full()
-        self._queue_checked = time.monotonic()
-        # The batch processor's full batch (OTEL_BSP_MAX_EXPORT_BATCH_SIZE); the pipeline sets it.
-        self.full_batch = DEFAULT_FULL_BATCH
         self._queue_full_reported = False
-        self._thread_named = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if not self._thread_named:
-            self._thread_named = name_export_thread()
         result = self._inner.export(spans)
         now = time.monotonic()
-        # Reading the drop count collects the batch processor's metrics (about 200 µs). The queue
-        # drops spans only while it is full, and a full queue is exported in full batches, so any
-        # drop is followed by a full batch: the count is read then, and at least once a second.
-        checked = len(spans) >= self.full_batch or now - self._queue_checked >= QUEUE_CHECK_INTERVAL
-        new_queue_drops = 0
-        if checked:
-            self._queue_checked = now
-            queue_full = self._health.dropped_queue_full()
-            new_queue_drops = queue_full - self._queue_full_seen
-            self._queue_full_seen = queue_full
+        queue_full = self._health.dropped_queue_full()
+        new_queue_drops = queue_full - self._queue_full_seen
+        self._queue_full_seen = queue_full
         if new_queue_drops and not self._queue_full_reported:
             self._queue_full_reported = True
             log.warning(
@@ -213,7 +144,7 @@ class ReportingSpanExporter(SpanExporter):
         self._streak_dropped += new_queue_drops
         if result is SpanExportResult.SUCCESS:
             self._health.export_succeeded(len(spans))
-            if self._failing_since is not None or (self._queue_full_reported and checked and not new_queue_drops):
+            if self._failing_since is not None or (self._queue_full_reported and not new_queue_drops):
                 log.info(
                     "span export to %s recovered after %.1fs: %d batches failed, %d spans dropped",
                     self._endpoint, now - (self._failing_since or now), self._failed_batches, self._streak_dropped,

@@ -23,6 +23,7 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
 from pycrio.config import TracingConfig
+from pycrio.tracing.batch import SpanBatcher
 from pycrio.tracing.exporter import ExportHealth, ReportingSpanExporter
 from pycrio.tracing.interceptor import SpanMode
 from pycrio.tracing.otlp_exporter import FastOTLPSpanExporter
@@ -54,10 +55,7 @@ class Pipeline:
             exporter_class = OTLPSpanExporter
         otlp = exporter_class(endpoint=config.tracing_endpoint, insecure=True, channel_options=CHANNEL_OPTIONS)
         self.exporter = ReportingSpanExporter(otlp, config.tracing_endpoint, health)
-        self.batch = health.batch_processor(self.exporter)
-        self.exporter.full_batch = getattr(
-            getattr(self.batch, "_batch_processor", None), "_max_export_batch_size", self.exporter.full_batch
-        )
+        self.batch = SpanBatcher(self.exporter, health)
         # With errors kept, unsampled calls are recorded; only their ERROR spans go on to export.
         self.processor: SpanProcessor = (
             ErrorKeepingSpanProcessor(self.batch, on_kept=health.span_kept_for_error)
