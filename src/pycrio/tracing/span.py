@@ -70,30 +70,37 @@ class LightSpan(SDKSpan):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> None:
-        # What ReadableSpan.__init__ and Span.__init__ set, directly.
+        # What ReadableSpan.__init__ and Span.__init__ set, directly. The fields with the same
+        # value in (nearly) every span are class attributes below, shadowed where one differs:
+        # a retained span is smaller (what the export thread reads, what each new span allocates).
         self._name = name
         self._context = context
         self._kind = kind
         self._instrumentation_info = instrumentation_info
         self._instrumentation_scope = instrumentation_scope
         self._parent = parent
-        self._start_time: int | None = None
-        self._end_time: int | None = None
         self._resource = resource
-        self._status = _UNSET
         self._sampler = sampler
-        self._trace_config = None
-        self._record_exception = record_exception
-        self._set_status_on_exception = set_status_on_exception
         self._span_processor = span_processor
         self._limits = limits
         self._lock = threading.Lock()
         self._attributes = BoundedAttributes(
             limits.max_span_attributes, attributes, immutable=False, max_value_len=limits.max_span_attribute_length
         )
-        self._events: Sequence[EventBase] = ()
-        self._links: Sequence[trace_api.Link] = ()
-        self._record_end_metrics = None
+        if not record_exception:
+            self._record_exception = False
+        if not set_status_on_exception:
+            self._set_status_on_exception = False
+
+    _start_time: int | None = None
+    _end_time: int | None = None
+    _status = _UNSET
+    _trace_config = None
+    _record_exception = True
+    _set_status_on_exception = True
+    _events: Sequence[EventBase] = ()
+    _links: Sequence[trace_api.Link] = ()
+    _record_end_metrics = None
 
     def _add_event(self, event: EventBase) -> None:
         with self._lock:
