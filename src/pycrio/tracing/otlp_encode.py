@@ -267,8 +267,12 @@ class SpanEncoder:
             links = span._links
             status = span._status
             dropped_attributes = getattr(attributes, "dropped", 0)
-            dropped_events = getattr(events, "dropped", 0)
-            dropped_links = getattr(links, "dropped", 0)
+            if type(span) is LightSpan:  # plain lists: the span counts its own drops
+                dropped_events = span._dropped_events
+                dropped_links = span._dropped_links
+            else:
+                dropped_events = getattr(events, "dropped", 0)
+                dropped_links = getattr(links, "dropped", 0)
             if type(events) is BoundedList:  # its __len__/__iter__ are Python code; its deque is not
                 events = events._dq
             if type(links) is BoundedList:
