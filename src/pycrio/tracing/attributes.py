@@ -11,9 +11,9 @@ the attributes of an event (a log record on its call's span).
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Mapping
 
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.trace import Span
 
 PLAIN_TYPES = frozenset((str, int, float, bool))
@@ -39,9 +39,11 @@ def put_attributes(span: Span, attributes: Mapping[str, Any], plain: bool = Fals
         span.set_attributes(attributes)
 
 
-def add_plain_event(span: Span, name: str, attributes: Mapping[str, Any]) -> None:
-    """`span.add_event(name, attributes)` for str/int/float/bool values: the event gets the same
-    immutable BoundedAttributes, filled without the cleaning pass, when no limit could apply."""
+def add_plain_event(span: Span, name: str, attributes: dict[str, Any]) -> None:
+    """`span.add_event(name, attributes)` for str/int/float/bool values, when no limit could apply:
+    the event's attributes are `attributes` itself behind a read-only MappingProxyType (the caller
+    hands the dict over and does not change it), without the cleaning pass and without a
+    BoundedAttributes (its lock and fields: about 200 bytes per event kept until export)."""
     try:
         limits = span._limits  # type: ignore[attr-defined] # the SDK span's SpanLimits
         add = span._add_event  # type: ignore[attr-defined] # appends under the span's lock, unless ended
@@ -52,10 +54,7 @@ def add_plain_event(span: Span, name: str, attributes: Mapping[str, Any]) -> Non
     if not direct or not all(type(v) in PLAIN_TYPES for v in attributes.values()):
         span.add_event(name, attributes)
         return
-    bounded = BoundedAttributes(maxlen, immutable=False)
-    bounded._dict.update(attributes)
-    bounded._immutable = True
-    add(_event_class()(name, bounded))
+    add(_event_class()(name, MappingProxyType(attributes)))
 
 
 _EVENT: type | None = None
