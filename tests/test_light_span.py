@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.environment_variables import OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import Span as SDKSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -25,17 +24,9 @@ from pycrio.tracing.otlp_encode import SpanEncoder, sdk_encode
 from pycrio.tracing.provider import Tracing, make_resource
 from pycrio.tracing.sampling import ErrorKeepingSampler
 from pycrio.tracing.span import LightSpan, LightTracer, LightTracerProvider
+from tests.test_otlp_encode import Keep
 
 RESOURCE = make_resource()
-
-
-class Keep(SpanExporter):
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
-
-    def export(self, spans: Any) -> SpanExportResult:
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
 
 
 class CountingIds(IdGenerator):

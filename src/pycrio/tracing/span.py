@@ -103,38 +103,28 @@ class LightSpan(SDKSpan):
     _record_end_metrics = None
 
     def _add_event(self, event: EventBase) -> None:
-        with self._lock:
-            if self._end_time is None:
-                events = self._events
-                if type(events) is not list:  # the class's empty tuple: the first event
-                    events = self._events = []
-                limit = self._limits.max_events
-                if limit is not None and len(events) >= limit:  # the oldest goes, as in a BoundedList
-                    if not limit:
-                        self._dropped_events += 1
-                        return
-                    del events[0]
-                    self._dropped_events += 1
-                events.append(event)
-                return
-        logger.warning("Tried calling %s on an ended span.", "_add_event")
+        self._append_bounded("_events", "_dropped_events", self._limits.max_events, event, "_add_event")
 
     def _add_link(self, link: trace_api.Link) -> None:
+        self._append_bounded("_links", "_dropped_links", self._limits.max_links, link, "_add_link")
+
+    def _append_bounded(self, field: str, dropped: str, limit: int | None, item: object, caller: str) -> None:
+        """Append to the list in `field` (made on the first item), as a BoundedList of `limit`
+        would: when full, the oldest item goes and `dropped` counts it."""
         with self._lock:
             if self._end_time is None:
-                links = self._links
-                if type(links) is not list:
-                    links = self._links = []
-                limit = self._limits.max_links
-                if limit is not None and len(links) >= limit:
+                items = getattr(self, field)
+                if type(items) is not list:  # the class's empty tuple: the first item
+                    items = []
+                    setattr(self, field, items)
+                if limit is not None and len(items) >= limit:
+                    setattr(self, dropped, getattr(self, dropped) + 1)
                     if not limit:
-                        self._dropped_links += 1
                         return
-                    del links[0]
-                    self._dropped_links += 1
-                links.append(link)
+                    del items[0]
+                items.append(item)
                 return
-        logger.warning("Tried calling %s on an ended span.", "_add_link")
+        logger.warning("Tried calling %s on an ended span.", caller)
 
     _dropped_events = 0
     _dropped_links = 0
