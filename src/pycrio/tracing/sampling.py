@@ -5,8 +5,9 @@ The provider's sampler is, from the outside in:
     ErrorKeepingSampler(                      # only with tracing_always_sample_errors
         ParentBased(root=MethodRateSampler(...)))
 
-- `ParentBased` (the SDK's) follows a caller's W3C decision, sampled or not; only calls without
-  a parent reach the root sampler.
+- `ParentBased` (the SDK's, as `CallSampler`: the same decisions, with the common answers made
+  once) follows a caller's W3C decision, sampled or not; only calls without a parent reach the
+  root sampler.
 - `MethodRateSampler` picks, by span name (the full CRI method), the SDK sampler for that
   method's effective rate: `ALWAYS_OFF` at 0, `ALWAYS_ON` at 1000000, else `TraceIdRatioBased`.
 - `ErrorKeepingSampler` turns a DROP for a SERVER span (one CRI call) into RECORD_ONLY, so the
