@@ -9,6 +9,7 @@ import logging
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.environment_variables import OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import Span as SDKSpan
@@ -23,7 +24,7 @@ from pycrio.tracing.attributes import add_plain_event, put_attributes
 from pycrio.tracing.otlp_encode import SpanEncoder, sdk_encode
 from pycrio.tracing.provider import Tracing, make_resource
 from pycrio.tracing.sampling import ErrorKeepingSampler
-from pycrio.tracing.span import LightSpan, LightTracer, LightTracerProvider
+from pycrio.tracing.span import LightSpan, LightTracer, LightTracerProvider, SpanAttributes
 from tests.test_otlp_encode import Keep
 
 RESOURCE = make_resource()
@@ -112,6 +113,36 @@ def test_a_span_without_events_reads_as_empty_and_the_processor_gets_the_span_it
     span.end()
     assert keep.spans == [span]  # no copy: an ended span cannot change
     assert span.events == () and span.links == () and span.dropped_events == 0
+    assert SpanEncoder().encode_request(keep.spans) == sdk_encode(keep.spans)
+
+
+@pytest.mark.parametrize("maxlen, max_value_len", [(None, None), (3, None), (0, None), (3, 4)])
+def test_span_attributes_keep_drop_and_clean_as_bounded_attributes_do(maxlen: int | None, max_value_len: int | None
+                                                                       ) -> None:  # fmt: skip
+    initial = {"a": 1, "": "no key", "b": "longer than four", "c": [1, 2], "d": object()}
+    sdk = BoundedAttributes(maxlen, initial, immutable=False, max_value_len=max_value_len)
+    light = SpanAttributes(maxlen, max_value_len, initial)
+    for store in (sdk, light):
+        store["e"] = True
+        store["a"] = 2.5  # an existing key moves to the end
+        store._set_items({"f": ("x", "yyyyyy"), "g": None})
+    assert list(light.items()) == list(sdk.items()) and light.dropped == sdk.dropped
+    sdk._immutable = light._immutable = True
+    for store in (sdk, light):
+        with pytest.raises(TypeError):
+            store["h"] = 1
+    assert isinstance(light, BoundedAttributes)  # what the SDK's dropped_attributes checks
+    assert "_lock" not in vars(light)  # the span's lock guards it: no lock of its own
+
+
+def test_a_light_spans_attributes_count_their_drops_for_the_sdks_readers() -> None:
+    tracer, keep = make(LightTracerProvider, limits=SpanLimits(max_span_attributes=2))
+    span = tracer.start_span("s", attributes={"a": 1, "b": 2})
+    span.set_attribute("c", 3)
+    span.set_attributes({"d": 4, "e": 5})
+    span.end()
+    assert type(span._attributes) is SpanAttributes
+    assert dict(span.attributes or {}) == {"d": 4, "e": 5} and span.dropped_attributes == 3
     assert SpanEncoder().encode_request(keep.spans) == sdk_encode(keep.spans)
 
 

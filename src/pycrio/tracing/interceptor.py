@@ -6,7 +6,8 @@ import contextvars
 import enum
 import logging
 import time
-from typing import Any, Callable, Iterator, NoReturn, Protocol
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Protocol
 
 import grpc
 from google.protobuf import text_format
@@ -38,6 +39,8 @@ STATUS_ATTRIBUTES: dict[grpc.StatusCode, dict[str, int | str]] = {
 
 _HEX = frozenset("0123456789abcdef")
 _W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
+# The flags callers send, made once: the parent's context is kept with its span until export.
+_TRACE_FLAGS = {f"{value:02x}": TraceFlags(value) for value in (0x00, 0x01, 0x02, 0x03)}
 
 
 def w3c_parent(traceparent: str) -> otel_context.Context | None:
@@ -53,7 +56,10 @@ def w3c_parent(traceparent: str) -> otel_context.Context | None:
     trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
     if not trace_id or not span_id:
         return None
-    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(flags_hex, 16)))
+    flags = _TRACE_FLAGS.get(flags_hex)
+    if flags is None:
+        flags = TraceFlags(int(flags_hex, 16))
+    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
     return trace.set_span_in_context(NonRecordingSpan(parent), otel_context.Context())
 
 
@@ -119,6 +125,9 @@ class FixedSpanPolicy:
         return self._mode
 
 
+_NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # shared by every call without a span
+
+
 class _Call:
     """Per-call bookkeeping shared by the unary and streaming wrappers."""
 
@@ -127,7 +136,7 @@ class _Call:
     def __init__(self, method: str, request_id: str, started: float) -> None:
         self.method = method
         self.request_id = request_id
-        self.attributes: dict[str, str] = {}
+        self.attributes: Mapping[str, str] = _NO_ATTRIBUTES  # a span's start attributes, set with the span
         self.span: trace.Span | None = None
         self.var_token: contextvars.Token[CallInfo | None] | None = None
         self.span_token: object = None

@@ -24,7 +24,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.span import TraceState
 
-from pycrio.tracing.span import LightSpan
+from pycrio.tracing.span import LightSpan, SpanAttributes
 
 _FIXED64 = Struct("<Q").pack
 _DOUBLE = Struct("<d").pack
@@ -148,7 +148,7 @@ class _Keys:
         keys = self.keys
         tag = self.tag
         # BoundedAttributes' own items() goes through Python-level __iter__/__getitem__.
-        items = attributes._dict.items() if type(attributes) is BoundedAttributes else attributes.items()
+        items = attributes._dict.items() if type(attributes) in _BOUNDED else attributes.items()
         for key, value in items:
             entry = keys.get(key)
             if entry is None:
@@ -387,6 +387,7 @@ def _schema_url(scope: InstrumentationScope | None) -> bytes:
 _KINDS = {kind.value: b"\x30" + _varint(kind.value + 1) for kind in SpanKind}
 _UNSET = StatusCode.UNSET
 _SDK_SPANS = frozenset((ReadableSpan, Span, LightSpan))
+_BOUNDED = frozenset((BoundedAttributes, SpanAttributes))  # their own items() is Python code
 
 
 def sdk_encode(spans: Sequence[ReadableSpan]) -> bytes:
