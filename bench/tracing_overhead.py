@@ -564,7 +564,11 @@ def paired_pods(stubs: dict[str, Stub], pids: dict[str, int], pairs: int, image:
     for b in range(pairs):
         for name in names[b % len(names):] + names[: b % len(names)]:
             spent = {}
-            for traced in ((False, True) if b % 2 == 0 else (True, False)):
+            order = (False, True) if b % 2 == 0 else (True, False)
+            for _ in range(PAIRED_LEAD_CALLS):  # as in paired_phase
+                stubs[name].ListContainers(api_pb2.ListContainersRequest(), metadata=traceparent() if order[0] else (),
+                                           timeout=10)  # fmt: skip
+            for traced in order:
                 started = spans_started(stubs[name]) if traced else 0
                 total0, export0 = _thread_ns(pids[name])
                 pod_group(stubs[name], image, log_dir / name.replace(" ", "-"), None, traceparent if traced else tuple)
