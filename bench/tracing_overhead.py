@@ -492,18 +492,25 @@ def traceparent() -> tuple[tuple[str, str], ...]:
     return (("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),)
 
 
-def paired_phase(stubs: dict[str, Stub], pids: dict[str, int], blocks: int, calls: int, settle_s: float
-                 ) -> dict[str, dict[str, Any]]:  # fmt: skip
+def padding() -> tuple[tuple[str, str], ...]:
+    """A header of a traceparent's size that no propagator reads (`--paired-pad`)."""
+    return (("x-bench-pad", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),)
+
+
+def paired_phase(stubs: dict[str, Stub], pids: dict[str, int], blocks: int, calls: int, settle_s: float,
+                 pad: bool = False) -> dict[str, dict[str, Any]]:  # fmt: skip
     """On each rate-0 daemon: `blocks` pairs of blocks of `calls` ListContainers, one block with a
     sampled W3C parent on every call (each call a span, as kubelet's are) and one without (no
     span at all), in alternating order, daemons interleaved. The request side's extra CPU is the
     median over pairs of (traced block - untraced block) per call, from the daemon's thread
     schedstat without the export thread; the export thread's CPU over the phase (and its last
-    batch) divided by the traced calls is added. One process, one heap, one set of threads:
+    batch) divided by the traced calls is added. With `pad` the untraced calls carry a header of
+    the same size, so the difference leaves out gRPC's cost of one more header (client and server). One process, one heap, one set of threads:
     none of the between-daemon spread of the other phases."""
     request = api_pb2.ListContainersRequest()
     diffs: dict[str, list[float]] = {n: [] for n in stubs}
     plain_us: dict[str, list[float]] = {n: [] for n in stubs}
+    latencies: dict[str, dict[bool, list[int]]] = {n: {False: [], True: []} for n in stubs}  # ns, per kind
     export_start = {n: _thread_ns(pid)[1] for n, pid in pids.items()}
     lead_spans = {n: 0 for n in stubs}  # the export thread exports the lead-in's spans too
     names = list(stubs)
@@ -516,14 +523,19 @@ def paired_phase(stubs: dict[str, Stub], pids: dict[str, int], blocks: int, call
             # pay for the switch from the other daemon (with two daemons in rotation, that cost
             # fell on one daemon's traced blocks and the other's untraced ones: 15 us apart for
             # the same code).
+            untraced = padding if pad else tuple
             for _ in range(PAIRED_LEAD_CALLS):
-                stubs[name].ListContainers(request, metadata=traceparent() if order[0] else (), timeout=10)
+                stubs[name].ListContainers(request, metadata=traceparent() if order[0] else untraced(), timeout=10)
             lead_spans[name] += PAIRED_LEAD_CALLS if order[0] else 0
             for traced in order:
-                metadata = [traceparent() if traced else () for _ in range(calls)]
+                metadata = [traceparent() if traced else untraced() for _ in range(calls)]
+                kept = latencies[name][traced]
+                call = stubs[name].ListContainers
                 total0, export0 = _thread_ns(pids[name])
                 for md in metadata:
-                    stubs[name].ListContainers(request, metadata=md, timeout=10)
+                    t0 = time.perf_counter_ns()
+                    call(request, metadata=md, timeout=10)
+                    kept.append(time.perf_counter_ns() - t0)
                 total1, export1 = _thread_ns(pids[name])
                 spent[traced] = ((total1 - total0) - (export1 - export0)) / calls / 1000
             diffs[name].append(spent[True] - spent[False])
@@ -536,7 +548,14 @@ def paired_phase(stubs: dict[str, Stub], pids: dict[str, int], blocks: int, call
         d = sorted(diffs[name])
         export_us = (_thread_ns(pids[name])[1] - export_start[name]) / (blocks * calls + lead_spans[name]) / 1000
         request_us = percentile(d, 50)
+        plain_ns, traced_ns = sorted(latencies[name][False]), sorted(latencies[name][True])
         out[name] = {
+            # Latency of the same daemon's calls with and without a span: the issue's latency
+            # targets without the between-daemon spread of the sequential phase.
+            "p50_ratio": percentile(traced_ns, 50) / percentile(plain_ns, 50),
+            "p99_ratio": percentile(traced_ns, 99) / percentile(plain_ns, 99),
+            "untraced_p50_us": percentile(plain_ns, 50) / 1000,
+            "untraced_p99_us": percentile(plain_ns, 99) / 1000,
             "traced_calls": blocks * calls,
             "untraced_cpu_us_per_call": percentile(plain_us[name], 50),
             "request_extra_us_p50": request_us,
@@ -617,18 +636,21 @@ def print_paired_pods(rows: dict[str, dict[str, Any]], pairs: int) -> None:
     print("(extra CPU in us of the daemon process, traced pod life minus untraced one)")
 
 
-def print_paired(rows: dict[str, dict[str, Any]], calls: int, blocks: int) -> None:
-    print(f"\n== {PAIRED} ({blocks} pairs of {calls}-call blocks, CPU from thread schedstat) ==")
+def print_paired(rows: dict[str, dict[str, Any]], calls: int, blocks: int, pad: bool = False) -> None:
+    padded = "; the untraced calls carry a header of the same size" if pad else ""
+    print(f"\n== {PAIRED} ({blocks} pairs of {calls}-call blocks, CPU from thread schedstat{padded}) ==")
     header = (f"{'daemon':<30} {'untraced':>9} {'request extra':>14} {'(mean)':>7} {'(IQR of pairs)':>15} "
-              f"{'export thread':>14} {'extra CPU':>10}")  # fmt: skip
+              f"{'export thread':>14} {'extra CPU':>10} {'p50 us':>7} {'p99 us':>7} {'p50 x':>6} {'p99 x':>6}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for name, row in rows.items():
         lo, hi = row["request_extra_us_iqr"]
         print(f"{DESCRIPTIONS[name]:<30} {fmt(row['untraced_cpu_us_per_call'], 9)} {fmt(row['request_extra_us_p50'], 14)} "
               f"{fmt(row['request_extra_us_mean'], 7)} {f'{lo:.0f}..{hi:.0f}':>15} {fmt(row['export_thread_us'], 14)} "
-              f"{fmt(row['extra_cpu_us'], 10)}")  # fmt: skip
-    print("(us per call; untraced: the daemon's CPU per call without a parent; extra CPU: request extra + export thread)")
+              f"{fmt(row['extra_cpu_us'], 10)} {fmt(row['untraced_p50_us'], 7)} {fmt(row['untraced_p99_us'], 7)} "
+              f"{fmt(row['p50_ratio'], 6, 3)} {fmt(row['p99_ratio'], 6, 3)}")  # fmt: skip
+    print("(us per call; untraced: the daemon's CPU per call without a parent; extra CPU: request extra + export thread;\n"
+          " p50/p99 us: latency of the untraced calls; x: traced over untraced, the same daemon's calls)")
 
 
 # -- set-up and clean-up of the pod phase ----------------------------------------------------
@@ -786,6 +808,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paired-blocks", type=int, default=150,
                         help="pairs of blocks in the same-daemon phase (with/without a sampled parent); 0 skips it")
     parser.add_argument("--paired-calls", type=int, default=50, help="ListContainers calls per block of that phase")
+    parser.add_argument("--paired-pad", action="store_true",
+                        help="untraced calls of that phase carry a header of a traceparent's size (gRPC's cost of the "
+                        "header left out)")
     parser.add_argument("--paired-pods", type=int, default=20,
                         help="pairs of pod lives (traced / untraced) on the rate-0 daemons after the pod phase; 0 skips")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
@@ -903,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
                         stubs[config].ListContainers(api_pb2.ListContainersRequest(), timeout=10)
                 time.sleep(settle_s)
                 paired = paired_phase({c: stubs[c] for c in paired_configs}, {c: roots[c] for c in paired_configs},
-                                      args.paired_blocks, args.paired_calls, settle_s)  # fmt: skip
+                                      args.paired_blocks, args.paired_calls, settle_s, args.paired_pad)  # fmt: skip
             if args.pods:
                 logs = base / "logs"
 
@@ -949,11 +974,15 @@ def main(argv: list[str] | None = None) -> int:
         all_checks += checks(phase, rows)
     if paired:
         report["phases"][PAIRED] = paired
-        print_paired(paired, args.paired_calls, args.paired_blocks)
+        print_paired(paired, args.paired_calls, args.paired_blocks, args.paired_pad)
         for config, row in paired.items():
             name = "extra CPU per traced call, us" + (" [baseline]" if config == BASE_RATE0 else "")
             all_checks.append({"phase": "same daemon, paired", "check": name, "value": row["extra_cpu_us"], "limit": 60.0,
                                "pass": row["extra_cpu_us"] <= 60.0})  # fmt: skip
+            for ratio, limit in (("p50_ratio", 1.05), ("p99_ratio", 1.20)):
+                label = f"{ratio[:3]} traced / untraced" + (" [baseline]" if config == BASE_RATE0 else "")
+                all_checks.append({"phase": "same daemon, paired", "check": label, "value": row[ratio], "limit": limit,
+                                   "pass": row[ratio] <= limit})  # fmt: skip
     if paired_pod_rows:
         report["phases"][PAIRED + ": pod lives"] = paired_pod_rows
         print_paired_pods(paired_pod_rows, args.paired_pods)
