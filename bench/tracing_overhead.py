@@ -111,15 +111,14 @@ DESCRIPTIONS = {
     BASE_RATE0: "baseline: rate 0",
 }
 # The --baseline-src daemons are compared with their own "off". The baseline rate-0 daemon runs every
-# phase as the current one does: the paired phase compares two daemons with the same history (one
-# that served only the paired calls measured 15 us less per traced call than one of the same code
-# that had served the phases before: a younger heap).
+# phase as the current one does, so the paired phases compare two daemons with the same history.
 REFERENCE = {BASE_OFF: BASE_OFF, BASE_LIVE: BASE_OFF, BASE_RATE0: BASE_OFF}
 BASELINE_OF = {LIVE: BASE_LIVE, RATE0: BASE_RATE0}
 SEQUENTIAL = "sequential ListContainers"
 PARALLEL = "ListContainers, 4 clients"
 PODS = "pod start (Run+Create+Start)"
 PAIRED = "same daemon, with and without a sampled parent"
+PAIRED_CHECKS = "same daemon, paired"
 EXPORT_THREAD = "pycrio-spans"
 CLIENTS = 4
 POD_CALLS = ("RunPodSandbox", "CreateContainer", "StartContainer")
@@ -455,15 +454,16 @@ def checks(phase: str, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if phase == PARALLEL and metric != "extra_cpu_us":
             continue  # latency targets are for sequential calls; this phase is for throughput
-        value = rows[config][metric]
-        out.append({"phase": phase, "check": name, "value": value, "limit": limit,
-                    "pass": not math.isnan(value) and value <= limit})  # fmt: skip
+        out.append(check_row(phase, name, rows[config][metric], limit))
         baseline = BASELINE_OF.get(config)
         if baseline in rows:  # the same target, met by the baseline tree?
-            value = rows[baseline][metric]
-            out.append({"phase": phase, "check": f"{name} [baseline]", "value": value, "limit": limit,
-                        "pass": not math.isnan(value) and value <= limit})  # fmt: skip
+            out.append(check_row(phase, f"{name} [baseline]", rows[baseline][metric], limit))
     return out
+
+
+def check_row(phase: str, check: str, value: float, limit: float) -> dict[str, Any]:
+    return {"phase": phase, "check": check, "value": value, "limit": limit,
+            "pass": not math.isnan(value) and value <= limit}  # fmt: skip
 
 
 # -- the paired phase: one daemon, calls with and without a sampled parent -------------------
@@ -488,13 +488,13 @@ def _thread_ns(pid: int) -> tuple[int, int]:
     return total, export
 
 
-def traceparent() -> tuple[tuple[str, str], ...]:
-    return (("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),)
+def traceparent(header: str = "traceparent") -> tuple[tuple[str, str], ...]:
+    return ((header, f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),)
 
 
 def padding() -> tuple[tuple[str, str], ...]:
     """A header of a traceparent's size that no propagator reads (`--paired-pad`)."""
-    return (("x-bench-pad", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),)
+    return traceparent("x-bench-pad")
 
 
 def paired_phase(stubs: dict[str, Stub], pids: dict[str, int], blocks: int, calls: int, settle_s: float,
@@ -504,15 +504,17 @@ def paired_phase(stubs: dict[str, Stub], pids: dict[str, int], blocks: int, call
     span at all), in alternating order, daemons interleaved. The request side's extra CPU is the
     median over pairs of (traced block - untraced block) per call, from the daemon's thread
     schedstat without the export thread; the export thread's CPU over the phase (and its last
-    batch) divided by the traced calls is added. With `pad` the untraced calls carry a header of
-    the same size, so the difference leaves out gRPC's cost of one more header (client and server). One process, one heap, one set of threads:
-    none of the between-daemon spread of the other phases."""
+    batch) divided by the traced calls is added. One process, one heap, one set of threads: none
+    of the between-daemon spread of the other phases. With `pad` the untraced calls carry a
+    header of the same size, so the difference leaves out gRPC's cost of one more header (client
+    and server)."""
     request = api_pb2.ListContainersRequest()
     diffs: dict[str, list[float]] = {n: [] for n in stubs}
     plain_us: dict[str, list[float]] = {n: [] for n in stubs}
     latencies: dict[str, dict[bool, list[int]]] = {n: {False: [], True: []} for n in stubs}  # ns, per kind
     export_start = {n: _thread_ns(pid)[1] for n, pid in pids.items()}
     lead_spans = {n: 0 for n in stubs}  # the export thread exports the lead-in's spans too
+    untraced = padding if pad else tuple
     names = list(stubs)
     t_start = time.monotonic()
     for b in range(blocks):
@@ -523,7 +525,6 @@ def paired_phase(stubs: dict[str, Stub], pids: dict[str, int], blocks: int, call
             # pay for the switch from the other daemon (with two daemons in rotation, that cost
             # fell on one daemon's traced blocks and the other's untraced ones: 15 us apart for
             # the same code).
-            untraced = padding if pad else tuple
             for _ in range(PAIRED_LEAD_CALLS):
                 stubs[name].ListContainers(request, metadata=traceparent() if order[0] else untraced(), timeout=10)
             lead_spans[name] += PAIRED_LEAD_CALLS if order[0] else 0
@@ -976,27 +977,21 @@ def main(argv: list[str] | None = None) -> int:
         report["phases"][PAIRED] = paired
         print_paired(paired, args.paired_calls, args.paired_blocks, args.paired_pad)
         for config, row in paired.items():
-            name = "extra CPU per traced call, us" + (" [baseline]" if config == BASE_RATE0 else "")
-            all_checks.append({"phase": "same daemon, paired", "check": name, "value": row["extra_cpu_us"], "limit": 60.0,
-                               "pass": row["extra_cpu_us"] <= 60.0})  # fmt: skip
-            for ratio, limit in (("p50_ratio", 1.05), ("p99_ratio", 1.20)):
-                label = f"{ratio[:3]} traced / untraced" + (" [baseline]" if config == BASE_RATE0 else "")
-                all_checks.append({"phase": "same daemon, paired", "check": label, "value": row[ratio], "limit": limit,
-                                   "pass": row[ratio] <= limit})  # fmt: skip
+            suffix = " [baseline]" if config == BASE_RATE0 else ""
+            all_checks.append(check_row(PAIRED_CHECKS, f"extra CPU per traced call, us{suffix}", row["extra_cpu_us"], 60.0))
+            all_checks.append(check_row(PAIRED_CHECKS, f"p50 traced / untraced{suffix}", row["p50_ratio"], 1.05))
+            all_checks.append(check_row(PAIRED_CHECKS, f"p99 traced / untraced{suffix}", row["p99_ratio"], 1.20))
     if paired_pod_rows:
         report["phases"][PAIRED + ": pod lives"] = paired_pod_rows
         print_paired_pods(paired_pod_rows, args.paired_pods)
         for config, row in paired_pod_rows.items():
-            name = "pod life: extra CPU per traced call, us" + (" [baseline]" if config == BASE_RATE0 else "")
-            value = row["extra_cpu_us_per_call"]
-            all_checks.append({"phase": "same daemon, paired", "check": name, "value": value, "limit": 60.0,
-                               "pass": value <= 60.0})  # fmt: skip
+            suffix = " [baseline]" if config == BASE_RATE0 else ""
+            all_checks.append(check_row(PAIRED_CHECKS, f"pod life: extra CPU per traced call, us{suffix}",
+                                        row["extra_cpu_us_per_call"], 60.0))  # fmt: skip
             # The per-span form of the same limit (proposed in issue 15's notes): a pod life makes
             # 24 spans and 9 log events in 7 calls, so no span path meets 60 us per call.
-            name = "pod life: extra CPU per span, us" + (" [baseline]" if config == BASE_RATE0 else "")
-            value = row["extra_cpu_us_per_span"]
-            all_checks.append({"phase": "same daemon, paired", "check": name, "value": value, "limit": 60.0,
-                               "pass": not math.isnan(value) and value <= 60.0})  # fmt: skip
+            all_checks.append(check_row(PAIRED_CHECKS, f"pod life: extra CPU per span, us{suffix}",
+                                        row["extra_cpu_us_per_span"], 60.0))  # fmt: skip
     # Every call the live daemon answered: the timed ones and the warm-up (the pod phase's failed
     # groups would make fewer).
     expected = {LIST.rsplit("/", 1)[1]: results[SEQUENTIAL][LIVE].calls + results[PARALLEL][LIVE].calls
