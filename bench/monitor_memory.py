@@ -7,6 +7,10 @@ What is measured, in one run on this host, with one daemon and three handlers on
   "pod-exec"  the same handler type with `--zygote-socket` taken off the monitor's command line by a
               bench-side shim in the daemon's launcher (no config knob turns the zygote off): one
               exec'd, daemonized Python process per pod, the lever's "before";
+  "pod-direct" (with --tracing-rate only) "pod" with `--tracing-relay` taken off the monitor's
+              command line by the same shim: each forked monitor exports its spans over an OTLP/gRPC
+              channel of its own instead of through the daemon's span relay (pycrio.tracing.relay),
+              the relay's "before";
   "oci"       conmon + runc per container.
 For each N of --pods (default 1,10,50) and each handler in turn (order alternating per N): N pods
 (kubelet-like: network and IPC namespaces per pod, PID namespace per container) on the handler,
@@ -69,6 +73,8 @@ from tests.registry_fixture import ImageBuilder, TestRegistry  # noqa: E402
 
 POD = "pod"
 POD_EXEC = "pod-exec"
+POD_DIRECT = "pod-direct"
+FORKED = (POD, POD_DIRECT)  # monitors forked from the zygote: it is amortised over their pods
 OCI = "oci"
 RUNC = "/usr/sbin/runc"
 
@@ -89,22 +95,25 @@ STATES = (IDLE, AFTER_EXEC)
 KIB = 1024
 MIB = 1024 * 1024
 
-# Run as the daemon's launcher for the "pod-exec" handler: PodRuntime has no knob for the zygote,
-# so that one handler's monitor command line loses its --zygote-socket (nothing else changes).
+# Run as the daemon's launcher: PodRuntime has no knob for the zygote nor the span relay, so the
+# "pod-exec" handler's monitor command line loses its --zygote-socket and the "pod-direct" one's its
+# --tracing-relay (nothing else changes). argv[1]: JSON {handler: option to take off}.
 SHIM = """
-import runpy, sys
-handler = sys.argv.pop(1)
+import json, runpy, sys
+taken_off = json.loads(sys.argv.pop(1))
 from pycrio.oci import runtime_pod
 _monitor_argv = runtime_pod.PodRuntime._monitor_argv
-def _without_zygote(self, monitor, cgroup):
+def _without(self, monitor, cgroup):
     command = list(_monitor_argv(self, monitor, cgroup))
-    if self.name == handler and "--zygote-socket" in command:
-        at = command.index("--zygote-socket")
+    option = taken_off.get(self.name)
+    if option in command:
+        at = command.index(option)
         del command[at:at + 2]
     return command
-runtime_pod.PodRuntime._monitor_argv = _without_zygote
+runtime_pod.PodRuntime._monitor_argv = _without
 runpy.run_module("pycrio", run_name="__main__", alter_sys=True)
 """
+SHIM_OPTIONS = {POD_EXEC: "--zygote-socket", POD_DIRECT: "--tracing-relay"}
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -119,6 +128,10 @@ def parse_args(argv_: list[str] | None = None) -> argparse.Namespace:
         help="run the daemon (so every monitor) with tracing on at this rate, to a live OTLP receiver "
              "(a tracing monitor loads the OTLP exporter); default: tracing off",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-direct-variant", action="store_true",
+        help=f'with --tracing-rate: skip the "{POD_DIRECT}" handler (monitors exporting over their own channel)',
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv_)
     if args.tracing_rate is not None and not 0 <= args.tracing_rate <= 1_000_000:
@@ -130,6 +143,8 @@ def parse_args(argv_: list[str] | None = None) -> argparse.Namespace:
     if not args.counts or min(args.counts) < 1:
         parser.error("--pods needs counts >= 1")
     args.handlers = [POD, OCI] if args.no_exec_variant else [POD, POD_EXEC, OCI]
+    if args.tracing_rate is not None and not args.no_direct_variant:
+        args.handlers.insert(1, POD_DIRECT)
     return args
 
 
@@ -357,7 +372,7 @@ def sample(handler: str, pods: list[Pod], procs: Processes, daemon_pid: int) -> 
         pids = [pid for pid in (procs.monitor_pid(p.pod_id) for p in pods if p.pod_id) if pid]
     mem, seen = total(pids)
     out = Sample(procs=seen, mem=mem, daemon=smaps_rollup(daemon_pid) or Mem())
-    if handler == POD:
+    if handler in FORKED:
         out.zygote, out.zygote_procs = total(procs.zygotes())
     return out
 
@@ -536,7 +551,8 @@ def print_round_table(n: int, rounds: list[dict[str, Any]]) -> None:
     print(f"{header}\n{'-' * len(header)}")
     for r in rounds:
         handler = r["handler"]
-        what = {POD: "monitors (forked)", POD_EXEC: "monitors (exec'd)", OCI: "conmon"}[handler]
+        what = {POD: "monitors (forked)", POD_DIRECT: "monitors (own OTLP)", POD_EXEC: "monitors (exec'd)",
+                OCI: "conmon"}[handler]
         for state in STATES:
             s: Sample = r["samples"][state]
             pp = per_pod(Sample(mem=s.mem), n)
@@ -545,7 +561,7 @@ def print_round_table(n: int, rounds: list[dict[str, Any]]) -> None:
                 f"{handler + ': ' + what:<28} {state:<10} {s.procs:>5d} {mib(s.mem.rss)} {mib(s.mem.pss)} "
                 f"{pp['rss']:8.2f} {pp['pss']:8.2f} {pp['uss']:8.2f} {mib(s.daemon.pss)} {grown:+7.1f}"
             )
-            if handler == POD:
+            if handler in FORKED:
                 z = per_pod(Sample(mem=s.zygote), n)
                 print(
                     f"{'  the zygote':<28} {state:<10} {s.zygote_procs:>5d} {mib(s.zygote.rss)} "
@@ -614,6 +630,7 @@ def target_checks(rows: dict[int, dict[str, dict[str, float]]], handlers: list[s
     at = f"at {n} pods" + ("" if n == TARGET_PODS else f" (no {TARGET_PODS}-pod round)")
     checks = []
     for handler, label, info in ((POD, '"pod" as the tree runs it (zygote)', False),
+                                 (POD_DIRECT, '"pod-direct" (own OTLP channels, for comparison)', True),
                                  (POD_EXEC, '"pod-exec" (no zygote, for comparison)', True)):  # fmt: skip
         if handler in handlers and handler in rows[n]:
             value = rows[n][handler]["pss_per_pod"]
@@ -637,18 +654,18 @@ def print_checks(checks: list[dict[str, Any]]) -> None:
 
 
 class ShimDaemon(PycrioDaemon):
-    """A PycrioDaemon started through SHIM (the exec handler's monitors lose --zygote-socket)."""
+    """A PycrioDaemon started through SHIM (handlers' monitors lose an option, SHIM_OPTIONS)."""
 
-    def __init__(self, *args: Any, exec_handler: str | None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, shimmed: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.exec_handler = exec_handler
+        self.taken_off = {h: SHIM_OPTIONS[h] for h in shimmed if h in SHIM_OPTIONS}
 
     def command(self, *extra: str) -> list[str]:
         command = super().command(*extra)
-        if self.exec_handler is None:
+        if not self.taken_off:
             return command
         assert command[1:3] == ["-m", "pycrio"], command
-        return [command[0], "-c", SHIM, self.exec_handler, *command[3:]]
+        return [command[0], "-c", SHIM, json.dumps(self.taken_off), *command[3:]]
 
 
 def daemon_config(
@@ -701,6 +718,8 @@ def main(argv_: list[str] | None = None) -> int:
             f'"{POD_EXEC}": no config knob turns the zygote off: the daemon is started through a shim that takes '
             f"--zygote-socket off that handler's monitor command line"
         )
+    if POD_DIRECT in handlers:
+        print(f'"{POD_DIRECT}": the same shim takes --tracing-relay off: its monitors export over channels of their own')
     busy = bridge_in_use()
     if busy:
         print(f"bridge {BRIDGE} has interfaces {busy[:3]}: another benchmark run uses it; not starting", file=sys.stderr)
@@ -727,7 +746,7 @@ def main(argv_: list[str] | None = None) -> int:
             daemon = ShimDaemon(
                 base / "d", args=["--log-level", "info"],
                 config_text=daemon_config(registry, netdir, cgroup_parent, handlers, tracing),
-                exec_handler=POD_EXEC if POD_EXEC in handlers else None,
+                shimmed=handlers,
             )  # fmt: skip
             daemon.start()
             with daemon.channel() as ch:

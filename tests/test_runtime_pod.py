@@ -18,7 +18,7 @@ import pytest
 from pycrio.oci import cgroups
 from pycrio.procfs import all_pids, argv
 from tests.cni_fixture import bridge_network
-from tests.harness import PycrioDaemon, tool
+from tests.harness import PycrioDaemon, pycrio_command, tool
 from tests.otlp_receiver import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, OTLPReceiver, ReceivedSpan
 from tests.registry_fixture import BuiltImage, ImageBuilder, TestRegistry
 
@@ -413,6 +413,46 @@ def test_one_trace_spans_crictl_pycrio_and_the_monitor(node: Node, receiver: OTL
         assert [p.name for p in parents] == [f"pycrio-monitor-client: {method}"]
 
 
+GRPC_THREADS = ("grpc_global_tim", "event_engine", "lifeguard", "default-execut", "resolver-execu")
+
+
+def _thread_names(pid: int) -> list[str]:
+    return sorted(Path(f"/proc/{pid}/task/{t}/comm").read_text().strip() for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def test_monitors_send_their_spans_through_the_daemons_relay_also_across_a_daemon_restart(
+    node: Node, receiver: OTLPReceiver
+) -> None:
+    pod_id = node.runp("relayed")
+    cid = node.run(pod_id, "relayed", "app", ["sleep", "1000"])
+    monitor = node.monitor_pid(pod_id)
+    node.crictl("exec", "-s", cid, "echo", tracing_endpoint=receiver.endpoint)
+    assert receiver.wait_for(lambda s: s.service == "pycrio-monitor" and s.name == "exec_sync_container")
+    log_file = node.daemon.base / "run" / "pods" / pod_id / "monitor" / "monitor.log"
+    relay = node.daemon.base / "run" / "monitor-spans.sock"
+    assert f"tracing enabled: the daemon's span relay {relay}" in log_file.read_text()
+    # no OTLP channel of its own: none of gRPC's threads, only the loop and the span batcher's
+    threads = _thread_names(monitor)
+    assert not [t for t in threads if t.startswith(GRPC_THREADS)], threads
+    assert "pycrio-spans" in threads, threads
+    export = json.loads(subprocess.run(
+        [*pycrio_command(), "--listen", str(node.daemon.socket), "status", "-o", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout)["tracing"]["export"]  # fmt: skip
+    assert export["spans_relayed"] >= 1 and export["spans_relay_dropped"] == 0, export
+    # a restarted daemon binds the relay again; the monitor's next batch finds it
+    node.daemon.stop()
+    assert not relay.exists()
+    node.daemon.start()
+    receiver.clear()
+    node.crictl("exec", "-s", cid, "echo", "again", tracing_endpoint=receiver.endpoint)
+    found = receiver.wait_for(lambda s: s.service == "pycrio-monitor" and s.name == "exec_sync_container")
+    assert found and found[0].resource["process.pid"] == monitor
+    parents = receiver.wait_for(lambda s, want=found[0].parent_span_id: s.span_id == want)
+    assert [p.service for p in parents] == ["pycrio"]
+    node.crictl("rmp", "-f", pod_id)
+
+
 def test_a_reload_sends_the_new_tracing_settings_to_running_monitors(node: Node, receiver: OTLPReceiver) -> None:
     pod_id = node.runp("reload")
     cid = node.run(pod_id, "reload", "app", ["sleep", "1000"])
@@ -424,7 +464,7 @@ def test_a_reload_sends_the_new_tracing_settings_to_running_monitors(node: Node,
         node.daemon.wait_for_log("configuration reloaded")
         log_file = node.daemon.base / "run" / "pods" / pod_id / "monitor" / "monitor.log"
         deadline = time.monotonic() + 10
-        while f"tracing to {second.endpoint}" not in log_file.read_text() and time.monotonic() < deadline:
+        while "tracing to the daemon relay" not in log_file.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)  # ConfigureTracing goes out in the background (a reload waits for no monitor)
         node.crictl("exec", "-s", cid, "echo", tracing_endpoint=second.endpoint)
         found = second.wait_for(lambda s: s.service == "pycrio-monitor" and s.name == "exec_sync_container")

@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
         help="traces started per million requests without a caller's trace context (default: %(default)s; "
         "a request whose caller sampled its trace is always traced)",
     )
+    parser.add_argument(
+        "--tracing-relay", default="", metavar="SOCKET",
+        help="send spans to the daemon's span relay (a unix datagram socket), which exports them with its own, "
+        "instead of over OTLP/gRPC to --tracing-endpoint (default: export directly)",
+    )
     parser.add_argument("--foreground", action="store_true", help="do not fork nor start a new session (tests, debugging)")
     parser.add_argument(
         "--zygote-socket", type=Path,
@@ -114,7 +119,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     from pycrio.monitor.telemetry import TracingSettings
 
-    tracing = TracingSettings(args.enable_tracing, args.tracing_endpoint, args.tracing_sampling_rate_per_million)
+    tracing = TracingSettings(
+        args.enable_tracing, args.tracing_endpoint, args.tracing_sampling_rate_per_million, args.tracing_relay
+    )
     problem = tracing.problem()
     if problem:
         parser.error(problem)

@@ -243,12 +243,14 @@ class MonitorRPC:
     async def configure_tracing(self, request: pb.Request) -> pb.Response:
         wanted = request.configure_tracing.tracing
         settings = TracingSettings(
-            wanted.enabled, wanted.endpoint or TracingSettings().endpoint, wanted.sampling_rate_per_million
+            wanted.enabled, wanted.endpoint or TracingSettings().endpoint, wanted.sampling_rate_per_million,
+            wanted.relay_socket,
         )
         self.telemetry.configure(settings)
         log.info(
             "tracing %s",
-            f"to {settings.endpoint}, {settings.sampling_rate_per_million} per million" if settings.enabled else "off",
+            f"to {f'the daemon relay {settings.relay}' if settings.relay else settings.endpoint}, "
+            f"{settings.sampling_rate_per_million} per million" if settings.enabled else "off",
         )
         return pb.Response(configure_tracing=pb.Empty())
 

@@ -39,13 +39,16 @@ class TracingSettings:
     enabled: bool = False
     endpoint: str = "127.0.0.1:4317"
     sampling_rate_per_million: int = 0
+    relay: str = ""  # the daemon's span relay socket: spans go there instead of to `endpoint`
 
     def problem(self) -> str | None:
         """Why these settings cannot be used, or None."""
-        if self.enabled:
+        if self.enabled and not self.relay:
             bad = check_host_port(self.endpoint)
             if bad:
                 return f"tracing endpoint {bad}"
+        if self.relay and not self.relay.startswith("/"):
+            return f"tracing relay must be an absolute socket path, got {self.relay!r}"
         bad = check_sampling_rate(self.sampling_rate_per_million)
         return f"tracing sampling rate {bad}" if bad else None
 
@@ -106,8 +109,11 @@ class Telemetry:
         if self._tracing is None:
             from pycrio.tracing.provider import Tracing
 
-            self._tracing = Tracing(config, service_name=SERVICE_NAME, attributes={POD_ID_ATTRIBUTE: self.pod_id})
+            self._tracing = Tracing(
+                config, service_name=SERVICE_NAME, attributes={POD_ID_ATTRIBUTE: self.pod_id}, relay=settings.relay
+            )
         else:
+            self._tracing.relay_path = settings.relay
             self._tracing.apply(config)
         self.settings = settings
 

@@ -149,11 +149,12 @@ def monitor_binary() -> str:
     return shutil.which(MONITOR_BINARY) or MONITOR_BINARY
 
 
-def tracing_settings(config: TracingConfig) -> monitor_pb2.TracingSettings:
+def tracing_settings(config: TracingConfig, relay: Path | None = None) -> monitor_pb2.TracingSettings:
     return monitor_pb2.TracingSettings(
         enabled=config.enable_tracing,
         endpoint=config.tracing_endpoint,
         sampling_rate_per_million=config.tracing_sampling_rate_per_million,
+        relay_socket=str(relay) if relay else "",
     )
 
 
@@ -447,6 +448,9 @@ class PodRuntime(OCIRuntime):
         # 19 -> 6 MiB at 50 pods, pycrio.monitor.zygote); it serves this daemon's runroot only
         # (our own monitor only: another monitor binary is run as a command)
         self.zygote_socket: Path | None = None if monitor_path else self.pods_dir.parent / "monitor-zygote.sock"
+        # the daemon's span relay (pycrio.tracing.relay): monitors send their spans there instead
+        # of holding an OTLP channel each; None: they export to the endpoint themselves
+        self.span_relay: Path | None = None
         self._shared = _Shared()
 
     # the exit callback is the handler's, whichever instance it was set on
@@ -620,6 +624,8 @@ class PodRuntime(OCIRuntime):
                 "--tracing-endpoint", tracing.tracing_endpoint,
                 "--tracing-sampling-rate-per-million", str(tracing.tracing_sampling_rate_per_million),
             ]  # fmt: skip
+            if self.span_relay is not None:
+                argv += ["--tracing-relay", str(self.span_relay)]
         return argv
 
     def _spawn(self, monitor: _Monitor, cgroup: str) -> None:
@@ -710,7 +716,7 @@ class PodRuntime(OCIRuntime):
         reload must not wait for a hung monitor)."""
         with self._shared.lock:
             monitors = [m for m in self._shared.monitors.values() if not m.dead and not m.closing]
-        request = monitor_pb2.ConfigureTracingRequest(tracing=tracing_settings(config))
+        request = monitor_pb2.ConfigureTracingRequest(tracing=tracing_settings(config, self.span_relay))
 
         def send(monitor: _Monitor) -> None:
             try:

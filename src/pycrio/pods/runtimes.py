@@ -59,6 +59,16 @@ class RuntimeHandlers:
         for runtime in self._handlers.values():
             runtime.report_exits(callback)
 
+    def has_monitors(self) -> bool:
+        """Whether a handler runs processes that trace on their own (the "pod" type's monitors)."""
+        return any(isinstance(runtime, PodRuntime) for runtime in self._handlers.values())
+
+    def use_span_relay(self, path: Path) -> None:
+        """Have monitors started from now on (and reconfigured ones) send their spans to `path`."""
+        for runtime in self._handlers.values():
+            if isinstance(runtime, PodRuntime):
+                runtime.span_relay = path
+
     def configure_tracing(self, tracing: TracingConfig) -> None:
         """Pass new tracing settings on to runtimes that run processes of their own (pod monitors)."""
         for runtime in self._handlers.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pycrio.pods.sandboxes import SandboxManager
 from pycrio.pods.streams import StreamManager
 from pycrio.state import StateStore
 from pycrio.tracing import Tracing
+from pycrio.tracing.relay import RELAY_ENV, RELAY_SOCKET_NAME, SpanRelay
 
 if TYPE_CHECKING:
     from pycrio.metrics import CRIMetrics
@@ -37,6 +39,7 @@ class Daemon:
     streams: StreamManager
     tracing: Tracing | None = None
     metrics: "CRIMetrics | None" = None
+    span_relay: SpanRelay | None = None  # where "pod" runtime monitors send their spans
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -56,6 +59,11 @@ class Daemon:
         containers = ContainerManager(config, state, handlers, images, events)
         sandboxes = SandboxManager(config, state, handlers, cni, containers)
         streams = StreamManager(config, state, containers, handlers)
+        span_relay = None
+        if tracing is not None and handlers.has_monitors() and os.environ.get(RELAY_ENV) != "off":
+            span_relay = SpanRelay(runroot / RELAY_SOCKET_NAME, tracing.relay)
+            span_relay.start()
+            handlers.use_span_relay(span_relay.path)
         return cls(
             config=config,
             state=state,
@@ -68,6 +76,7 @@ class Daemon:
             streams=streams,
             tracing=tracing,
             metrics=metrics,
+            span_relay=span_relay,
         )
 
     def reconcile(self) -> None:
@@ -83,4 +92,6 @@ class Daemon:
         self.streams.stop()
         self.containers.stop_watching()
         self.handlers.close()
+        if self.span_relay is not None:
+            self.span_relay.close()  # before tracing's flush: what monitors sent goes out with it
         self.images.close()

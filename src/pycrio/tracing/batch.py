@@ -19,6 +19,10 @@ processor chain cost the request thread 14 µs per call (bench: ab runs, `no-end
 - in a forked child the queue starts empty with a thread of its own, at the first span (a fork
   only sets a flag: the daemon forks for every runc and CNI plugin it runs).
 Only sampled spans are queued, as the SDK does.
+
+Relayed monitors' spans (`add_encoded`, pycrio.tracing.relay) arrive already encoded; they wait
+beside the queue, bounded by MAX_ENCODED_BYTES (drops counted), count towards a full batch, and
+go out appended to the next export's request (at most MAX_ENCODED_PER_EXPORT bytes each).
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ from opentelemetry.context.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from pycrio.tracing.exporter import EXPORT_THREAD_COMM, ExportHealth
+from pycrio.tracing.exporter import EXPORT_THREAD_COMM, ExportHealth, SpanBatch, span_count
 
 log = logging.getLogger("pycrio.tracing")
+
+MAX_ENCODED_BYTES = 8 * 1024 * 1024  # relayed bytes waiting for export
+# per export request; collectors refuse requests above 4 MiB by default (gRPC's receive limit)
+MAX_ENCODED_PER_EXPORT = 2 * 1024 * 1024
 
 
 class SpanBatcher(SpanProcessor):
@@ -83,6 +91,10 @@ class SpanBatcher(SpanProcessor):
 
     def _start(self) -> None:
         self._queue: collections.deque[ReadableSpan] = collections.deque(maxlen=self.max_queue_size)
+        self._encoded: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._encoded_lock = threading.Lock()
+        self._encoded_bytes = 0
+        self._encoded_spans = 0
         self._wake = threading.Event()
         self._export_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=EXPORT_THREAD_COMM, daemon=True)
@@ -111,6 +123,37 @@ class SpanBatcher(SpanProcessor):
         if len(queue) >= self.max_export_batch_size:
             self._wake.set()
 
+    def add_encoded(self, spans: int, payload: bytes) -> bool:
+        """Queue `spans` spans encoded elsewhere (ExportTraceServiceRequest bytes); False, counted
+        as dropped, when shut down or over the bound."""
+        with self._encoded_lock:
+            if self._shutdown or self._encoded_bytes + len(payload) > MAX_ENCODED_BYTES:
+                self._health.spans_relay_dropped(spans)
+                return False
+            self._encoded.append((spans, payload))
+            self._encoded_bytes += len(payload)
+            self._encoded_spans += spans
+            full = len(self._queue) + self._encoded_spans >= self.max_export_batch_size
+        self._health.spans_relayed(spans)
+        if full:
+            self._wake.set()
+        return True
+
+    def _take_encoded(self) -> tuple[int, bytes]:
+        """Relayed spans for one request: (count, bytes), at most MAX_ENCODED_PER_EXPORT bytes
+        (but at least one batch)."""
+        spans, parts, size = 0, [], 0
+        with self._encoded_lock:
+            encoded = self._encoded
+            while encoded and (not parts or size + len(encoded[0][1]) <= MAX_ENCODED_PER_EXPORT):
+                count, payload = encoded.popleft()
+                spans += count
+                size += len(payload)
+                parts.append(payload)
+            self._encoded_bytes -= size
+            self._encoded_spans -= spans
+        return spans, b"".join(parts)
+
     # -- the export thread -------------------------------------------------------------------
     def _run(self) -> None:
         name_thread()
@@ -127,11 +170,19 @@ class SpanBatcher(SpanProcessor):
         or everything when `all_of_it`."""
         with self._export_lock:
             queue = self._queue
+            encoded = self._encoded
             exported = 0
-            while queue and (
-                len(queue) >= self.max_export_batch_size or all_of_it or (at_least_one and not exported)
+            while (queue or encoded) and (
+                len(queue) + self._encoded_spans >= self.max_export_batch_size
+                or all_of_it
+                or (at_least_one and not exported)
             ):
-                batch = [queue.popleft() for _ in range(min(self.max_export_batch_size, len(queue)))]
+                batch: Sequence[ReadableSpan] = [
+                    queue.popleft() for _ in range(min(self.max_export_batch_size, len(queue)))
+                ]
+                if encoded:
+                    spans, payload = self._take_encoded()
+                    batch = SpanBatch(batch, payload, spans)
                 exported += 1
                 self._send(batch)
 
@@ -140,7 +191,7 @@ class SpanBatcher(SpanProcessor):
         try:
             self.exporter.export(batch)
         except Exception:  # noqa: BLE001 - an exporter bug must not end the export thread
-            log.exception("tracing: exporting %d spans failed", len(batch))
+            log.exception("tracing: exporting %d spans failed", span_count(batch))
         finally:
             context_api.detach(token)
 
@@ -163,7 +214,7 @@ class SpanBatcher(SpanProcessor):
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + self._encoded_spans
 
 
 def name_thread() -> None:

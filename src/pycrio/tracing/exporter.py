@@ -7,8 +7,10 @@ counts, and where:
 - exported: spans the collector accepted (`ReportingSpanExporter`);
 - dropped_export_failed: spans of batches the exporter failed to deliver;
 - dropped_queue_full: spans the batch processor (`SpanBatcher`) dropped because its queue was full;
-- failed_exports: export attempts (batches) that failed.
-started + kept_for_error - exported - dropped_* is what is still queued or in flight.
+- failed_exports: export attempts (batches) that failed;
+- relayed: spans pycrio-monitors sent through the daemon's relay socket, queued for export here;
+- relay_dropped: relayed spans not queued (tracing off, or the relayed bytes' bound reached).
+started + kept_for_error + relayed - exported - dropped_* is what is still queued or in flight.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class ExportHealth(logging.Filter):
         self.last_error_time: float | None = None
         self.failing_since: float | None = None
         self._queue_full = 0
+        self.relayed = 0
+        self.relay_dropped = 0
 
     # -- counting (called from span processors and the export thread) ------------------------
     def span_started(self) -> None:
@@ -70,6 +74,20 @@ class ExportHealth(logging.Filter):
             if self.failing_since is None:
                 self.failing_since = time.time()
 
+    def spans_relayed(self, spans: int) -> None:
+        with self._lock:
+            self.relayed += spans
+
+    def spans_relay_dropped(self, spans: int) -> None:
+        with self._lock:
+            self.relay_dropped += spans
+
+    def note_error(self, message: str) -> None:
+        """The latest export error, from an exporter that does not log through the SDK's logger."""
+        with self._lock:
+            self.last_error = message
+            self.last_error_time = time.time()
+
     def span_dropped_queue_full(self) -> None:
         with self._lock:
             self._queue_full += 1
@@ -88,6 +106,8 @@ class ExportHealth(logging.Filter):
                 "spans_dropped_queue_full": queue_full,
                 "spans_dropped_export_failed": self.dropped_export_failed,
                 "failed_exports": self.failed_exports,
+                "spans_relayed": self.relayed,
+                "spans_relay_dropped": self.relay_dropped,
                 "last_export_success": self.last_success,
                 "last_export_error": self.last_error,
                 "last_export_error_time": self.last_error_time,
@@ -131,6 +151,7 @@ class ReportingSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         result = self._inner.export(spans)
+        count = span_count(spans)
         now = time.monotonic()
         queue_full = self._health.dropped_queue_full()
         new_queue_drops = queue_full - self._queue_full_seen
@@ -143,7 +164,7 @@ class ReportingSpanExporter(SpanExporter):
             )
         self._streak_dropped += new_queue_drops
         if result is SpanExportResult.SUCCESS:
-            self._health.export_succeeded(len(spans))
+            self._health.export_succeeded(count)
             if self._failing_since is not None or (self._queue_full_reported and not new_queue_drops):
                 log.info(
                     "span export to %s recovered after %.1fs: %d batches failed, %d spans dropped",
@@ -156,9 +177,9 @@ class ReportingSpanExporter(SpanExporter):
             elif not self._queue_full_reported:
                 self._streak_dropped = 0
             return result
-        self._health.export_failed(len(spans))
+        self._health.export_failed(count)
         self._failed_batches += 1
-        self._streak_dropped += len(spans)
+        self._streak_dropped += count
         if self._failing_since is None:
             self._failing_since = now
         if self._failed_batches == 1 or now - self._last_report >= self._report_interval:
@@ -174,3 +195,18 @@ class ReportingSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+class SpanBatch(list):  # type: ignore[type-arg]
+    """A batch of spans plus relayed monitors' spans, already encoded (`encoded`, `encoded_spans`
+    of them): pycrio's OTLP exporters append those bytes to the request."""
+
+    def __init__(self, spans: Sequence[ReadableSpan], encoded: bytes, encoded_spans: int) -> None:
+        super().__init__(spans)
+        self.encoded = encoded
+        self.encoded_spans = encoded_spans
+
+
+def span_count(spans: Sequence[ReadableSpan]) -> int:
+    """Spans in a batch, relayed ones included."""
+    return len(spans) + getattr(spans, "encoded_spans", 0)

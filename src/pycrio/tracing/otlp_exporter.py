@@ -3,7 +3,9 @@
 Everything else is the SDK's: the channel and its options, headers, compression, timeout
 (OTEL_EXPORTER_OTLP_*), retries with backoff, the channel re-made after UNAVAILABLE, and its
 log lines (which `ExportHealth` summarises). Only `_translate_data` changes: it returns the
-request's bytes, which a stub without a request serializer sends as they are.
+request's bytes, which a stub without a request serializer sends as they are. A `SpanBatch`'s
+relayed, already encoded spans (pycrio-monitors', pycrio.tracing.relay) are appended to them:
+protobuf concatenation appends their ResourceSpans to the request's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import ReadableSpan
 
+from pycrio.tracing.exporter import SpanBatch, span_count
 from pycrio.tracing.otlp_encode import SpanEncoder, Unsupported, sdk_encode
 
 log = logging.getLogger("pycrio.tracing")
@@ -72,6 +75,8 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
             if self._fallbacks == 1:
                 log.info("tracing: a batch holds what pycrio's encoder does not write (%s): the SDK encodes it", exc)
             encoded = sdk_encode(data)
+        if isinstance(data, SpanBatch):
+            encoded += data.encoded
         self._encoded = (data, encoded)
         return encoded
 
@@ -80,3 +85,19 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
             return super().export(spans)
         finally:
             self._encoded = (None, b"")
+
+    def _count_data(self, data: Sequence[ReadableSpan]) -> int:
+        return span_count(data)
+
+
+class SdkOTLPSpanExporter(OTLPSpanExporter):
+    """The SDK's exporter and encoder (PYCRIO_TRACING_ENCODER=sdk), with relayed spans merged in."""
+
+    def _translate_data(self, data: Sequence[ReadableSpan]) -> Any:
+        request = super()._translate_data(data)
+        if isinstance(data, SpanBatch):
+            request.MergeFromString(data.encoded)
+        return request
+
+    def _count_data(self, data: Sequence[ReadableSpan]) -> int:
+        return span_count(data)

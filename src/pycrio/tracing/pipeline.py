@@ -15,8 +15,8 @@ import threading
 from typing import Sequence
 
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
@@ -26,7 +26,6 @@ from pycrio.config import TracingConfig
 from pycrio.tracing.batch import SpanBatcher
 from pycrio.tracing.exporter import ExportHealth, ReportingSpanExporter
 from pycrio.tracing.interceptor import SpanMode
-from pycrio.tracing.otlp_exporter import FastOTLPSpanExporter
 from pycrio.tracing.sampling import ErrorKeepingSpanProcessor, SamplingRules, make_sampler
 
 log = logging.getLogger("pycrio.tracing")
@@ -44,17 +43,14 @@ ENCODER_ENV = "PYCRIO_TRACING_ENCODER"
 class Pipeline:
     """Sampler, batch processor and OTLP exporter of one (enabled) tracing configuration."""
 
-    def __init__(self, config: TracingConfig, health: ExportHealth) -> None:
+    def __init__(self, config: TracingConfig, health: ExportHealth, relay: str = "") -> None:
         self.config = config
         self.rules = SamplingRules(config.tracing_sampling_rate_per_million, config.sampling_overrides)
         self.always_sample_errors = config.tracing_always_sample_errors
         self.sampler = make_sampler(self.rules, self.always_sample_errors)
-        exporter_class = FastOTLPSpanExporter
-        if os.environ.get(ENCODER_ENV) == "sdk":
-            log.info("tracing: %s=sdk: spans are encoded by the SDK's protobuf messages", ENCODER_ENV)
-            exporter_class = OTLPSpanExporter
-        otlp = exporter_class(endpoint=config.tracing_endpoint, insecure=True, channel_options=CHANNEL_OPTIONS)
-        self.exporter = ReportingSpanExporter(otlp, config.tracing_endpoint, health)
+        self.exporter = ReportingSpanExporter(
+            make_exporter(config, health, relay), f"relay {relay}" if relay else config.tracing_endpoint, health
+        )
         self.batch = SpanBatcher(self.exporter, health)
         # With errors kept, unsampled calls are recorded; only their ERROR spans go on to export.
         self.processor: SpanProcessor = (
@@ -90,6 +86,22 @@ class Pipeline:
                 "tracing: spans for %s not flushed within %.1fs, dropping them", self.config.tracing_endpoint, timeout
             )
         return finished
+
+
+def make_exporter(config: TracingConfig, health: ExportHealth, relay: str = "") -> SpanExporter:
+    """OTLP/gRPC to the configured endpoint; with `relay` (a pycrio-monitor given the daemon's
+    relay socket), datagrams to the daemon, which exports them with its own spans: no channel."""
+    if relay:
+        from pycrio.tracing.relay import RelaySpanExporter
+
+        return RelaySpanExporter(relay, health)
+    from pycrio.tracing.otlp_exporter import FastOTLPSpanExporter, SdkOTLPSpanExporter
+
+    exporter_class: type[SpanExporter] = FastOTLPSpanExporter
+    if os.environ.get(ENCODER_ENV) == "sdk":
+        log.info("tracing: %s=sdk: spans are encoded by the SDK's protobuf messages", ENCODER_ENV)
+        exporter_class = SdkOTLPSpanExporter
+    return exporter_class(endpoint=config.tracing_endpoint, insecure=True, channel_options=CHANNEL_OPTIONS)
 
 
 class SwitchableSampler(Sampler):

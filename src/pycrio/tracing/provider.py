@@ -55,8 +55,14 @@ class Tracing:
     tells the CRI interceptor which calls need one; `health` counts what was exported."""
 
     def __init__(
-        self, config: TracingConfig, service_name: str = SERVICE_NAME, attributes: Mapping[str, str] | None = None
+        self,
+        config: TracingConfig,
+        service_name: str = SERVICE_NAME,
+        attributes: Mapping[str, str] | None = None,
+        relay: str = "",
     ) -> None:
+        # a pycrio-monitor's: send batches to the daemon's relay socket instead of a collector
+        self.relay_path = relay
         self.health = ExportHealth()
         self.health.install()
         self._sampler = SwitchableSampler()
@@ -83,7 +89,7 @@ class Tracing:
         The previous pipeline's queue is flushed in the background (bounded by `retire_timeout`).
         """
         with self._apply_lock:
-            new = Pipeline(config, self.health) if config.enable_tracing else None
+            new = Pipeline(config, self.health, self.relay_path) if config.enable_tracing else None
             old = self.pipeline
             self._processor.current = new.processor if new else None
             self._sampler.current = new.sampler if new else ALWAYS_OFF
@@ -91,8 +97,10 @@ class Tracing:
             self.config = config
         if new is not None:
             log.info(
-                "tracing enabled: OTLP/gRPC to %s, sampling %d per million%s%s",
-                config.tracing_endpoint, config.tracing_sampling_rate_per_million,
+                "tracing enabled: %s, sampling %d per million%s%s",
+                f"the daemon's span relay {self.relay_path}" if self.relay_path
+                else f"OTLP/gRPC to {config.tracing_endpoint}",
+                config.tracing_sampling_rate_per_million,
                 "".join(f", {k}={v}" for k, v in sorted(config.sampling_overrides.items())),
                 ", keeping error spans" if config.tracing_always_sample_errors else "",
             )
@@ -102,6 +110,15 @@ class Tracing:
             threading.Thread(
                 target=old.shutdown, args=(retire_timeout,), name="pycrio-tracing-retire", daemon=True
             ).start()
+
+    def relay(self, spans: int, payload: bytes) -> None:
+        """Queue `spans` spans a pycrio-monitor encoded (`SpanRelay`) for export with ours; counted
+        as dropped while tracing is off."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            self.health.spans_relay_dropped(spans)
+        else:
+            pipeline.batch.add_encoded(spans, payload)
 
     def span_mode(self, method: str) -> SpanMode:
         """Which calls of `method` get a span under the current configuration."""
