@@ -363,6 +363,21 @@ class Sample:
     zygote_procs: int = 0
     zygote: Mem = field(default_factory=Mem)
     daemon: Mem = field(default_factory=Mem)
+    threads: int = 0  # of the handler's processes, summed
+    cpu_s: float = 0.0  # utime + stime of the handler's processes since they started, summed
+
+
+def threads_and_cpu(pids: list[int]) -> tuple[int, float]:
+    """Threads and CPU seconds (utime + stime) of `pids`, summed (gone ones count 0)."""
+    threads, ticks = 0, 0
+    for pid in pids:
+        try:
+            threads += len(os.listdir(f"/proc/{pid}/task"))
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return threads, ticks / os.sysconf("SC_CLK_TCK")
 
 
 def sample(handler: str, pods: list[Pod], procs: Processes, daemon_pid: int) -> Sample:
@@ -371,7 +386,8 @@ def sample(handler: str, pods: list[Pod], procs: Processes, daemon_pid: int) -> 
     else:
         pids = [pid for pid in (procs.monitor_pid(p.pod_id) for p in pods if p.pod_id) if pid]
     mem, seen = total(pids)
-    out = Sample(procs=seen, mem=mem, daemon=smaps_rollup(daemon_pid) or Mem())
+    threads, cpu_s = threads_and_cpu(pids)
+    out = Sample(procs=seen, mem=mem, daemon=smaps_rollup(daemon_pid) or Mem(), threads=threads, cpu_s=cpu_s)
     if handler in FORKED:
         out.zygote, out.zygote_procs = total(procs.zygotes())
     return out
@@ -546,7 +562,7 @@ def print_round_table(n: int, rounds: list[dict[str, Any]]) -> None:
     print(f"\n== {n} pod{'s' if n > 1 else ''}, one running `{' '.join(CONTAINER_COMMAND)}` each (MiB) ==")
     header = (
         f"{'handler / processes':<28} {'state':<10} {'procs':>5} {'RSS sum':>8} {'PSS sum':>8} "
-        f"{'RSS/pod':>8} {'PSS/pod':>8} {'USS/pod':>8} {'daemon':>8} {'+PSS':>7}"
+        f"{'RSS/pod':>8} {'PSS/pod':>8} {'USS/pod':>8} {'daemon':>8} {'+PSS':>7} {'thr/pod':>7} {'CPU ms/pod':>10}"
     )
     print(f"{header}\n{'-' * len(header)}")
     for r in rounds:
@@ -559,7 +575,8 @@ def print_round_table(n: int, rounds: list[dict[str, Any]]) -> None:
             grown = (s.daemon.pss - r["daemon_before"].pss) / MIB
             print(
                 f"{handler + ': ' + what:<28} {state:<10} {s.procs:>5d} {mib(s.mem.rss)} {mib(s.mem.pss)} "
-                f"{pp['rss']:8.2f} {pp['pss']:8.2f} {pp['uss']:8.2f} {mib(s.daemon.pss)} {grown:+7.1f}"
+                f"{pp['rss']:8.2f} {pp['pss']:8.2f} {pp['uss']:8.2f} {mib(s.daemon.pss)} {grown:+7.1f} "
+                f"{s.threads / n:7.1f} {s.cpu_s * 1000 / n:10.0f}"
             )
             if handler in FORKED:
                 z = per_pod(Sample(mem=s.zygote), n)
@@ -573,7 +590,10 @@ def print_round_table(n: int, rounds: list[dict[str, Any]]) -> None:
                     f"{mib(s.mem.rss + s.zygote.rss)} {mib(s.mem.pss + s.zygote.pss)} "
                     f"{a['rss']:8.2f} {a['pss']:8.2f} {a['uss']:8.2f}"
                 )
-    print("(daemon: the daemon's PSS at that moment; +PSS: its growth since before the round's first pod)")
+    print(
+        "(daemon: the daemon's PSS at that moment; +PSS: its growth since before the round's first pod; "
+        "thr/pod, CPU ms/pod: threads and CPU time since start of the handler's processes, per pod)"
+    )
     print(
         "pod start p50 (Run+Create+Start) / RunPodSandbox p50 / ExecSync p50 ms: "
         + "; ".join(

@@ -13,6 +13,8 @@ STATUS_LABELS = (
     ("spans_dropped_queue_full", "spans dropped, queue full"),
     ("spans_dropped_export_failed", "spans dropped, export failed"),
     ("failed_exports", "failed exports"),
+    ("spans_relayed", "monitors' spans relayed"),
+    ("spans_relay_dropped", "monitors' spans dropped"),
 )
 
 

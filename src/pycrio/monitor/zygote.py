@@ -11,7 +11,7 @@ zygote forks; the child makes its own session, takes the command's environment a
 monitor exactly as a daemonized one (main.run), answering on the request's connection what it
 would have written on the readiness pipe. The zygote is a plain blocking loop: no thread, no
 asyncio loop, nothing the children would inherit half-made. gRPC and the OTLP exporter are
-imported, never used: a monitor that traces makes its channel itself.
+imported, never used: a monitor that exports its spans itself makes its channel in the child.
 
 Wire: the command sends one frame (4-byte big-endian length, JSON {"key", "argv", "env"}); the
 answer is one line, then EOF: `ready <pid>`, `error <message>`, or `stale` from a zygote whose
@@ -53,11 +53,13 @@ PRELOAD = (
     "pycrio.monitor.server",
     "pycrio.monitor.telemetry",
     "pycrio.oci.runtime_oci",
-    # a tracing monitor's OTLP exporter, gRPC and the SDK: ~11 MiB a monitor would otherwise load
-    # for itself after the fork (PSS per pod with tracing on: 20 -> 14 MiB at 10 pods, 12 at 50).
-    # Only imported here: gRPC starts no thread and no core before a channel exists, which
-    # happens in the child.
+    # a tracing monitor's SDK and span relay (pycrio.tracing.relay: its spans go to the daemon)
     "pycrio.tracing.provider",
+    "pycrio.tracing.relay",
+    # the OTLP/gRPC exporter of a monitor that exports itself (a daemon with
+    # PYCRIO_TRACING_RELAY=off): ~11 MiB it would otherwise load after the fork. Only imported
+    # here: gRPC starts no thread and no core before a channel exists, which happens in the child.
+    "pycrio.tracing.otlp_exporter",
     "grpc._channel",  # imported by the first channel
 )
 
