@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from pycrio.config import TracingConfig
 from pycrio.tracing import batch as batch_module
+from pycrio.tracing import provider as provider_module
 from pycrio.tracing.exporter import ExportHealth
 from pycrio.tracing.otlp_encode import SpanEncoder
 from pycrio.tracing.provider import Tracing
@@ -58,6 +59,8 @@ def wait_for(check: Callable[[], object], timeout: float = 10.0) -> object:
 def daemon_tracing(receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch):
     """The daemon's Tracing (batch delay 200 ms) exporting to the receiver, with its relay bound."""
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+    # the process's global provider is set once: leave it to the tests that use it (step spans)
+    monkeypatch.setattr(provider_module.trace, "set_tracer_provider", lambda provider: None)
     tracing = Tracing(TracingConfig(enable_tracing=True, tracing_endpoint=receiver.endpoint,
                                     tracing_sampling_rate_per_million=1_000_000))  # fmt: skip
     yield tracing
