@@ -59,21 +59,22 @@ class RuntimeHandlers:
         for runtime in self._handlers.values():
             runtime.report_exits(callback)
 
+    def _pod_runtimes(self) -> list[PodRuntime]:
+        """The handlers that run processes of their own which trace (the "pod" type's monitors)."""
+        return [runtime for runtime in self._handlers.values() if isinstance(runtime, PodRuntime)]
+
     def has_monitors(self) -> bool:
-        """Whether a handler runs processes that trace on their own (the "pod" type's monitors)."""
-        return any(isinstance(runtime, PodRuntime) for runtime in self._handlers.values())
+        return bool(self._pod_runtimes())
 
     def use_span_relay(self, path: Path) -> None:
         """Have monitors started from now on (and reconfigured ones) send their spans to `path`."""
-        for runtime in self._handlers.values():
-            if isinstance(runtime, PodRuntime):
-                runtime.span_relay = path
+        for runtime in self._pod_runtimes():
+            runtime.span_relay = path
 
     def configure_tracing(self, tracing: TracingConfig) -> None:
         """Pass new tracing settings on to runtimes that run processes of their own (pod monitors)."""
-        for runtime in self._handlers.values():
-            if isinstance(runtime, PodRuntime):
-                runtime.configure_tracing(tracing)
+        for runtime in self._pod_runtimes():
+            runtime.configure_tracing(tracing)
 
     def close(self) -> None:
         """At daemon shutdown: each handler releases what it shares among its pods."""

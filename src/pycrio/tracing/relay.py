@@ -1,8 +1,8 @@
 """Monitors' spans exported by the daemon: both ends of a unix datagram socket in the runroot.
 
-A tracing pycrio-monitor used to hold an OTLP/gRPC channel of its own: gRPC's core threads and
-buffers cost each tracing pod about 11 MiB (bench/monitor_memory.py), and its first span waited
-for a channel per pod. Now a monitor told the daemon's relay socket (`--tracing-relay`, or
+A tracing pycrio-monitor used to hold an OTLP/gRPC channel of its own: six gRPC threads and
+their buffers, 1.1-1.4 MiB of PSS per pod and a few ms of CPU per monitor (bench/monitor_memory.py,
+its "pod-direct" handler). Now a monitor told the daemon's relay socket (`--tracing-relay`, or
 ConfigureTracing) encodes each batch with `SpanEncoder` (the OTLP bytes the SDK would send) and
 sends it as one datagram; the daemon's `SpanRelay` queues it in its own `SpanBatcher`, whose next
 export appends it to the daemon's request. Protobuf concatenation appends repeated fields, so a
@@ -45,7 +45,7 @@ _HEADER = struct.Struct(">4sI")
 # A unix datagram must fit the sender's send buffer (net.core.wmem_default, 208 KiB here): a
 # batch that encodes larger is sent in halves.
 MAX_PAYLOAD = 160 * 1024
-MAX_DATAGRAM = 8 + MAX_PAYLOAD  # with the header
+MAX_DATAGRAM = _HEADER.size + MAX_PAYLOAD
 MAX_SPANS_PER_DATAGRAM = 1 << 20
 SEND_TIMEOUT = 1.0  # s a monitor's export thread waits for room in the daemon's queue
 RELAY_THREAD = "pycrio-relay"
@@ -114,12 +114,15 @@ class RelaySpanExporter(SpanExporter):
         self._closed = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._closed or not spans:
-            return SpanExportResult.FAILURE if self._closed else SpanExportResult.SUCCESS
+        if self._closed:
+            return SpanExportResult.FAILURE
+        if not spans:
+            return SpanExportResult.SUCCESS
         try:
-            datagrams = [pack(len(part), payload) for part, payload in self._encode(spans)]
+            parts = self._encode(spans, self._encoder.encode_request)
         except Unsupported:
-            datagrams = [pack(len(part), sdk_encode(part)) for part in _halves(spans, 1)]
+            parts = self._encode(spans, sdk_encode)
+        datagrams = [pack(len(part), payload) for part, payload in parts]
         problem = ""
         with self._lock:
             for datagram in datagrams:
@@ -135,12 +138,15 @@ class RelaySpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
-    def _encode(self, spans: Sequence[ReadableSpan]) -> list[tuple[Sequence[ReadableSpan], bytes]]:
-        payload = self._encoder.encode_request(spans)
+    def _encode(
+        self, spans: Sequence[ReadableSpan], encode: Callable[[Sequence[ReadableSpan]], bytes]
+    ) -> list[tuple[Sequence[ReadableSpan], bytes]]:
+        """(spans, request bytes) parts of at most MAX_PAYLOAD bytes each (a lone span may be more)."""
+        payload = encode(spans)
         if len(payload) <= MAX_PAYLOAD or len(spans) == 1:
             return [(spans, payload)]
         half = len(spans) // 2
-        return self._encode(spans[:half]) + self._encode(spans[half:])
+        return self._encode(spans[:half], encode) + self._encode(spans[half:], encode)
 
     def _send(self, datagram: bytes) -> str:
         """'' once sent, else why not (the daemon's relay is down or its queue stayed full)."""
@@ -187,10 +193,6 @@ class RelaySpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
-
-
-def _halves(spans: Sequence[ReadableSpan], size: int) -> list[Sequence[ReadableSpan]]:
-    return [spans[i : i + size] for i in range(0, len(spans), size)]
 
 
 class SpanRelay:
