@@ -8,7 +8,6 @@ no runc container, container process, zombie or cgroup of it may be left.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from pycrio.monitor.containers import ContainerSupervisor
 from pycrio.oci.runtime import RuntimeCommandError
 from pycrio.procfs import all_pids, stat_fields
 from pycrio.streaming.session import SessionIO, TerminalSize
+from tests.fd_census import fd_targets, leaked_fds
 from tests.test_runtime_oci import BUSYBOX, RUNC, runc_list, write_bundle
 
 APPLETS = ("sh", "echo", "sleep", "cat", "true", "stty", "head", "tr", "printf", "yes", "kill", "tty")
@@ -221,13 +221,6 @@ class Sink:
             await asyncio.wait_for(seen(), timeout)
         except TimeoutError:
             raise AssertionError(f"{needle!r} not received; got {bytes(self.data)!r}") from None
-
-
-def open_fds() -> set[int]:
-    """This process's open fds, after a collection: garbage an earlier test left (a channel, a
-    loop) closes its fds when collected, which must not look like this test's doing."""
-    gc.collect()
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
 # -- ChildReaper -----------------------------------------------------------------------------
@@ -521,7 +514,7 @@ def test_create_failure_says_why_and_leaves_nothing(env: Env) -> None:
 
     async def scenario() -> None:
         async with monitor(env) as supervisor:
-            fds = open_fds()
+            fds = fd_targets()
             with pytest.raises(RuntimeCommandError) as caught:
                 await supervisor.create(req)
             assert "/nope/missing-binary" in caught.value.message
@@ -529,7 +522,7 @@ def test_create_failure_says_why_and_leaves_nothing(env: Env) -> None:
             with pytest.raises(NotFound):
                 supervisor.state(req.container_id)
             assert runc_list(env.runc_root) == []
-            assert open_fds() == fds
+            assert leaked_fds(fds) == {}
             with pytest.raises(InvalidArgument):
                 await supervisor.create(monitor_pb2.CreateContainerRequest(container_id="../x", bundle="/", log_path="/l"))
 
@@ -879,7 +872,7 @@ def test_nothing_left_after_delete_and_shutdown(env: Env) -> None:
     tty = env.request(["sleep", "1000"], terminal=True)
 
     async def scenario() -> None:
-        fds = open_fds()
+        fds = fd_targets()
         async with monitor(env) as supervisor:
             for req in (plain, tty):
                 await supervisor.create(req)
@@ -893,8 +886,7 @@ def test_nothing_left_after_delete_and_shutdown(env: Env) -> None:
             assert container_processes(env) == []
             assert list((env.state_dir / "containers").iterdir()) == []
             assert list((env.state_dir / "exits").iterdir()) == []
-        leaked = open_fds() - fds
-        assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+        assert leaked_fds(fds) == {}
 
     run(scenario())
     assert our_zombies() == []

@@ -29,6 +29,7 @@ from pycrio.network.namespaces import pin_namespaces, run_in_netns, unpin_namesp
 from pycrio.oci import ContainerHandle, OCIRuntime, Runtime, streams_oci
 from pycrio.procfs import all_pids, argv, stat_fields
 from pycrio.streaming.session import SessionIO, TerminalSize
+from tests.fd_census import fd_targets, leaked_fds
 from tests.registry_fixture import free_port
 from tests.test_runtime_oci import (
     BUSYBOX,
@@ -176,10 +177,6 @@ def zombies_of(pid: int) -> list[int]:
     return [p for p in all_pids() if (f := stat_fields(p)) and f[0] == "Z" and int(f[1]) == pid]
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 # -- exec without a tty ----------------------------------------------------------------------
 
 
@@ -254,13 +251,13 @@ def test_exec_ends_with_its_command_when_a_background_child_let_go_of_the_output
     """runc copies the command's output until every holder closed it (a background child that
     keeps it holds the session, as with CRI-O); one that let go of it does not."""
     handle = env.run(["sleep", "1000"])
-    fds = open_fds()
+    fds = fd_targets()
     io, out, _ = session()
     started = time.monotonic()
     assert run(env.runtime.exec_stream(handle, ["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo hi"], io)) == 0
     assert bytes(out.data) == b"hi\n"
     assert time.monotonic() - started < 5
-    assert open_fds() == fds
+    assert leaked_fds(fds) == {}
     finish(env, handle)
 
 
@@ -411,12 +408,12 @@ def test_sessions_leave_no_fd_thread_or_process(env: Env) -> None:
         return codes
 
     run(sessions(), timeout=60)  # warm up: the loop and the child watcher make their first fds once
-    fds, threads = open_fds(), threading.active_count()
+    fds, threads = fd_targets(), threading.active_count()
     assert run(sessions(), timeout=60) == [7, 7, 7, 7, *range(20)]
     deadline = time.monotonic() + 5
     while threading.active_count() > threads and time.monotonic() < deadline:
         time.sleep(0.05)  # the child watcher's waitpid threads end with their processes
-    assert open_fds() == fds
+    assert leaked_fds(fds) == {}
     assert threading.active_count() <= threads
     assert zombies_of(os.getpid()) == []
     assert [p for p in processes_with(handle.id) if b"exec" in argv(p)] == []
