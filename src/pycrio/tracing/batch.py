@@ -39,11 +39,13 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.context.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace import TraceFlags
 
 from pycrio.tracing.exporter import EXPORT_THREAD_COMM, ExportHealth, SpanBatch, span_count
 
 log = logging.getLogger("pycrio.tracing")
 
+SAMPLED = TraceFlags.SAMPLED
 MAX_ENCODED_BYTES = 8 * 1024 * 1024  # relayed bytes waiting for export
 # per export request; collectors refuse requests above 4 MiB by default (gRPC's receive limit)
 MAX_ENCODED_PER_EXPORT = 2 * 1024 * 1024
@@ -109,7 +111,7 @@ class SpanBatcher(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         context = span.context
-        if context is None or not context.trace_flags.sampled:
+        if context is None or not context.trace_flags & SAMPLED:  # .sampled, one property call fewer
             return
         if self._shutdown:
             return
@@ -120,7 +122,8 @@ class SpanBatcher(SpanProcessor):
         if len(queue) == self.max_queue_size:
             self._health.span_dropped_queue_full()  # the append below pushes out the oldest
         queue.append(span)
-        if len(queue) >= self.max_export_batch_size:
+        # is_set first: with the collector down the queue stays full, and set() takes a lock.
+        if len(queue) >= self.max_export_batch_size and not self._wake.is_set():
             self._wake.set()
 
     def add_encoded(self, spans: int, payload: bytes) -> bool:

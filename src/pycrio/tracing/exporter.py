@@ -15,6 +15,7 @@ started + kept_for_error + relayed - exported - dropped_* is what is still queue
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -39,7 +40,8 @@ class ExportHealth(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
-        self.started = 0
+        # Counted on every sampled span's start: `next()` of a count is atomic, no lock per span.
+        self._started = itertools.count()
         self.kept_for_error = 0
         self.exported = 0
         self.dropped_export_failed = 0
@@ -54,8 +56,11 @@ class ExportHealth(logging.Filter):
 
     # -- counting (called from span processors and the export thread) ------------------------
     def span_started(self) -> None:
-        with self._lock:
-            self.started += 1
+        next(self._started)
+
+    @property
+    def started(self) -> int:
+        return self._started.__reduce__()[1][0]  # the count's next value: how many were taken
 
     def span_kept_for_error(self) -> None:
         with self._lock:

@@ -16,7 +16,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from pycrio.errors import CRIError, grpc_status
 from pycrio.tracing.attributes import put_attributes
@@ -38,6 +40,7 @@ STATUS_ATTRIBUTES: dict[grpc.StatusCode, dict[str, int | str]] = {
 
 
 _HEX = frozenset("0123456789abcdef")
+_new_tuple = tuple.__new__
 _W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
 # The flags callers send, made once: the parent's context is kept with its span until export.
 _TRACE_FLAGS = {f"{value:02x}": TraceFlags(value) for value in (0x00, 0x01, 0x02, 0x03)}
@@ -59,8 +62,10 @@ def w3c_parent(traceparent: str) -> otel_context.Context | None:
     flags = _TRACE_FLAGS.get(flags_hex)
     if flags is None:
         flags = TraceFlags(int(flags_hex, 16))
-    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
-    return trace.set_span_in_context(NonRecordingSpan(parent), otel_context.Context())
+    # SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags), valid (both ids are
+    # non-zero and in range), without its keyword-argument constructor frame.
+    parent = _new_tuple(SpanContext, (trace_id, span_id, True, flags, DEFAULT_TRACE_STATE, True))
+    return otel_context.Context({_SPAN_KEY: NonRecordingSpan(parent)})  # set_span_in_context's, without a copy
 
 
 def is_w3c(textmap: object) -> bool:
@@ -244,7 +249,11 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                 span = spans.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
                 call.span = span
                 call.attributes = attributes  # written with the status at the end, in one step
-                call.span_token = otel_context.attach(trace.set_span_in_context(span, parent))
+                if parent is not None and len(parent) == 1 and _SPAN_KEY in parent:  # w3c_parent's
+                    current = otel_context.Context({_SPAN_KEY: span})  # what set_span_in_context makes of it
+                else:
+                    current = trace.set_span_in_context(span, parent)
+                call.span_token = otel_context.attach(current)
         call.var_token = current_call.set(info)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s: %s", type(request).__name__, describe(request))

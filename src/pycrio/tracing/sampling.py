@@ -51,6 +51,7 @@ GLOB_CHARS = frozenset("*?[")
 KEPT_FOR_ERROR = "pycrio.sampling.kept_for_error"
 # Span names are CRI methods (a few dozen); beyond this many distinct names nothing more is cached.
 MAX_CACHED_NAMES = 1024
+SAMPLED = TraceFlags.SAMPLED  # a flags bit: `flags & SAMPLED` is `.sampled` without its property call
 
 
 class SamplingRules:
@@ -191,7 +192,7 @@ class ErrorKeepingSpanProcessor(SpanProcessor):
         ctx = span.context
         if ctx is None:
             return
-        if ctx.trace_flags.sampled:
+        if ctx.trace_flags & SAMPLED:
             self.inner.on_end(span)
         elif span.status.status_code is StatusCode.ERROR:
             if self._on_kept is not None:

@@ -39,13 +39,21 @@ from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import EventBase, SpanLimits, SpanProcessor, Tracer, TracerProvider
+from opentelemetry.sdk.trace import (
+    EventBase,
+    SpanLimits,
+    SpanProcessor,
+    SynchronousMultiSpanProcessor,
+    Tracer,
+    TracerProvider,
+)
 from opentelemetry.sdk.trace import Span as SDKSpan
 from opentelemetry.sdk.trace._tracer_metrics import NoOpTracerMetrics
 from opentelemetry.sdk.trace.sampling import Decision, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
 logger = logging.getLogger("opentelemetry.sdk.trace")  # the SDK's warnings, under its own name
@@ -55,6 +63,10 @@ _UNSET = Status(StatusCode.UNSET)
 _FLAGS = {value: TraceFlags(value) for value in (0x00, 0x01, 0x02, 0x03)}
 _RECORD_AND_SAMPLE = Decision.RECORD_AND_SAMPLE
 _RECORD_ONLY = Decision.RECORD_ONLY
+_NO_ON_ENDING = SpanProcessor._on_ending  # the base class's: does nothing
+_new_tuple = tuple.__new__
+_MAX_TRACE_ID = (1 << 128) - 1
+_MAX_SPAN_ID = (1 << 64) - 1
 
 
 class SpanAttributes(BoundedAttributes):
@@ -179,7 +191,8 @@ class LightSpan(SDKSpan):
             logger.warning("Calling end() on an ended span.")
             return
         processor = self._span_processor
-        processor._on_ending(self)
+        if type(processor)._on_ending is not _NO_ON_ENDING:
+            processor._on_ending(self)
         processor.on_end(self)  # the span itself: nothing can change it once ended
 
 
@@ -216,11 +229,29 @@ class LightTracer(Tracer):
         sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         decision = sampling.decision
         flags = (0x01 if decision is _RECORD_AND_SAMPLE else 0x00) | (0x02 if random_trace_id else 0x00)
-        span_context = SpanContext(
-            trace_id, ids.generate_span_id(), is_remote=False, trace_flags=_FLAGS[flags], trace_state=sampling.trace_state
+        span_id = ids.generate_span_id()
+        trace_state = sampling.trace_state
+        # SpanContext(trace_id, span_id, is_remote=False, ...): its fields and validity, built
+        # without its keyword-argument constructor frame.
+        span_context = _new_tuple(
+            SpanContext,
+            (
+                trace_id,
+                span_id,
+                False,
+                _FLAGS[flags],
+                trace_state if trace_state is not None else DEFAULT_TRACE_STATE,
+                0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID,
+            ),
         )
         if decision is not _RECORD_AND_SAMPLE and decision is not _RECORD_ONLY:
             return trace_api.NonRecordingSpan(context=span_context)
+        processor = self.span_processor
+        if type(processor) is SynchronousMultiSpanProcessor:
+            # The provider's list of one (pycrio's SwitchableSpanProcessor): that one, directly.
+            only = processor._span_processors
+            if len(only) == 1:
+                processor = only[0]
         span = LightSpan(
             name,
             span_context,
@@ -228,7 +259,7 @@ class LightTracer(Tracer):
             self.resource,
             sampling.attributes,
             kind,
-            self.span_processor,
+            processor,
             self._span_limits,
             self._instrumentation_scope,
             self.instrumentation_info,
@@ -237,7 +268,7 @@ class LightTracer(Tracer):
             set_status_on_exception,
         )
         span._start_time = start_time if start_time is not None else time_ns()
-        self.span_processor.on_start(span, parent_context=context)
+        processor.on_start(span, parent_context=context)
         return span
 
 

@@ -1,0 +1,231 @@
+"""Instructions per CRI call spent on tracing, counted by valgrind: exact where CPU time is noise.
+
+The daemon benches (`tracing_overhead.py`) read CPU time, whose spread between runs (about
++-10 us per call on this 2-core machine) is larger than most single changes to the span path.
+This bench counts instructions instead, which are the same run after run for the same code and
+inputs (callgrind, `--separate-threads=yes`, the calling thread's count only; PYTHONHASHSEED
+fixed), so a change of a few hundred instructions per call shows.
+
+What runs (in a child process, under `valgrind --tool=callgrind`): pycrio's own
+`CRIServerInterceptor` around a ListContainers handler that returns an empty reply, called
+directly with the request and a ServicerContext stand-in whose metadata is what gRPC hands the
+handler (user-agent, and a sampled W3C `traceparent` where a mode has one; modes without one get
+a header of the same size, so every mode handles the same metadata). Tracing is the daemon's:
+`pycrio.tracing.Tracing` with the SDK TracerProvider, pycrio's samplers, span processors and
+the `log` event handler on the root logger. The batch delay and batch size are set so that no
+export starts during the calls; `encode` then encodes the queued spans on the calling thread, in
+batches of 512, as the export thread would (pycrio's OTLP encoder, without the gRPC send).
+
+Modes (instructions per call, the difference between a run of `--calls` calls and one of none,
+each after the same warm-up):
+  off          tracing disabled (no span objects)
+  rate0        enabled at rate 0, no parent: no span (kubelet's calls without tracing)
+  traced       rate 0, a sampled parent: one SERVER span (kubelet's calls with tracing)
+  traced-log   as traced, and the handler logs one INFO line: one `log` event
+  root         rate 1000000, no parent: a new trace per call
+  down         as traced, with the default queue bound and batch size and no collector: the queue
+               is full and the export thread failing (its timing varies: not exact)
+  encode       as traced, plus encoding the spans: export-thread instructions per span (printed
+               as the difference to traced)
+
+Hot caches: these are instructions, not the cold-cache CPU the daemon pays (about 3x more time
+per instruction there). Use it to compare code, and the daemon benches for the absolute cost.
+
+Run from the repo root:  .venv/bin/python bench/span_instructions.py [--calls 500]
+                             [--modes off,rate0,traced,...] [--baseline-src DIR] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import namedtuple
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("off", "rate0", "traced", "traced-log", "root", "down", "encode")
+METHOD = "/runtime.v1.RuntimeService/ListContainers"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+WARM_UP = 200
+ENCODE_BATCH = 512
+
+
+# -- the child: one run of calls --------------------------------------------------------------
+Metadatum = namedtuple("Metadatum", "key value")
+
+
+class HandlerContext:
+    """What the interceptor reads of a grpc.ServicerContext on a call that succeeds."""
+
+    def __init__(self, metadata: tuple[Metadatum, ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[Metadatum, ...]:
+        return self._metadata
+
+    def code(self) -> None:
+        return None
+
+
+def child(mode: str, calls: int) -> None:
+    """Make `calls` calls after the warm-up (and, for `encode`, encode their spans)."""
+    import grpc
+
+    from pycrio.config.schema import TracingConfig
+    from pycrio.cri import api_pb2
+    from pycrio.tracing.interceptor import CRIServerInterceptor
+    from pycrio.tracing.logs import SpanEventHandler
+    from pycrio.tracing.otlp_encode import SpanEncoder
+    from pycrio.tracing.provider import Tracing
+
+    config = TracingConfig(
+        enable_tracing=mode != "off",
+        tracing_endpoint="127.0.0.1:9",  # never reached: nothing is exported while counting
+        tracing_sampling_rate_per_million=1_000_000 if mode == "root" else 0,
+    )
+    tracing = Tracing(config)
+    root = logging.getLogger()
+    root.addHandler(SpanEventHandler())
+    root.setLevel(logging.INFO)
+    handler_log = logging.getLogger("pycrio.bench")
+    reply = api_pb2.ListContainersResponse()
+    say = mode == "traced-log"
+
+    def list_containers(request: Any, context: Any) -> Any:
+        if say:
+            handler_log.info("listed %d containers", 0)
+        return reply
+
+    interceptor = CRIServerInterceptor(tracing)
+    details = type("Details", (), {"method": METHOD})()
+    unary = interceptor.intercept_service(
+        lambda _: grpc.unary_unary_rpc_method_handler(list_containers), details
+    ).unary_unary
+    parent = mode in ("traced", "traced-log", "down", "encode")
+    header = Metadatum("traceparent", TRACEPARENT) if parent else Metadatum("x-bench-pad", "0" * len(TRACEPARENT))
+    context = HandlerContext((Metadatum("user-agent", "grpc-go/1.70.0"), header))
+    request = api_pb2.ListContainersRequest()
+    batch = tracing.pipeline.batch if tracing.pipeline is not None else None
+    if mode == "down" and batch is not None:  # the default bounds: the queue fills, the thread is woken
+        batch.max_queue_size, batch.max_export_batch_size = 2048, 512
+        batch._queue = collections.deque(maxlen=2048)
+    for _ in range(WARM_UP):
+        unary(request, context)
+    if batch is not None and mode != "down":
+        batch._queue.clear()
+    for _ in range(calls):
+        unary(request, context)
+    if mode == "encode" and batch is not None:
+        spans = list(batch._queue)
+        encoder = SpanEncoder()
+        for start in range(0, len(spans), ENCODE_BATCH):
+            encoder.encode_request(spans[start : start + ENCODE_BATCH])
+    sys.stdout.flush()
+    os._exit(0)  # no shutdown: it would export
+
+
+# -- the parent: runs children under valgrind ------------------------------------------------
+def count(mode: str, calls: int, src: Path, out_dir: Path) -> int:
+    """The calling thread's instruction count of one child run."""
+    prefix = out_dir / f"{mode}.{calls}.{abs(hash(str(src)))}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(src),
+        "PYTHONHASHSEED": "0",
+        "OTEL_BSP_SCHEDULE_DELAY": "3600000",
+        "OTEL_BSP_MAX_QUEUE_SIZE": str(1 << 20),
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": str(1 << 20),
+        "PYCRIO_TRACING_RELAY": "off",
+    }
+    for name in ("OTEL_TRACES_SAMPLER", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"):
+        env.pop(name, None)
+    no_aslr = ["setarch", os.uname().machine, "--addr-no-randomize"] if shutil.which("setarch") else []
+    run = subprocess.run(
+        [
+            *no_aslr,  # object addresses feed id-based hashes: the same addresses, the same count
+            "valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={prefix}",
+            sys.executable, __file__, "--child", mode, str(calls),
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"{mode} ({calls} calls) failed: {run.stderr[-2000:]}")
+    main_thread = Path(f"{prefix}-01")
+    match = re.search(r"^summary: (\d+)$", main_thread.read_text(), re.M)
+    if match is None:
+        raise RuntimeError(f"no summary in {main_thread}")
+    return int(match.group(1))
+
+
+def per_call(mode: str, calls: int, src: Path, out_dir: Path) -> float:
+    return (count(mode, calls, src, out_dir) - count(mode, 0, src, out_dir)) / calls
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=500, help="calls per counted run (default 500)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--baseline-src", type=Path, metavar="DIR", help="also count the pycrio in DIR (an older src/)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "CALLS"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        print(f"unknown modes: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    trees = {"now": REPO / "src"}
+    if args.baseline_src is not None:
+        trees["baseline"] = args.baseline_src.resolve()
+    results: dict[str, dict[str, float]] = {tree: {} for tree in trees}
+    with tempfile.TemporaryDirectory(prefix="pycrio-instr-") as tmp:
+        for mode in modes:
+            for tree, src in trees.items():
+                started = time.monotonic()
+                results[tree][mode] = per_call(mode, args.calls, src, Path(tmp))
+                print(f"  {tree:8s} {mode:10s} {results[tree][mode]:9.0f} instructions/call"
+                      f"  ({time.monotonic() - started:.0f} s)", flush=True)
+    print(f"\ninstructions per call ({args.calls} calls, hot caches; tracing cost = mode - off):")
+    header = f"{'mode':12s}" + "".join(f"{tree:>12s}{'-off':>10s}" for tree in trees)
+    if len(trees) == 2:
+        header += f"{'now-base':>10s}"
+    print(header)
+    for mode in modes:
+        line = f"{mode:12s}"
+        for tree in trees:
+            value = results[tree][mode]
+            off = results[tree].get("off")
+            line += f"{value:12.0f}" + (f"{value - off:10.0f}" if off is not None else f"{'':10s}")
+        if len(trees) == 2:
+            line += f"{results['now'][mode] - results['baseline'][mode]:10.0f}"
+        print(line)
+    if "encode" in modes and "traced" in modes:
+        for tree in trees:
+            print(f"{tree}: encoding, per span: {results[tree]['encode'] - results[tree]['traced']:.0f} instructions")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"calls": args.calls, "instructions_per_call": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
