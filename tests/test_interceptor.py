@@ -323,6 +323,9 @@ def test_log_events_keep_the_sdk_limits() -> None:
         " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0x",
         "00-0x0f7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\n",
+        "00-0af7651916cd43dd_448eb211c80319c-b7ad6b7169203331-01",
+        "00-+af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         "garbage",
     ],
 )
@@ -333,6 +336,8 @@ def test_fast_traceparent_reads_what_the_w3c_propagator_reads(header) -> None:
 
     expected = trace.get_current_span(propagate.extract({"traceparent": header})).get_span_context()
     fast = w3c_parent(header)
+    usual = len(header) == 55 and header.startswith("00-") and header == header.lower() and expected.is_valid
+    assert (fast is not None) == usual  # the form kubelet and crictl send takes the fast path
     if fast is None:  # not the exact usual form: the interceptor asks the propagator
         return
     got = trace.get_current_span(fast).get_span_context()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import enum
 import logging
+import re
 import time
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Protocol
@@ -15,6 +16,7 @@ from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -38,8 +40,10 @@ STATUS_ATTRIBUTES: dict[grpc.StatusCode, dict[str, int | str]] = {
     code: {"rpc.grpc.status_code": code.value[0], "rpc.response.status_code": code.name} for code in grpc.StatusCode
 }
 
+_OK = grpc.StatusCode.OK
+_STATUS_OK = STATUS_ATTRIBUTES[_OK]
 
-_HEX = frozenset("0123456789abcdef")
+_W3C_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # version 00, lower-case hex
 _new_tuple = tuple.__new__
 _W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
 # The flags callers send, made once: the parent's context is kept with its span until export.
@@ -50,12 +54,11 @@ def w3c_parent(traceparent: str) -> otel_context.Context | None:
     """The context TraceContextTextMapPropagator extracts from a lone `traceparent` of the exact
     version-00 form kubelet and crictl send (lower-case hex, non-zero ids, nothing around it); None
     for anything else, which the propagator itself then reads. Two thirds of the composite
-    propagator's cost (no regex, no getter, no baggage pass)."""
-    if len(traceparent) != 55 or not traceparent.startswith("00-") or traceparent[35] != "-" or traceparent[52] != "-":
+    propagator's cost (one anchored regex, no getter, no baggage pass); the regex is 7000
+    instructions cheaper than checking the slices' characters (bench/span_instructions.py)."""
+    if _W3C_TRACEPARENT.fullmatch(traceparent) is None:
         return None
     trace_hex, span_hex, flags_hex = traceparent[3:35], traceparent[36:52], traceparent[53:]
-    if not (_HEX.issuperset(trace_hex) and _HEX.issuperset(span_hex) and _HEX.issuperset(flags_hex)):
-        return None
     trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
     if not trace_id or not span_id:
         return None
@@ -66,6 +69,17 @@ def w3c_parent(traceparent: str) -> otel_context.Context | None:
     # non-zero and in range), without its keyword-argument constructor frame.
     parent = _new_tuple(SpanContext, (trace_id, span_id, True, flags, DEFAULT_TRACE_STATE, True))
     return otel_context.Context({_SPAN_KEY: NonRecordingSpan(parent)})  # set_span_in_context's, without a copy
+
+
+def runtime_context_var() -> contextvars.ContextVar[otel_context.Context] | None:
+    """The ContextVar behind OpenTelemetry's current context when it is the default runtime
+    context (OTEL_PYTHON_CONTEXT unset): set and reset directly, attach/detach without their two
+    Python calls each. None for any other runtime context."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if type(runtime) is not ContextVarsRuntimeContext:
+        return None
+    var = getattr(runtime, "_current_context", None)
+    return var if isinstance(var, contextvars.ContextVar) else None
 
 
 def is_w3c(textmap: object) -> bool:
@@ -173,6 +187,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._textmap: object = None  # the global propagator last checked, and whether it is W3C only
         self._textmap_w3c = False
+        self._context_var = runtime_context_var()
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: grpc.HandlerCallDetails
@@ -253,7 +268,8 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                     current = otel_context.Context({_SPAN_KEY: span})  # what set_span_in_context makes of it
                 else:
                     current = trace.set_span_in_context(span, parent)
-                call.span_token = otel_context.attach(current)
+                var = self._context_var
+                call.span_token = var.set(current) if var is not None else otel_context.attach(current)
         call.var_token = current_call.set(info)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s: %s", type(request).__name__, describe(request))
@@ -305,13 +321,21 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
         span = call.span
         if span is not None:
             if span.is_recording():  # our own str/int values: set without the SDK's cleaning pass
-                put_attributes(
-                    span, {**call.attributes, "id": call.request_id, **STATUS_ATTRIBUTES[call.code]}, plain=True
-                )
+                code = call.code
+                status = _STATUS_OK if code is _OK else STATUS_ATTRIBUTES[code]  # (an enum's hash is a Python call)
+                put_attributes(span, {**call.attributes, "id": call.request_id, **status}, plain=True)
             if call.code is not grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, f"{call.code.name}: {call.message}"))
             span.end()
-        if call.span_token is not None:
-            otel_context.detach(call.span_token)  # type: ignore[arg-type]
+        token = call.span_token
+        if token is not None:
+            var = self._context_var
+            if var is None:
+                otel_context.detach(token)  # type: ignore[arg-type]
+            else:
+                try:
+                    var.reset(token)  # type: ignore[arg-type]
+                except Exception:  # noqa: BLE001 - as otel_context.detach: logged, the call goes on
+                    log.exception("Failed to detach context")
         assert call.var_token is not None
         current_call.reset(call.var_token)
