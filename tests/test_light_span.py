@@ -24,7 +24,7 @@ from pycrio.tracing.attributes import add_plain_event, put_attributes
 from pycrio.tracing.otlp_encode import SpanEncoder, sdk_encode
 from pycrio.tracing.provider import Tracing, make_resource
 from pycrio.tracing.sampling import ErrorKeepingSampler
-from pycrio.tracing.span import LightSpan, LightTracer, LightTracerProvider, SpanAttributes
+from pycrio.tracing.span import SPAN_CONTEXT_TUPLE, LightSpan, LightTracer, LightTracerProvider, SpanAttributes
 from tests.test_otlp_encode import Keep
 
 RESOURCE = make_resource()
@@ -183,6 +183,22 @@ def test_sampling_decisions_and_flags_match_the_sdk(sampler: Sampler, parent_fla
         span.end()
         results.append((isinstance(span, NonRecordingSpan), span.is_recording(), span.get_span_context(), len(keep.spans)))
     assert results[0] == results[1]
+
+
+def test_the_pinned_sdks_span_context_is_read_by_unpacking() -> None:
+    """The hot paths unpack a SpanContext instead of calling its properties; with the pinned SDK
+    they do (an SDK whose layout differs takes the properties: slower, not wrong)."""
+    assert SPAN_CONTEXT_TUPLE
+
+
+def test_an_invalid_parent_starts_a_new_trace_as_the_sdks_tracer_does() -> None:
+    context = trace.set_span_in_context(NonRecordingSpan(SpanContext(0, 0, is_remote=True)))
+    for cls in (TracerProvider, LightTracerProvider):
+        tracer, keep = make(cls, sampler=ParentBased(ALWAYS_ON))
+        span = tracer.start_span("s", context=context)
+        span.end()
+        assert span.parent is None and span.get_span_context().is_valid and span.get_span_context().trace_flags.sampled
+        assert len(keep.spans) == 1
 
 
 def test_links_and_the_sdks_internal_metrics_take_the_sdks_own_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,6 +46,8 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 from opentelemetry.util.types import Attributes
 
+from pycrio.tracing.span import SPAN_CONTEXT_TUPLE
+
 MAX_RATE = 1_000_000
 GLOB_CHARS = frozenset("*?[")
 KEPT_FOR_ERROR = "pycrio.sampling.kept_for_error"
@@ -267,7 +269,12 @@ class CallSampler(ParentBased):
         if not attributes:
             span = (parent_context if parent_context is not None else get_current()).get(_SPAN_KEY)
             parent = span.get_span_context() if isinstance(span, APISpan) else None
-            if parent is None or not parent.is_valid:
+            if parent is not None:
+                if SPAN_CONTEXT_TUPLE and type(parent) is SpanContext:
+                    _, _, remote, flags, state, valid = parent  # the properties' values, no calls
+                else:
+                    remote, flags, state, valid = parent.is_remote, parent.trace_flags, parent.trace_state, parent.is_valid
+            if parent is None or not valid:
                 result = self._root_results.get(name, _UNKNOWN)
                 if result is _UNKNOWN:
                     result = _static_result(self._method_rates.sampler_for(name))
@@ -275,10 +282,10 @@ class CallSampler(ParentBased):
                         self._root_results[name] = result
                 if result is not None:
                     return result
-            elif parent.trace_state is DEFAULT_TRACE_STATE or not parent.trace_state:
-                result = self._child_results[(parent.is_remote, parent.trace_flags.sampled)]
+            elif state is DEFAULT_TRACE_STATE or not state:
+                result = self._child_results[(remote, bool(flags & SAMPLED))]
                 if result is not None:
-                    return result if parent.trace_state is DEFAULT_TRACE_STATE else _with_state(result, parent)
+                    return result if state is DEFAULT_TRACE_STATE else _with_state(result, parent)
         return super().should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
 

@@ -22,6 +22,9 @@ SDK's seams, and what a processor or exporter receives is still an SDK `Span` (a
   oldest goes first, and the drops are counted.
 - At the end the span itself goes to the processors, not a copy: once ended, every mutator of the
   span is refused (as the SDK's are), so what the exporter reads cannot change.
+- A provider with a single span processor (pycrio's switch) has that processor called directly,
+  not through the SDK's list around it; a processor added while a span is open sees neither its
+  start nor its end (through the list it would get the end only).
 - For a span started with links, whenever the SDK's per-span internal metrics are on
   (OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED), or when a tracer configurator disabled the tracer,
   `start_span` is the SDK's own.
@@ -65,6 +68,24 @@ _RECORD_AND_SAMPLE = Decision.RECORD_AND_SAMPLE
 _RECORD_ONLY = Decision.RECORD_ONLY
 _NO_ON_ENDING = SpanProcessor._on_ending  # the base class's: does nothing
 _new_tuple = tuple.__new__
+_RANDOM_TRACE_ID = TraceFlags.RANDOM_TRACE_ID
+
+
+def _span_context_is_tuple() -> bool:
+    """Whether a SpanContext is the tuple (trace_id, span_id, is_remote, trace_flags,
+    trace_state, is_valid) its properties read, as in the pinned SDK: hot paths then unpack it
+    instead of calling five properties. Checked once; any other layout takes the properties."""
+    probe = SpanContext(1, 2, True, TraceFlags(3), DEFAULT_TRACE_STATE)
+    try:
+        fields = tuple(probe)
+    except TypeError:
+        return False
+    return len(fields) == 6 and fields == (
+        probe.trace_id, probe.span_id, probe.is_remote, probe.trace_flags, probe.trace_state, probe.is_valid
+    )
+
+
+SPAN_CONTEXT_TUPLE = _span_context_is_tuple()
 _MAX_TRACE_ID = (1 << 128) - 1
 _MAX_SPAN_ID = (1 << 64) - 1
 
@@ -219,13 +240,17 @@ class LightTracer(Tracer):
         if parent is not None and not isinstance(parent, SpanContext):
             raise TypeError("parent_span_context must be a SpanContext or None.")
         ids = self.id_generator
-        if parent is None or not parent.is_valid:
+        if parent is not None:
+            if SPAN_CONTEXT_TUPLE and type(parent) is SpanContext:
+                trace_id, _, _, parent_flags, _, valid = parent  # the properties' values, no calls
+            else:
+                trace_id, parent_flags, valid = parent.trace_id, parent.trace_flags, parent.is_valid
+        if parent is None or not valid:
             parent = None
             trace_id = ids.generate_trace_id()
             random_trace_id = ids.is_trace_id_random()
         else:
-            trace_id = parent.trace_id
-            random_trace_id = parent.trace_flags.random_trace_id
+            random_trace_id = parent_flags & _RANDOM_TRACE_ID
         sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         decision = sampling.decision
         flags = (0x01 if decision is _RECORD_AND_SAMPLE else 0x00) | (0x02 if random_trace_id else 0x00)
