@@ -28,11 +28,18 @@ each after the same warm-up):
   encode       as traced, plus encoding the spans: export-thread instructions per span (printed
                as the difference to traced)
 
-Hot caches: these are instructions, not the cold-cache CPU the daemon pays (about 3x more time
-per instruction there). Use it to compare code, and the daemon benches for the absolute cost.
+Hot caches: these are instructions, not the CPU time the daemon pays per instruction (5-6x
+more there: gRPC's threads and the GIL between calls). Use it to compare code.
+
+`--daemon` counts a whole daemon instead (`python -m pycrio` under callgrind, every thread,
+tracing on at rate 0, no export during the counted blocks): blocks of `--calls` ListContainers
+over its socket without and with a sampled `traceparent`, alternating, two of each, counted with
+callgrind_control between blocks. Printed: instructions per call of each kind and their ratio,
+the daemon-level form of the issue's "p50 traced / untraced", exact: everything gRPC and the
+daemon do per call is in it, the client is not.
 
 Run from the repo root:  .venv/bin/python bench/span_instructions.py [--calls 500]
-                             [--modes off,rate0,traced,...] [--baseline-src DIR] [--json PATH]
+                             [--modes off,rate0,traced,...] [--daemon] [--baseline-src DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ METHOD = "/runtime.v1.RuntimeService/ListContainers"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 WARM_UP = 200
 ENCODE_BATCH = 512
+REPORT_ENV = "SPAN_INSTRUCTIONS_REPORT"
 
 
 # -- the child: one run of calls --------------------------------------------------------------
@@ -125,8 +133,10 @@ def child(mode: str, calls: int) -> None:
         batch._queue.clear()
     for _ in range(calls):
         unary(request, context)
-    if mode == "encode" and batch is not None:
-        spans = list(batch._queue)
+    spans = list(batch._queue) if batch is not None and (mode == "encode" or REPORT_ENV in os.environ) else []
+    if REPORT_ENV in os.environ:  # for tests/test_bench_span_instructions.py, outside the counted runs
+        print(f"spans queued: {len(spans)}, log events: {sum(len(span.events) for span in spans)}")
+    if mode == "encode":
         encoder = SpanEncoder()
         for start in range(0, len(spans), ENCODE_BATCH):
             encoder.encode_request(spans[start : start + ENCODE_BATCH])
@@ -171,10 +181,81 @@ def per_call(mode: str, calls: int, src: Path, out_dir: Path) -> float:
     return (count(mode, calls, src, out_dir) - count(mode, 0, src, out_dir)) / calls
 
 
+def daemon_counts(calls: int, src: Path, base: Path) -> dict[str, float]:
+    """Instructions per ListContainers call of a whole daemon, untraced and traced (see the docstring)."""
+    sys.path.insert(0, str(REPO))
+    import grpc
+
+    from pycrio.cri import api_pb2
+    from tests.harness import PycrioDaemon
+
+    class CountedDaemon(PycrioDaemon):
+        def command(self, *extra: str) -> list[str]:
+            no_aslr = ["setarch", os.uname().machine, "--addr-no-randomize"] if shutil.which("setarch") else []
+            return [
+                *no_aslr, "valgrind", "--tool=callgrind", "--separate-threads=yes", "--instr-atstart=no",
+                f"--callgrind-out-file={self.base / 'callgrind.out'}", *super().command(*extra),
+            ]
+
+    config = (
+        "[pycrio.tracing]\nenable_tracing = true\n"
+        'tracing_endpoint = "127.0.0.1:9"\ntracing_sampling_rate_per_million = 0\n'
+    )
+    env = {
+        "PYTHONPATH": str(src), "PYTHONHASHSEED": "0", "PYCRIO_TRACING_RELAY": "off",
+        "OTEL_BSP_SCHEDULE_DELAY": "3600000", "OTEL_BSP_MAX_QUEUE_SIZE": str(1 << 20),
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": str(1 << 20),
+    }
+    daemon = CountedDaemon(base, config_text=config, env=env).start(timeout=600)
+    assert daemon.proc is not None
+    pid = str(daemon.proc.pid)
+    traced = (("traceparent", TRACEPARENT),)
+    blocks = [("untraced", ()), ("traced", traced), ("untraced", ()), ("traced", traced)]
+    totals: dict[str, list[float]] = {"untraced": [], "traced": []}
+    try:
+        with grpc.insecure_channel(daemon.endpoint) as channel:
+            list_containers = channel.unary_unary(
+                "/runtime.v1.RuntimeService/ListContainers",
+                request_serializer=api_pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=api_pb2.ListContainersResponse.FromString,
+            )
+            request = api_pb2.ListContainersRequest()
+            for _ in range(WARM_UP // 2):
+                list_containers(request, timeout=60)
+                list_containers(request, timeout=60, metadata=traced)
+            for number, (kind, metadata) in enumerate(blocks, 1):
+                subprocess.run(["callgrind_control", "--instr=on", pid], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "--zero", pid], check=True, stdout=subprocess.DEVNULL)
+                for _ in range(calls):
+                    list_containers(request, timeout=60, metadata=metadata)
+                subprocess.run(["callgrind_control", f"--dump=block{number}", pid], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "--instr=off", pid], check=True, stdout=subprocess.DEVNULL)
+                total = 0
+                for dump in base.glob(f"callgrind.out.{number}-*"):
+                    match = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
+                    total += int(match.group(1)) if match else 0
+                totals[kind].append(total / calls)
+    finally:
+        daemon.stop()
+    untraced, traced_count = min(totals["untraced"]), min(totals["traced"])
+    return {"untraced": untraced, "traced": traced_count, "ratio": traced_count / untraced,
+            "spread": max(max(v) - min(v) for v in totals.values())}
+
+
+def print_daemon(results: dict[str, dict[str, float]]) -> None:
+    print("\nwhole daemon, instructions per ListContainers call (every thread; no export in the blocks):")
+    print(f"{'tree':10s}{'untraced':>12s}{'traced':>12s}{'extra':>10s}{'ratio':>8s}{'spread':>9s}")
+    for tree, row in results.items():
+        print(f"{tree:10s}{row['untraced']:12.0f}{row['traced']:12.0f}{row['traced'] - row['untraced']:10.0f}"
+              f"{row['ratio']:8.3f}{row['spread']:9.0f}")
+    print("(spread: the largest difference between two blocks of the same kind)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=500, help="calls per counted run (default 500)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--daemon", action="store_true", help="also count a whole daemon (traced / untraced calls)")
     parser.add_argument("--baseline-src", type=Path, metavar="DIR", help="also count the pycrio in DIR (an older src/)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "CALLS"), help=argparse.SUPPRESS)
@@ -198,32 +279,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_src is not None:
         trees["baseline"] = args.baseline_src.resolve()
     results: dict[str, dict[str, float]] = {tree: {} for tree in trees}
+    daemon_results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="pycrio-instr-") as tmp:
+        if args.daemon:
+            for tree, src in trees.items():
+                started = time.monotonic()
+                daemon_results[tree] = daemon_counts(args.calls, src, Path(tmp) / f"daemon-{tree}")
+                print(f"  {tree:8s} daemon     {daemon_results[tree]['ratio']:9.3f} traced/untraced"
+                      f"  ({time.monotonic() - started:.0f} s)", flush=True)
         for mode in modes:
             for tree, src in trees.items():
                 started = time.monotonic()
                 results[tree][mode] = per_call(mode, args.calls, src, Path(tmp))
                 print(f"  {tree:8s} {mode:10s} {results[tree][mode]:9.0f} instructions/call"
                       f"  ({time.monotonic() - started:.0f} s)", flush=True)
-    print(f"\ninstructions per call ({args.calls} calls, hot caches; tracing cost = mode - off):")
-    header = f"{'mode':12s}" + "".join(f"{tree:>12s}{'-off':>10s}" for tree in trees)
-    if len(trees) == 2:
-        header += f"{'now-base':>10s}"
-    print(header)
-    for mode in modes:
-        line = f"{mode:12s}"
-        for tree in trees:
-            value = results[tree][mode]
-            off = results[tree].get("off")
-            line += f"{value:12.0f}" + (f"{value - off:10.0f}" if off is not None else f"{'':10s}")
+    if modes:
+        print(f"\ninstructions per call ({args.calls} calls, hot caches; tracing cost = mode - off):")
+        header = f"{'mode':12s}" + "".join(f"{tree:>12s}{'-off':>10s}" for tree in trees)
         if len(trees) == 2:
-            line += f"{results['now'][mode] - results['baseline'][mode]:10.0f}"
-        print(line)
+            header += f"{'now-base':>10s}"
+        print(header)
+        for mode in modes:
+            line = f"{mode:12s}"
+            for tree in trees:
+                value = results[tree][mode]
+                off = results[tree].get("off")
+                line += f"{value:12.0f}" + (f"{value - off:10.0f}" if off is not None else f"{'':10s}")
+            if len(trees) == 2:
+                line += f"{results['now'][mode] - results['baseline'][mode]:10.0f}"
+            print(line)
     if "encode" in modes and "traced" in modes:
         for tree in trees:
             print(f"{tree}: encoding, per span: {results[tree]['encode'] - results[tree]['traced']:.0f} instructions")
+    if daemon_results:
+        print_daemon(daemon_results)
     if args.json is not None:
-        args.json.write_text(json.dumps({"calls": args.calls, "instructions_per_call": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"calls": args.calls, "instructions_per_call": results, "daemon": daemon_results}, indent=2)
+        )
     return 0
 
 

@@ -1,0 +1,36 @@
+"""bench/span_instructions.py counts what it says: each mode's calls make the spans it names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench" / "span_instructions.py"
+CALLS = 20
+
+
+@pytest.mark.parametrize(
+    "mode, spans, events",
+    [("off", 0, 0), ("rate0", 0, 0), ("traced", CALLS, 0), ("traced-log", CALLS, CALLS), ("root", CALLS, 0),
+     ("encode", CALLS, 0)],
+)
+def test_each_mode_makes_the_spans_it_names(mode: str, spans: int, events: int) -> None:
+    env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "3600000", "OTEL_BSP_MAX_QUEUE_SIZE": "100000",
+           "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100000", "PYCRIO_TRACING_RELAY": "off", "SPAN_INSTRUCTIONS_REPORT": "1"}  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--child", mode, str(CALLS)], capture_output=True, text=True, env=env, timeout=60,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"spans queued: {spans}, log events: {events}" in run.stdout
+
+
+def test_an_unknown_mode_is_refused_with_the_list() -> None:
+    run = subprocess.run([sys.executable, str(BENCH), "--modes", "traced,bogus"], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)  # fmt: skip
+    assert run.returncode == 2 and "unknown modes: bogus" in run.stderr
