@@ -332,6 +332,8 @@ def test_log_events_keep_the_sdk_limits() -> None:
 def test_fast_traceparent_reads_what_the_w3c_propagator_reads(header) -> None:
     from opentelemetry import propagate, trace
 
+    from opentelemetry.trace import NonRecordingSpan
+
     from pycrio.tracing.interceptor import w3c_parent
 
     expected = trace.get_current_span(propagate.extract({"traceparent": header})).get_span_context()
@@ -341,6 +343,8 @@ def test_fast_traceparent_reads_what_the_w3c_propagator_reads(header) -> None:
     if fast is None:  # not the exact usual form: the interceptor asks the propagator
         return
     got = trace.get_current_span(fast).get_span_context()
+    made = trace.get_current_span(fast)  # built without NonRecordingSpan's constructor: the same object
+    assert type(made) is NonRecordingSpan and vars(made) == vars(NonRecordingSpan(got))
     assert expected.is_valid
     assert tuple(got) == tuple(expected)  # ids, remote flag, flags, trace state and validity
     assert type(fast) is type(propagate.extract({"traceparent": header})) and len(fast) == 1

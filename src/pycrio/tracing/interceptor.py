@@ -45,6 +45,7 @@ _STATUS_OK = STATUS_ATTRIBUTES[_OK]
 
 _W3C_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # version 00, lower-case hex
 _new_tuple = tuple.__new__
+_new_object = object.__new__
 _W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
 # The flags callers send, made once: the parent's context is kept with its span until export.
 _TRACE_FLAGS = {f"{value:02x}": TraceFlags(value) for value in (0x00, 0x01, 0x02, 0x03)}
@@ -68,7 +69,9 @@ def w3c_parent(traceparent: str) -> otel_context.Context | None:
     # SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags), valid (both ids are
     # non-zero and in range), without its keyword-argument constructor frame.
     parent = _new_tuple(SpanContext, (trace_id, span_id, True, flags, DEFAULT_TRACE_STATE, True))
-    return otel_context.Context({_SPAN_KEY: NonRecordingSpan(parent)})  # set_span_in_context's, without a copy
+    span = _new_object(NonRecordingSpan)  # NonRecordingSpan(parent): its __init__ sets just this
+    span._context = parent
+    return otel_context.Context({_SPAN_KEY: span})  # set_span_in_context's, without a copy
 
 
 def runtime_context_var() -> contextvars.ContextVar[otel_context.Context] | None:
@@ -148,20 +151,21 @@ _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # shared by every call
 
 
 class _Call:
-    """Per-call bookkeeping shared by the unary and streaming wrappers."""
+    """Per-call bookkeeping shared by the unary and streaming wrappers.
 
-    __slots__ = ("method", "request_id", "attributes", "span", "var_token", "span_token", "code", "message", "started")
+    Made by `_begin` without a constructor call (`_new_object` and the three fields every call
+    has: the rest are these class defaults until a call sets them): a constructor call's frame
+    cost more than all of its stores, on every call, traced or not."""
 
-    def __init__(self, method: str, request_id: str, started: float) -> None:
-        self.method = method
-        self.request_id = request_id
-        self.attributes: Mapping[str, str] = _NO_ATTRIBUTES  # a span's start attributes, set with the span
-        self.span: trace.Span | None = None
-        self.var_token: contextvars.Token[CallInfo | None] | None = None
-        self.span_token: object = None
-        self.code = grpc.StatusCode.OK
-        self.message = ""
-        self.started = started
+    method: str
+    request_id: str
+    started: float
+    attributes: Mapping[str, str] = _NO_ATTRIBUTES  # a span's start attributes, set with the span
+    span: trace.Span | None = None
+    var_token: contextvars.Token[CallInfo | None] | None = None
+    span_token: object = None
+    code = grpc.StatusCode.OK
+    message = ""
 
 
 def _keep_thread_pool(inner: Callable[..., Any], outer: Callable[..., Any]) -> None:
@@ -253,8 +257,12 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
     def _begin(
         self, method: str, attributes: dict[str, str], request: Message, context: grpc.ServicerContext
     ) -> _Call:
-        info = CallInfo(new_request_id(), method)
-        call = _Call(method, info.request_id, time.perf_counter() if self._metrics is not None else 0.0)
+        request_id = new_request_id()
+        info = _new_tuple(CallInfo, (request_id, method))  # CallInfo(request_id, method), no __new__ frame
+        call = _new_object(_Call)
+        call.method = method
+        call.request_id = request_id
+        call.started = time.perf_counter() if self._metrics is not None else 0.0
         spans = self._spans
         mode = spans.span_mode(method) if spans is not None else SpanMode.NONE
         if mode is not SpanMode.NONE:
