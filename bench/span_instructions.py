@@ -267,13 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args.child[0], int(args.child[1]))
         return 0
-    if shutil.which("valgrind") is None:
-        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
-        return 2
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         print(f"unknown modes: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
     trees = {"now": REPO / "src"}
     if args.baseline_src is not None:
