@@ -127,3 +127,23 @@ def test_status_when_tracing_is_off_and_when_no_daemon(make_daemon, tmp_path) ->
     assert result.returncode == 1
     assert result.stderr.startswith(f"pycrio: no answer from {missing}: UNAVAILABLE")
 
+
+
+def test_started_spans_are_counted_exactly_from_many_threads_without_a_lock() -> None:
+    import sys
+    import threading
+
+    from pycrio.tracing.exporter import ExportHealth
+
+    health = ExportHealth()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: a lost update would show
+    try:
+        threads = [threading.Thread(target=lambda: [health.span_started() for _ in range(20000)]) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert health.started == 80000 and health.snapshot()["spans_started"] == 80000

@@ -60,7 +60,9 @@ class ExportHealth(logging.Filter):
 
     @property
     def started(self) -> int:
-        return self._started.__reduce__()[1][0]  # the count's next value: how many were taken
+        # The count's next value, how many were taken: its repr is "count(N)" (pickling it, which
+        # would give N directly, is deprecated since Python 3.12).
+        return int(repr(self._started)[6:-1])
 
     def span_kept_for_error(self) -> None:
         with self._lock:
