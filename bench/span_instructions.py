@@ -145,11 +145,17 @@ def child(mode: str, calls: int) -> None:
 
 
 # -- the parent: runs children under valgrind ------------------------------------------------
-def count(mode: str, calls: int, src: Path, out_dir: Path) -> int:
-    """The calling thread's instruction count of one child run."""
-    prefix = out_dir / f"{mode}.{calls}.{abs(hash(str(src)))}"
-    env = {
-        **os.environ,
+def valgrind_prefix() -> list[str]:
+    """callgrind, a count per thread, at fixed addresses (object addresses feed id-based hashes:
+    the same addresses, the same count)."""
+    no_aslr = ["setarch", os.uname().machine, "--addr-no-randomize"] if shutil.which("setarch") else []
+    return [*no_aslr, "valgrind", "--tool=callgrind", "--separate-threads=yes"]
+
+
+def counted_env(src: Path) -> dict[str, str]:
+    """The environment of a counted process: pycrio from `src`, fixed hashes, and a batch
+    processor that exports nothing while the calls are counted."""
+    return {
         "PYTHONPATH": str(src),
         "PYTHONHASHSEED": "0",
         "OTEL_BSP_SCHEDULE_DELAY": "3600000",
@@ -157,14 +163,17 @@ def count(mode: str, calls: int, src: Path, out_dir: Path) -> int:
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": str(1 << 20),
         "PYCRIO_TRACING_RELAY": "off",
     }
+
+
+def count(mode: str, calls: int, src: Path, out_dir: Path) -> int:
+    """The calling thread's instruction count of one child run."""
+    prefix = out_dir / f"{mode}.{calls}.{abs(hash(str(src)))}"
+    env = {**os.environ, **counted_env(src)}
     for name in ("OTEL_TRACES_SAMPLER", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"):
         env.pop(name, None)
-    no_aslr = ["setarch", os.uname().machine, "--addr-no-randomize"] if shutil.which("setarch") else []
     run = subprocess.run(
         [
-            *no_aslr,  # object addresses feed id-based hashes: the same addresses, the same count
-            "valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={prefix}",
-            sys.executable, __file__, "--child", mode, str(calls),
+            *valgrind_prefix(), f"--callgrind-out-file={prefix}", sys.executable, __file__, "--child", mode, str(calls),
         ],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
@@ -191,22 +200,16 @@ def daemon_counts(calls: int, src: Path, base: Path) -> dict[str, float]:
 
     class CountedDaemon(PycrioDaemon):
         def command(self, *extra: str) -> list[str]:
-            no_aslr = ["setarch", os.uname().machine, "--addr-no-randomize"] if shutil.which("setarch") else []
             return [
-                *no_aslr, "valgrind", "--tool=callgrind", "--separate-threads=yes", "--instr-atstart=no",
-                f"--callgrind-out-file={self.base / 'callgrind.out'}", *super().command(*extra),
+                *valgrind_prefix(), "--instr-atstart=no", f"--callgrind-out-file={self.base / 'callgrind.out'}",
+                *super().command(*extra),
             ]
 
     config = (
         "[pycrio.tracing]\nenable_tracing = true\n"
         'tracing_endpoint = "127.0.0.1:9"\ntracing_sampling_rate_per_million = 0\n'
     )
-    env = {
-        "PYTHONPATH": str(src), "PYTHONHASHSEED": "0", "PYCRIO_TRACING_RELAY": "off",
-        "OTEL_BSP_SCHEDULE_DELAY": "3600000", "OTEL_BSP_MAX_QUEUE_SIZE": str(1 << 20),
-        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": str(1 << 20),
-    }
-    daemon = CountedDaemon(base, config_text=config, env=env).start(timeout=600)
+    daemon = CountedDaemon(base, config_text=config, env=counted_env(src)).start(timeout=600)
     assert daemon.proc is not None
     pid = str(daemon.proc.pid)
     traced = (("traceparent", TRACEPARENT),)

@@ -129,7 +129,7 @@ def test_status_when_tracing_is_off_and_when_no_daemon(make_daemon, tmp_path) ->
 
 
 
-def test_started_spans_are_counted_exactly_from_many_threads_without_a_lock() -> None:
+def test_started_spans_are_counted_exactly_from_many_threads() -> None:
     import sys
     import threading
 

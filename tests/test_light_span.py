@@ -24,7 +24,8 @@ from pycrio.tracing.attributes import add_plain_event, put_attributes
 from pycrio.tracing.otlp_encode import SpanEncoder, sdk_encode
 from pycrio.tracing.provider import Tracing, make_resource
 from pycrio.tracing.sampling import ErrorKeepingSampler
-from pycrio.tracing.span import SPAN_CONTEXT_TUPLE, LightSpan, LightTracer, LightTracerProvider, SpanAttributes
+from pycrio.tracing.span import LightSpan, LightTracer, LightTracerProvider, SpanAttributes
+from pycrio.tracing.span_context import SPAN_CONTEXT_TUPLE
 from tests.test_otlp_encode import Keep
 
 RESOURCE = make_resource()
@@ -186,8 +187,9 @@ def test_sampling_decisions_and_flags_match_the_sdk(sampler: Sampler, parent_fla
 
 
 def test_the_pinned_sdks_span_context_is_read_by_unpacking() -> None:
-    """The hot paths unpack a SpanContext instead of calling its properties; with the pinned SDK
-    they do (an SDK whose layout differs takes the properties: slower, not wrong)."""
+    """The hot paths unpack a SpanContext instead of calling its properties, and make one without
+    its constructor; with the pinned API they do (another layout takes the properties and the
+    constructor: slower, not wrong)."""
     assert SPAN_CONTEXT_TUPLE
 
 

@@ -39,13 +39,12 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.context.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace import TraceFlags
 
 from pycrio.tracing.exporter import EXPORT_THREAD_COMM, ExportHealth, SpanBatch, span_count
+from pycrio.tracing.span_context import SAMPLED
 
 log = logging.getLogger("pycrio.tracing")
 
-SAMPLED = TraceFlags.SAMPLED
 MAX_ENCODED_BYTES = 8 * 1024 * 1024  # relayed bytes waiting for export
 # per export request; collectors refuse requests above 4 MiB by default (gRPC's receive limit)
 MAX_ENCODED_PER_EXPORT = 2 * 1024 * 1024
@@ -111,7 +110,7 @@ class SpanBatcher(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         context = span.context
-        if context is None or not context.trace_flags & SAMPLED:  # .sampled, one property call fewer
+        if context is None or not context.trace_flags & SAMPLED:
             return
         if self._shutdown:
             return

@@ -25,6 +25,7 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from pycrio.errors import CRIError, grpc_status
 from pycrio.tracing.attributes import put_attributes
 from pycrio.tracing.call import CallInfo, current_call, new_request_id
+from pycrio.tracing.span_context import SPAN_CONTEXT_TUPLE
 
 log = logging.getLogger("pycrio.server")
 
@@ -66,9 +67,10 @@ def w3c_parent(traceparent: str) -> otel_context.Context | None:
     flags = _TRACE_FLAGS.get(flags_hex)
     if flags is None:
         flags = TraceFlags(int(flags_hex, 16))
-    # SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags), valid (both ids are
-    # non-zero and in range), without its keyword-argument constructor frame.
-    parent = _new_tuple(SpanContext, (trace_id, span_id, True, flags, DEFAULT_TRACE_STATE, True))
+    if SPAN_CONTEXT_TUPLE:  # SpanContext(trace_id, span_id, is_remote=True, ...), valid: ids non-zero, in range
+        parent = _new_tuple(SpanContext, (trace_id, span_id, True, flags, DEFAULT_TRACE_STATE, True))
+    else:
+        parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
     span = _new_object(NonRecordingSpan)  # NonRecordingSpan(parent): its __init__ sets just this
     span._context = parent
     return otel_context.Context({_SPAN_KEY: span})  # set_span_in_context's, without a copy

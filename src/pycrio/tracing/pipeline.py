@@ -18,7 +18,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler, SamplingResult
-from opentelemetry.trace import Link, SpanKind, TraceFlags
+from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
@@ -27,6 +27,7 @@ from pycrio.tracing.batch import SpanBatcher
 from pycrio.tracing.exporter import ExportHealth, ReportingSpanExporter
 from pycrio.tracing.interceptor import SpanMode
 from pycrio.tracing.sampling import ErrorKeepingSpanProcessor, SamplingRules, make_sampler
+from pycrio.tracing.span_context import SAMPLED
 
 log = logging.getLogger("pycrio.tracing")
 
@@ -38,7 +39,6 @@ CHANNEL_OPTIONS = (
 # "sdk" encodes spans with the SDK's protobuf messages instead of pycrio's byte encoder (same
 # bytes, 5-8x the CPU): for comparisons (bench/span_export.py) and as an escape hatch.
 ENCODER_ENV = "PYCRIO_TRACING_ENCODER"
-SAMPLED = TraceFlags.SAMPLED
 
 
 class Pipeline:
@@ -106,23 +106,10 @@ def make_exporter(config: TracingConfig, health: ExportHealth, relay: str = "") 
 
 
 class SwitchableSampler(Sampler):
-    """The provider's sampler: asks the current pipeline's; drops everything while tracing is off.
-
-    Setting `current` binds `should_sample` to the current sampler's own method: every span asks
-    it directly, one Python call fewer per span (a span keeps the answer of the sampler current
-    when it started, as before)."""
+    """The provider's sampler: asks the current pipeline's; drops everything while tracing is off."""
 
     def __init__(self) -> None:
-        self.current = ALWAYS_OFF
-
-    @property
-    def current(self) -> Sampler:
-        return self._current
-
-    @current.setter
-    def current(self, sampler: Sampler) -> None:
-        self._current = sampler
-        self.should_sample = sampler.should_sample  # type: ignore[method-assign]
+        self.current: Sampler = ALWAYS_OFF
 
     def should_sample(
         self,
@@ -134,10 +121,10 @@ class SwitchableSampler(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: TraceState | None = None,
     ) -> SamplingResult:
-        return self._current.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        return self.current.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
     def get_description(self) -> str:
-        return f"Switchable{{{self._current.get_description()}}}"
+        return f"Switchable{{{self.current.get_description()}}}"
 
 
 class SwitchableSpanProcessor(SpanProcessor):

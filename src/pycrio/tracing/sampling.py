@@ -46,14 +46,13 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 from opentelemetry.util.types import Attributes
 
-from pycrio.tracing.span import SPAN_CONTEXT_TUPLE
+from pycrio.tracing.span_context import SAMPLED, SPAN_CONTEXT_TUPLE
 
 MAX_RATE = 1_000_000
 GLOB_CHARS = frozenset("*?[")
 KEPT_FOR_ERROR = "pycrio.sampling.kept_for_error"
 # Span names are CRI methods (a few dozen); beyond this many distinct names nothing more is cached.
 MAX_CACHED_NAMES = 1024
-SAMPLED = TraceFlags.SAMPLED  # a flags bit: `flags & SAMPLED` is `.sampled` without its property call
 
 
 class SamplingRules:

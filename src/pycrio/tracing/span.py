@@ -56,6 +56,8 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
+from pycrio.tracing.span_context import RANDOM_TRACE_ID, SPAN_CONTEXT_TUPLE
+
 logger = logging.getLogger("opentelemetry.sdk.trace")  # the SDK's warnings, under its own name
 
 _UNSET = Status(StatusCode.UNSET)
@@ -66,24 +68,7 @@ _RECORD_ONLY = Decision.RECORD_ONLY
 _NO_ON_ENDING = SpanProcessor._on_ending  # the base class's: does nothing
 _new_tuple = tuple.__new__
 _new_object = object.__new__
-_RANDOM_TRACE_ID = TraceFlags.RANDOM_TRACE_ID
 
-
-def _span_context_is_tuple() -> bool:
-    """Whether a SpanContext is the tuple (trace_id, span_id, is_remote, trace_flags,
-    trace_state, is_valid) its properties read, as in the pinned SDK: hot paths then unpack it
-    instead of calling five properties. Checked once; any other layout takes the properties."""
-    probe = SpanContext(1, 2, True, TraceFlags(3), DEFAULT_TRACE_STATE)
-    try:
-        fields = tuple(probe)
-    except TypeError:
-        return False
-    return len(fields) == 6 and fields == (
-        probe.trace_id, probe.span_id, probe.is_remote, probe.trace_flags, probe.trace_state, probe.is_valid
-    )
-
-
-SPAN_CONTEXT_TUPLE = _span_context_is_tuple()
 _MAX_TRACE_ID = (1 << 128) - 1
 _MAX_SPAN_ID = (1 << 64) - 1
 
@@ -220,25 +205,26 @@ class LightTracer(Tracer):
             trace_id = ids.generate_trace_id()
             random_trace_id = ids.is_trace_id_random()
         else:
-            random_trace_id = parent_flags & _RANDOM_TRACE_ID
+            random_trace_id = parent_flags & RANDOM_TRACE_ID
         sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         decision = sampling.decision
         flags = (0x01 if decision is _RECORD_AND_SAMPLE else 0x00) | (0x02 if random_trace_id else 0x00)
         span_id = ids.generate_span_id()
         trace_state = sampling.trace_state
-        # SpanContext(trace_id, span_id, is_remote=False, ...): its fields and validity, built
-        # without its keyword-argument constructor frame.
-        span_context = _new_tuple(
-            SpanContext,
-            (
-                trace_id,
-                span_id,
-                False,
-                _FLAGS[flags],
-                trace_state if trace_state is not None else DEFAULT_TRACE_STATE,
-                0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID,
-            ),
-        )
+        if SPAN_CONTEXT_TUPLE:  # SpanContext(trace_id, span_id, is_remote=False, ...), no constructor frame
+            span_context = _new_tuple(
+                SpanContext,
+                (
+                    trace_id,
+                    span_id,
+                    False,
+                    _FLAGS[flags],
+                    trace_state if trace_state is not None else DEFAULT_TRACE_STATE,
+                    0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID,
+                ),
+            )
+        else:
+            span_context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=_FLAGS[flags], trace_state=trace_state)
         if decision is not _RECORD_AND_SAMPLE and decision is not _RECORD_ONLY:
             return trace_api.NonRecordingSpan(context=span_context)
         processor = self.span_processor
