@@ -20,13 +20,17 @@ Modes (instructions per call, the difference between a run of `--calls` calls an
 each after the same warm-up):
   off          tracing disabled (no span objects)
   rate0        enabled at rate 0, no parent: no span (kubelet's calls without tracing)
-  traced       rate 0, a sampled parent: one SERVER span (kubelet's calls with tracing)
+  traced       rate 0, a sampled parent: one SERVER span (kubelet's calls with tracing), made after
+               the call (pycrio.tracing.call_span): what the call's thread does
+  eager        as traced, with PYCRIO_TRACING_CALL_SPANS=eager: the span made on the call's thread
   traced-log   as traced, and the handler logs one INFO line: one `log` event
   root         rate 1000000, no parent: a new trace per call
   down         as traced, with the default queue bound and batch size and no collector: the queue
                is full and the export thread failing (its timing varies: not exact)
-  encode       as traced, plus encoding the spans: export-thread instructions per span (printed
-               as the difference to traced)
+  make         as traced, plus making the calls' spans after them, on the calling thread as the
+               export thread would: printed per span as the difference to traced
+  encode       as make, plus encoding the spans: export-thread instructions per span (printed
+               as the difference to make)
 
 Hot caches: these are instructions, not the CPU time the daemon pays per instruction (5-6x
 more there: gRPC's threads and the GIL between calls). Use it to compare code.
@@ -60,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("off", "rate0", "traced", "traced-log", "root", "down", "encode")
+MODES = ("off", "rate0", "traced", "eager", "traced-log", "root", "down", "make", "encode")
 METHOD = "/runtime.v1.RuntimeService/ListContainers"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 WARM_UP = 200
@@ -96,6 +100,8 @@ def child(mode: str, calls: int) -> None:
     from pycrio.tracing.otlp_encode import SpanEncoder
     from pycrio.tracing.provider import Tracing
 
+    if mode == "eager":
+        os.environ["PYCRIO_TRACING_CALL_SPANS"] = "eager"  # pycrio.tracing.pipeline.CALL_SPANS_ENV
     config = TracingConfig(
         enable_tracing=mode != "off",
         tracing_endpoint="127.0.0.1:9",  # never reached: nothing is exported while counting
@@ -119,7 +125,7 @@ def child(mode: str, calls: int) -> None:
     unary = interceptor.intercept_service(
         lambda _: grpc.unary_unary_rpc_method_handler(list_containers), details
     ).unary_unary
-    parent = mode in ("traced", "traced-log", "down", "encode")
+    parent = mode in ("traced", "eager", "traced-log", "down", "make", "encode")
     header = Metadatum("traceparent", TRACEPARENT) if parent else Metadatum("x-bench-pad", "0" * len(TRACEPARENT))
     context = HandlerContext((Metadatum("user-agent", "grpc-go/1.70.0"), header))
     request = api_pb2.ListContainersRequest()
@@ -129,10 +135,15 @@ def child(mode: str, calls: int) -> None:
         batch._queue = collections.deque(maxlen=2048)
     for _ in range(WARM_UP):
         unary(request, context)
+    make_deferred = getattr(batch, "_make_deferred", None)  # spans made after their calls (not in older trees)
     if batch is not None and mode != "down":
+        if make_deferred is not None:
+            make_deferred()  # the making path warmed up too
         batch._queue.clear()
     for _ in range(calls):
         unary(request, context)
+    if make_deferred is not None and (mode in ("make", "encode") or REPORT_ENV in os.environ):
+        make_deferred()  # what the export thread does before an export
     spans = list(batch._queue) if batch is not None and (mode == "encode" or REPORT_ENV in os.environ) else []
     if REPORT_ENV in os.environ:  # for tests/test_bench_span_instructions.py, outside the counted runs
         print(f"spans queued: {len(spans)}, log events: {sum(len(span.events) for span in spans)}")
@@ -311,9 +322,14 @@ def main(argv: list[str] | None = None) -> int:
             if len(trees) == 2:
                 line += f"{results['now'][mode] - results['baseline'][mode]:10.0f}"
             print(line)
-    if "encode" in modes and "traced" in modes:
-        for tree in trees:
-            print(f"{tree}: encoding, per span: {results[tree]['encode'] - results[tree]['traced']:.0f} instructions")
+    for tree in trees:
+        got = results[tree]
+        if "make" in modes and "traced" in modes:
+            print(f"{tree}: making a span after its call (export thread), per span: {got['make'] - got['traced']:.0f} instructions")
+        if "encode" in modes and "make" in modes:
+            print(f"{tree}: encoding, per span: {got['encode'] - got['make']:.0f} instructions")
+        elif "encode" in modes and "traced" in modes:
+            print(f"{tree}: making after the call and encoding, per span: {got['encode'] - got['traced']:.0f} instructions")
     if daemon_results:
         print_daemon(daemon_results)
     if args.json is not None:

@@ -80,9 +80,9 @@ def test_counters_rise_while_collector_is_down_and_recover(make_daemon) -> None:
         assert up["spans_dropped_export_failed"] >= down["spans_dropped_export_failed"]
         assert up["failing_since"] is None
         assert time.time() - up["last_export_success"] < 30
-        # Every span is accounted for once the queue has drained: only this Status call's own
-        # span (started, not yet ended) is pending.
-        settled = wait_until(daemon, lambda c: pending(c) == 1)
+        # Every span is accounted for once the queue has drained. This Status call's own span is
+        # not among them: it is made after the call (pycrio.tracing.call_span), counted then.
+        settled = wait_until(daemon, lambda c: pending(c) == 0)
         assert settled["spans_dropped_queue_full"] == 0
         assert "recovered after" in daemon.logs()
     finally:
@@ -95,7 +95,9 @@ def test_queue_full_drops_are_counted_and_logged(make_daemon, black_hole) -> Non
     daemon = make_daemon(args=tracing_args(black_hole), env=env)
     _versions(daemon, 300)
     counters = wait_until(daemon, lambda c: c["spans_dropped_queue_full"] >= 250)
-    assert counters["spans_started"] >= 300
+    # Up to a queue's worth of calls wait for the held export thread to make their spans
+    # (pycrio.tracing.call_span); every later call made its span itself, counted and dropped.
+    assert counters["spans_started"] >= 300 - 16
     assert counters["spans_exported"] == 0
     logs = daemon.wait_for_log("span queue full")
     assert logs.count("span queue full") == 1  # once per streak, not per span

@@ -122,6 +122,71 @@ def test_flush_and_shutdown_export_everything_and_later_spans_are_dropped() -> N
     batcher.shutdown()  # twice: nothing happens
 
 
+class Deferred:
+    """What SpanBatcher.defer takes: a call's span made (here: by `end`) when the thread asks."""
+
+    def __init__(self, end: Callable[[str], None], name: str) -> None:
+        self._end = end
+        self._call_name = name
+        self.made_on: int | None = None
+
+    def finish_after_call(self) -> None:
+        self.made_on = threading.get_native_id()
+        self._end(self._call_name)
+
+
+def test_deferred_spans_are_made_by_the_export_thread_and_count_towards_a_full_batch() -> None:
+    exporter = Recording()
+    end, batcher, _ = make(exporter, max_export_batch_size=4, schedule_delay_millis=30_000)
+    calls = [Deferred(end, f"d{i}") for i in range(3)]
+    assert all(batcher.defer(call) for call in calls)
+    assert batcher.queued == 3 and exporter.batches == []  # waiting, made by no one yet
+    end("e")  # the fourth: a full batch wakes the thread, which makes the three first
+    assert wait_for(lambda: exporter.batches == [["e", "d0", "d1", "d2"]], 3)
+    assert {call.made_on for call in calls} == {exporter.threads[0]} != {threading.get_native_id()}
+    assert batcher.defer(Deferred(end, "d3")) and batcher.defer(Deferred(end, "d4"))
+    assert batcher.defer(Deferred(end, "d5")) and batcher.defer(Deferred(end, "d6"))  # a full batch again
+    assert wait_for(lambda: len(exporter.batches) == 2)
+    assert exporter.batches[1] == ["d3", "d4", "d5", "d6"]
+    batcher.shutdown()
+
+
+def test_a_full_queue_or_a_shutdown_refuses_to_defer_and_shutdown_makes_what_waits() -> None:
+    gate = threading.Event()
+    exporter = Recording(gate)
+    end, batcher, health = make(exporter, max_queue_size=4, max_export_batch_size=2, schedule_delay_millis=30_000)
+    end("first")
+    end("second")  # the thread takes them and waits at the gate
+    assert wait_for(lambda: batcher.queued == 0)
+    assert all(batcher.defer(Deferred(end, f"d{i}")) for i in range(3))
+    end("queued")
+    assert batcher.queued == 4
+    assert batcher.defer(Deferred(end, "refused")) is False  # full: the call makes its span itself
+    assert health.dropped_queue_full() == 0
+    gate.set()
+    batcher.shutdown()
+    exported = [name for batch in exporter.batches for name in batch]
+    assert exported[:2] == ["first", "second"] and sorted(exported[2:]) == ["d0", "d1", "d2", "queued"]
+    assert batcher.defer(Deferred(end, "late")) is False
+    end("late")
+    assert batcher.queued == 0
+
+
+def test_a_deferred_span_that_fails_to_be_made_is_logged_and_the_rest_go_out(caplog) -> None:
+    exporter = Recording()
+    end, batcher, _ = make(exporter, schedule_delay_millis=30_000)
+
+    class Broken(Deferred):
+        def finish_after_call(self) -> None:
+            raise RuntimeError("no parent")
+
+    assert batcher.defer(Broken(end, "/runtime.v1.RuntimeService/Version")) and batcher.defer(Deferred(end, "fine"))
+    assert batcher.force_flush()
+    assert exporter.batches == [["fine"]]
+    assert "making the span of a /runtime.v1.RuntimeService/Version call failed" in caplog.text
+    batcher.shutdown()
+
+
 def test_unsampled_spans_are_not_queued_and_an_exporter_error_does_not_stop_the_thread() -> None:
     exporter = Recording()
     end, batcher, _ = make(exporter, sampled=False, schedule_delay_millis=50)

@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from opentelemetry import context as context_api
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
@@ -42,6 +42,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from pycrio.tracing.exporter import EXPORT_THREAD_COMM, ExportHealth, SpanBatch, span_count
 from pycrio.tracing.span_context import SAMPLED
+
+if TYPE_CHECKING:
+    from pycrio.tracing.call_span import DeferredCallSpan
 
 log = logging.getLogger("pycrio.tracing")
 
@@ -78,7 +81,8 @@ class SpanBatcher(SpanProcessor):
         self.max_export_batch_size = max_export_batch_size
         self._delay = schedule_delay_millis / 1000
         self._join_timeout = export_timeout_millis / 1000
-        self._shutdown = False
+        self._shutdown = False  # no more deferred spans, the export thread stops
+        self._closed = False  # shut down: spans ending now are dropped
         self._forked = False
         self._start()
         weak_forked = weakref.WeakMethod(self._mark_forked)
@@ -92,6 +96,7 @@ class SpanBatcher(SpanProcessor):
 
     def _start(self) -> None:
         self._queue: collections.deque[ReadableSpan] = collections.deque(maxlen=self.max_queue_size)
+        self._deferred: collections.deque[DeferredCallSpan] = collections.deque()
         self._encoded: collections.deque[tuple[int, bytes]] = collections.deque()
         self._encoded_lock = threading.Lock()
         self._encoded_bytes = 0
@@ -112,7 +117,7 @@ class SpanBatcher(SpanProcessor):
         context = span.context
         if context is None or not context.trace_flags & SAMPLED:
             return
-        if self._shutdown:
+        if self._closed:
             return
         if self._forked:  # the first span in a forked child: a queue and a thread of its own
             self._forked = False
@@ -122,8 +127,23 @@ class SpanBatcher(SpanProcessor):
             self._health.span_dropped_queue_full()  # the append below pushes out the oldest
         queue.append(span)
         # is_set first: with the collector down the queue stays full, and set() takes a lock.
-        if len(queue) >= self.max_export_batch_size and not self._wake.is_set():
+        if len(queue) + len(self._deferred) >= self.max_export_batch_size and not self._wake.is_set():
             self._wake.set()
+
+    def defer(self, span: DeferredCallSpan) -> bool:
+        """Queue the span of a call that is over, to be made on the export thread before the
+        next export (pycrio.tracing.call_span); False when it must be made now: shutting down,
+        in a forked child, or with the queue full (its drop rule then counts the span)."""
+        if self._shutdown or self._forked:
+            return False
+        deferred = self._deferred
+        waiting = len(self._queue) + len(deferred)
+        if waiting >= self.max_queue_size:
+            return False
+        deferred.append(span)
+        if waiting >= self.max_export_batch_size - 1 and not self._wake.is_set():
+            self._wake.set()
+        return True
 
     def add_encoded(self, spans: int, payload: bytes) -> bool:
         """Queue `spans` spans encoded elsewhere (ExportTraceServiceRequest bytes); False, counted
@@ -171,6 +191,7 @@ class SpanBatcher(SpanProcessor):
         """Export full batches while there are any; then one partial batch when `at_least_one`,
         or everything when `all_of_it`."""
         with self._export_lock:
+            self._make_deferred()
             queue = self._queue
             encoded = self._encoded
             exported = 0
@@ -187,6 +208,17 @@ class SpanBatcher(SpanProcessor):
                     batch = SpanBatch(batch, payload, spans)
                 exported += 1
                 self._send(batch)
+
+    def _make_deferred(self) -> None:
+        """Make and end the spans of the calls deferred so far: into the queue, through the
+        pipeline's sampler and processor."""
+        deferred = self._deferred
+        while deferred:
+            span = deferred.popleft()
+            try:
+                span.finish_after_call()
+            except Exception:  # noqa: BLE001 - one bad span must not end the export thread
+                log.exception("tracing: making the span of a %s call failed", span._call_name)
 
     def _send(self, batch: Sequence[ReadableSpan]) -> None:
         token = context_api.attach(context_api.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
@@ -212,11 +244,12 @@ class SpanBatcher(SpanProcessor):
         self._thread.join(self._join_timeout)
         if not self._thread.is_alive():
             self._export(all_of_it=True)  # whatever ended while the thread was finishing
+        self._closed = True
         self.exporter.shutdown()
 
     @property
     def queued(self) -> int:
-        return len(self._queue) + self._encoded_spans
+        return len(self._queue) + len(self._deferred) + self._encoded_spans
 
 
 def name_thread() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 import enum
 import logging
-import re
 import time
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Protocol
@@ -17,15 +16,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from pycrio.errors import CRIError, grpc_status
-from pycrio.tracing.attributes import put_attributes
 from pycrio.tracing.call import CallInfo, current_call, new_request_id
-from pycrio.tracing.span_context import SPAN_CONTEXT_TUPLE
+from pycrio.tracing.call_span import DeferredCallSpan, DeferredSpans, end_call_span, is_w3c_traceparent
+from pycrio.tracing.call_span import w3c_parent as w3c_parent
 
 log = logging.getLogger("pycrio.server")
 
@@ -40,40 +38,11 @@ PROPAGATION_KEYS = frozenset(("traceparent", "tracestate", "baggage"))
 STATUS_ATTRIBUTES: dict[grpc.StatusCode, dict[str, int | str]] = {
     code: {"rpc.grpc.status_code": code.value[0], "rpc.response.status_code": code.name} for code in grpc.StatusCode
 }
-
 _OK = grpc.StatusCode.OK
 _STATUS_OK = STATUS_ATTRIBUTES[_OK]
-
-_W3C_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # version 00, lower-case hex
+_W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
 _new_tuple = tuple.__new__
 _new_object = object.__new__
-_W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
-# The flags callers send, made once: the parent's context is kept with its span until export.
-_TRACE_FLAGS = {f"{value:02x}": TraceFlags(value) for value in (0x00, 0x01, 0x02, 0x03)}
-
-
-def w3c_parent(traceparent: str) -> otel_context.Context | None:
-    """The context TraceContextTextMapPropagator extracts from a lone `traceparent` of the exact
-    version-00 form kubelet and crictl send (lower-case hex, non-zero ids, nothing around it); None
-    for anything else, which the propagator itself then reads. Two thirds of the composite
-    propagator's cost (one anchored regex, no getter, no baggage pass); the regex is 7000
-    instructions cheaper than checking the slices' characters (bench/span_instructions.py)."""
-    if _W3C_TRACEPARENT.fullmatch(traceparent) is None:
-        return None
-    trace_hex, span_hex, flags_hex = traceparent[3:35], traceparent[36:52], traceparent[53:]
-    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
-    if not trace_id or not span_id:
-        return None
-    flags = _TRACE_FLAGS.get(flags_hex)
-    if flags is None:
-        flags = TraceFlags(int(flags_hex, 16))
-    if SPAN_CONTEXT_TUPLE:  # SpanContext(trace_id, span_id, is_remote=True, ...), valid: ids non-zero, in range
-        parent = _new_tuple(SpanContext, (trace_id, span_id, True, flags, DEFAULT_TRACE_STATE, True))
-    else:
-        parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
-    span = _new_object(NonRecordingSpan)  # NonRecordingSpan(parent): its __init__ sets just this
-    span._context = parent
-    return otel_context.Context({_SPAN_KEY: span})  # set_span_in_context's, without a copy
 
 
 def runtime_context_var() -> contextvars.ContextVar[otel_context.Context] | None:
@@ -124,10 +93,16 @@ class SpanMode(enum.Enum):
 
 
 class SpanPolicy(Protocol):
-    """Where spans come from and which calls get one (pycrio.tracing.Tracing in the daemon)."""
+    """Where spans come from and which calls get one (pycrio.tracing.Tracing in the daemon).
+
+    `deferred_spans`, when not None, makes the span of a call with a lone W3C parent or none
+    after the call, unless the call uses it (pycrio.tracing.call_span)."""
 
     @property
     def tracer(self) -> trace.Tracer: ...
+
+    @property
+    def deferred_spans(self) -> DeferredSpans | None: ...
 
     def span_mode(self, method: str) -> SpanMode: ...
 
@@ -139,7 +114,9 @@ class CallRecorder(Protocol):
 
 
 class FixedSpanPolicy:
-    """A tracer and one mode for every method."""
+    """A tracer and one mode for every method; every span made on the call's thread."""
+
+    deferred_spans: DeferredSpans | None = None
 
     def __init__(self, tracer: trace.Tracer, mode: SpanMode = SpanMode.ALL) -> None:
         self.tracer = tracer
@@ -269,40 +246,62 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
         mode = spans.span_mode(method) if spans is not None else SpanMode.NONE
         if mode is not SpanMode.NONE:
             assert spans is not None
-            parent = self._parent_context(context)
-            if parent is not None or mode is SpanMode.ALL:
-                span = spans.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
-                call.span = span
-                call.attributes = attributes  # written with the status at the end, in one step
-                if parent is not None and len(parent) == 1 and _SPAN_KEY in parent:  # w3c_parent's
-                    current = otel_context.Context({_SPAN_KEY: span})  # what set_span_in_context makes of it
+            caller = self._caller(context)
+            deferred = spans.deferred_spans
+            if deferred is not None and type(caller) is not dict:
+                # The usual call (a lone W3C parent, or none): its span is made after the call,
+                # unless the call uses it before (pycrio.tracing.call_span).
+                if caller is not None or mode is SpanMode.ALL:
+                    span, current = deferred.start(method, caller)
+                    call.span = span
+                    call.attributes = attributes  # written with the status at the end, in one step
+                    var = self._context_var
+                    call.span_token = var.set(current) if var is not None else otel_context.attach(current)
+            else:
+                if caller is None:
+                    parent = None
+                elif type(caller) is str:
+                    parent = w3c_parent(caller, checked=True)
                 else:
-                    current = trace.set_span_in_context(span, parent)
-                var = self._context_var
-                call.span_token = var.set(current) if var is not None else otel_context.attach(current)
+                    parent = propagate.extract(caller)
+                if parent is not None or mode is SpanMode.ALL:
+                    span = spans.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+                    call.span = span
+                    call.attributes = attributes
+                    if parent is not None and len(parent) == 1 and _SPAN_KEY in parent:  # w3c_parent's
+                        current = otel_context.Context({_SPAN_KEY: span})  # what set_span_in_context makes of it
+                    else:
+                        current = trace.set_span_in_context(span, parent)
+                    var = self._context_var
+                    call.span_token = var.set(current) if var is not None else otel_context.attach(current)
         call.var_token = current_call.set(info)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s: %s", type(request).__name__, describe(request))
         return call
 
-    def _parent_context(self, context: grpc.ServicerContext) -> otel_context.Context | None:
-        """The caller's W3C context, or None when the metadata carries none (the common case)."""
+    def _caller(self, context: grpc.ServicerContext) -> str | dict[str, str] | None:
+        """The caller's W3C context in the call's metadata: None without a `traceparent` (the
+        common case); the header itself when it is the only propagation header, of the exact
+        form kubelet and crictl send (`is_w3c_traceparent`), while the global propagator is
+        W3C's (the usual traced call); else all the propagation headers, for the propagator."""
         carrier = None
         for md in context.invocation_metadata():
             if md.key in PROPAGATION_KEYS:
                 if carrier is None:
                     carrier = {}
                 carrier[md.key] = md.value
-        if carrier is None or "traceparent" not in carrier:
+        if carrier is None:
             return None
-        textmap = propagate.get_global_textmap()
-        if textmap is not self._textmap:
-            self._textmap, self._textmap_w3c = textmap, is_w3c(textmap)
-        if self._textmap_w3c and len(carrier) == 1:  # no tracestate, no baggage: the usual call
-            parent = w3c_parent(carrier["traceparent"])
-            if parent is not None:
-                return parent
-        return propagate.extract(carrier)
+        traceparent = carrier.get("traceparent")
+        if traceparent is None:
+            return None
+        if len(carrier) == 1:  # no tracestate, no baggage
+            textmap = propagate.get_global_textmap()
+            if textmap is not self._textmap:
+                self._textmap, self._textmap_w3c = textmap, is_w3c(textmap)
+            if self._textmap_w3c and is_w3c_traceparent(traceparent):
+                return traceparent
+        return carrier
 
     def _fail(self, call: _Call, exc: Exception, context: grpc.ServicerContext) -> NoReturn:
         """Record the call's status and end it with that status (context.abort raises)."""
@@ -330,13 +329,15 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                 log.exception("recording metrics of %s failed", call.method)
         span = call.span
         if span is not None:
-            if span.is_recording():  # our own str/int values: set without the SDK's cleaning pass
-                code = call.code
-                status = _STATUS_OK if code is _OK else STATUS_ATTRIBUTES[code]  # (an enum's hash is a Python call)
-                put_attributes(span, {**call.attributes, "id": call.request_id, **status}, plain=True)
-            if call.code is not grpc.StatusCode.OK:
-                span.set_status(Status(StatusCode.ERROR, f"{call.code.name}: {call.message}"))
-            span.end()
+            code = call.code
+            if code is _OK:  # (an enum's hash is a Python call)
+                status, error = _STATUS_OK, None
+            else:
+                status, error = STATUS_ATTRIBUTES[code], f"{code.name}: {call.message}"
+            if type(span) is DeferredCallSpan:
+                span.finish(call.attributes, call.request_id, status, error)
+            else:
+                end_call_span(span, call.attributes, call.request_id, status, error)
         token = call.span_token
         if token is not None:
             var = self._context_var

@@ -24,9 +24,11 @@ from opentelemetry.util.types import Attributes
 
 from pycrio.config import TracingConfig
 from pycrio.tracing.batch import SpanBatcher
+from pycrio.tracing.call_span import DeferredSpans
 from pycrio.tracing.exporter import ExportHealth, ReportingSpanExporter
 from pycrio.tracing.interceptor import SpanMode
 from pycrio.tracing.sampling import ErrorKeepingSpanProcessor, SamplingRules, make_sampler
+from pycrio.tracing.span import LightTracer
 from pycrio.tracing.span_context import SAMPLED
 
 log = logging.getLogger("pycrio.tracing")
@@ -36,6 +38,9 @@ CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5000),
 )
+# "eager" makes every call's span on the call's thread, none after the call
+# (pycrio.tracing.call_span): for comparisons (bench/span_instructions.py) and as an escape hatch.
+CALL_SPANS_ENV = "PYCRIO_TRACING_CALL_SPANS"
 # "sdk" encodes spans with the SDK's protobuf messages instead of pycrio's byte encoder (same
 # bytes, 5-8x the CPU): for comparisons (bench/span_export.py) and as an escape hatch.
 ENCODER_ENV = "PYCRIO_TRACING_ENCODER"
@@ -44,7 +49,9 @@ ENCODER_ENV = "PYCRIO_TRACING_ENCODER"
 class Pipeline:
     """Sampler, batch processor and OTLP exporter of one (enabled) tracing configuration."""
 
-    def __init__(self, config: TracingConfig, health: ExportHealth, relay: str = "") -> None:
+    def __init__(
+        self, config: TracingConfig, health: ExportHealth, relay: str = "", tracer: object = None
+    ) -> None:
         self.config = config
         self.rules = SamplingRules(config.tracing_sampling_rate_per_million, config.sampling_overrides)
         self.always_sample_errors = config.tracing_always_sample_errors
@@ -60,6 +67,10 @@ class Pipeline:
             else self.batch
         )
         self._modes: dict[str, SpanMode] = {}
+        # Call spans made after their calls, by the batch's export thread, where the tracer can.
+        self.deferred_spans: DeferredSpans | None = None
+        if type(tracer) is LightTracer and tracer.light and os.environ.get(CALL_SPANS_ENV) != "eager":
+            self.deferred_spans = DeferredSpans(tracer, self.sampler, self.processor, self.batch, health)
 
     def span_mode(self, method: str) -> SpanMode:
         """ALL when a call without a W3C parent may be recorded (its rate is above 0, or errors

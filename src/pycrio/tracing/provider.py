@@ -18,6 +18,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from pycrio import __version__
 from pycrio.config import TracingConfig
+from pycrio.tracing.call_span import DeferredSpans
 from pycrio.tracing.exporter import ExportHealth
 from pycrio.tracing.interceptor import SpanMode
 from pycrio.tracing.pipeline import Pipeline, SwitchableSampler, SwitchableSpanProcessor
@@ -75,6 +76,7 @@ class Tracing:
         trace.set_tracer_provider(self.provider)
         propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()]))
         self.pipeline: Pipeline | None = None
+        self.deferred_spans: DeferredSpans | None = None  # the pipeline's: the interceptor reads it per call
         self.config = TracingConfig()
         self._apply_lock = threading.Lock()
         self.apply(config)
@@ -89,11 +91,12 @@ class Tracing:
         The previous pipeline's queue is flushed in the background (bounded by `retire_timeout`).
         """
         with self._apply_lock:
-            new = Pipeline(config, self.health, self.relay_path) if config.enable_tracing else None
+            new = Pipeline(config, self.health, self.relay_path, self.tracer) if config.enable_tracing else None
             old = self.pipeline
             self._processor.current = new.processor if new else None
             self._sampler.current = new.sampler if new else ALWAYS_OFF
             self.pipeline = new
+            self.deferred_spans = new.deferred_spans if new else None
             self.config = config
         if new is not None:
             log.info(
@@ -141,6 +144,7 @@ class Tracing:
         """Export what is queued and stop; gives up after `timeout` seconds (collector down)."""
         with self._apply_lock:
             pipeline, self.pipeline = self.pipeline, None
+            self.deferred_spans = None
             self._processor.current = None
             self._sampler.current = ALWAYS_OFF
         finished = pipeline.shutdown(timeout) if pipeline is not None else True

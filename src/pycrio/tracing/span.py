@@ -50,7 +50,7 @@ from opentelemetry.sdk.trace import (
 )
 from opentelemetry.sdk.trace import Span as SDKSpan
 from opentelemetry.sdk.trace._tracer_metrics import NoOpTracerMetrics
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import Decision, Sampler
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
@@ -185,11 +185,19 @@ class LightTracer(Tracer):
         start_time: int | None = None,
         record_exception: bool = True,
         set_status_on_exception: bool = True,
+        *,
+        sampler: Sampler | None = None,
+        processor: SpanProcessor | None = None,
     ) -> trace_api.Span:
+        """The API's `start_span`; `sampler` and `processor`, when given, decide and take the
+        span instead of the provider's (a pipeline's own, for a call span made after its call:
+        pycrio.tracing.call_span; only where `light`)."""
         if links or type(self._tracer_metrics) is not NoOpTracerMetrics or not self._tracer_config.is_enabled:
             return super().start_span(
                 name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
             )
+        if sampler is None:
+            sampler = self.sampler
         parent_span = (context if context is not None else context_api.get_current()).get(_SPAN_KEY)
         parent = parent_span.get_span_context() if parent_span is not None else None
         if parent is not None and not isinstance(parent, SpanContext):
@@ -206,7 +214,7 @@ class LightTracer(Tracer):
             random_trace_id = ids.is_trace_id_random()
         else:
             random_trace_id = parent_flags & RANDOM_TRACE_ID
-        sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        sampling = sampler.should_sample(context, trace_id, name, kind, attributes, links)
         decision = sampling.decision
         flags = (0x01 if decision is _RECORD_AND_SAMPLE else 0x00) | (0x02 if random_trace_id else 0x00)
         span_id = ids.generate_span_id()
@@ -227,7 +235,8 @@ class LightTracer(Tracer):
             span_context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=_FLAGS[flags], trace_state=trace_state)
         if decision is not _RECORD_AND_SAMPLE and decision is not _RECORD_ONLY:
             return trace_api.NonRecordingSpan(context=span_context)
-        processor = self.span_processor
+        if processor is None:
+            processor = self.span_processor
         if type(processor) is SynchronousMultiSpanProcessor:
             # The provider's list of one (pycrio's SwitchableSpanProcessor): that one, directly.
             only = processor._span_processors
@@ -248,7 +257,7 @@ class LightTracer(Tracer):
         span._kind = kind
         span._parent = parent
         span._resource = self.resource
-        span._sampler = self.sampler
+        span._sampler = sampler
         span._span_processor = processor
         span._limits = limits
         span._instrumentation_scope = self._instrumentation_scope
@@ -262,6 +271,13 @@ class LightTracer(Tracer):
         span._start_time = start_time if start_time is not None else time_ns()
         processor.on_start(span, parent_context=context)
         return span
+
+
+    @property
+    def light(self) -> bool:
+        """Whether `start_span` makes LightSpans (and takes `sampler` and `processor`): not while
+        the SDK's per-span internal metrics are on, nor when a tracer configurator disabled it."""
+        return type(self._tracer_metrics) is NoOpTracerMetrics and self._tracer_config.is_enabled
 
 
 class LightTracerProvider(TracerProvider):

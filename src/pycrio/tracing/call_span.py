@@ -1,0 +1,285 @@
+"""The SERVER span of one CRI call, made after the call when nothing needed it during the call.
+
+Most CRI calls (kubelet's ListContainers, ContainerStatus, PodSandboxStatus... polls) never use
+their span while they run: no log line, no step span, no outgoing call. For those, making the span
+on the request thread (reading the caller's `traceparent` into a context, asking the sampler,
+building the span, its attributes and status, ending it through the processors) is only latency
+added to the call. So the interceptor makes a `DeferredCallSpan` instead, the call's current span:
+it keeps the caller's header and the start time, and at the end the end time, status code and
+request id. The pipeline's export thread makes the real span from them before each export
+(`SpanBatcher.defer`): the same name, kind, parent, trace id, times, attributes and status as the
+request thread would have made, through the pipeline's own sampler and span processor.
+
+The first use of a `DeferredCallSpan` while its call runs (any Span method or SDK field: a `log`
+event, a step span, `get_span_context` for an outgoing call or a log line's trace id) makes the
+real span at once, on that thread, through the provider as before; from then on it forwards
+there, and the call ends it as usual. A use after the call makes and ends it on that thread (an
+ended span, as it would be).
+
+What the seams see: for a span made after its call, the sampler is asked and the processors'
+`on_start` called on the export thread once the call is over (with the same arguments and the
+call's start time), with the sampler and processor of the pipeline the call started under (a
+reload in between does not move it). When the queue is full (collector down) or the pipeline is
+shutting down, the call's span is made and ended on the request thread instead, where the
+queue's own drop rule counts it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from time import time_ns
+from typing import TYPE_CHECKING, Any, Mapping
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+
+from pycrio.tracing.attributes import put_attributes
+from pycrio.tracing.span_context import SAMPLED, SPAN_CONTEXT_TUPLE
+
+if TYPE_CHECKING:  # (the API alone at run time: pycrio.tracing.logs imports this module)
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace.sampling import Sampler
+
+    from pycrio.tracing.batch import SpanBatcher
+    from pycrio.tracing.exporter import ExportHealth
+    from pycrio.tracing.span import LightTracer
+
+_W3C_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # version 00, lower-case hex
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+_new_tuple = tuple.__new__
+_new_object = object.__new__
+# The flags callers send, made once: the parent's context is kept with its span until export.
+_TRACE_FLAGS = {f"{value:02x}": TraceFlags(value) for value in (0x00, 0x01, 0x02, 0x03)}
+
+
+def is_w3c_traceparent(traceparent: str) -> bool:
+    """Whether `traceparent` is a lone header of the exact version-00 form kubelet and crictl
+    send (lower-case hex, non-zero ids, nothing around it): what `w3c_parent` reads."""
+    return (
+        _W3C_TRACEPARENT.fullmatch(traceparent) is not None
+        and traceparent[3:35] != _ZERO_TRACE_ID
+        and traceparent[36:52] != _ZERO_SPAN_ID
+    )
+
+
+def w3c_parent(traceparent: str, checked: bool = False) -> otel_context.Context | None:
+    """The context TraceContextTextMapPropagator extracts from a lone `traceparent` of the exact
+    version-00 form kubelet and crictl send (`is_w3c_traceparent`, not asked again when
+    `checked`); None for anything else, which the propagator itself then reads. Two thirds of the
+    composite propagator's cost (one anchored regex, no getter, no baggage pass); the regex is
+    7000 instructions cheaper than checking the slices' characters (bench/span_instructions.py)."""
+    if not checked and not is_w3c_traceparent(traceparent):
+        return None
+    trace_id, span_id, flags_hex = int(traceparent[3:35], 16), int(traceparent[36:52], 16), traceparent[53:]
+    flags = _TRACE_FLAGS.get(flags_hex)
+    if flags is None:
+        flags = TraceFlags(int(flags_hex, 16))
+    if SPAN_CONTEXT_TUPLE:  # SpanContext(trace_id, span_id, is_remote=True, ...), valid: ids non-zero, in range
+        parent = _new_tuple(SpanContext, (trace_id, span_id, True, flags, DEFAULT_TRACE_STATE, True))
+    else:
+        parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
+    span = _new_object(NonRecordingSpan)  # NonRecordingSpan(parent): its __init__ sets just this
+    span._context = parent
+    return otel_context.Context({_SPAN_KEY: span})  # set_span_in_context's, without a copy
+
+
+def end_call_span(
+    span: trace.Span,
+    attributes: Mapping[str, str],
+    request_id: str,
+    status: Mapping[str, int | str],
+    error: str | None,
+    end_time: int | None = None,
+) -> None:
+    """End a call's span with its start attributes, request id and status attributes; with
+    status ERROR and `error` as its description when the call failed."""
+    if span.is_recording():  # our own str/int values: set without the SDK's cleaning pass
+        put_attributes(span, {**attributes, "id": request_id, **status}, plain=True)
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, error))
+    span.end(end_time)
+
+
+# Makes every DeferredCallSpan's real span, so that exactly one is made however many threads
+# reach it at once (the call's, the export thread, a thread the call's context was copied to).
+# Reentrant: making a span may log, and a log record looks for the current span.
+_MAKING = threading.RLock()
+
+
+class DeferredSpans:
+    """Makes one pipeline's call spans after their calls: its tracer (a LightTracer), sampler,
+    span processor and batch processor (whose export thread calls `finish_after_call`)."""
+
+    def __init__(
+        self, tracer: LightTracer, sampler: Sampler, processor: SpanProcessor, batch: SpanBatcher, health: ExportHealth
+    ) -> None:
+        self.tracer = tracer
+        self.sampler = sampler
+        self.processor = processor
+        self.batch = batch
+        self._health = health
+
+    def start(self, name: str, traceparent: str | None) -> tuple[DeferredCallSpan, otel_context.Context]:
+        """The stand-in span of a call starting now, and the call's context holding it;
+        `traceparent` is the caller's header (`is_w3c_traceparent`), None without a parent."""
+        span = _new_object(DeferredCallSpan)  # no constructor frame: its fields are these five
+        span._spans = self
+        span._call_name = name
+        span._traceparent = traceparent
+        context = span._call_context = otel_context.Context({_SPAN_KEY: span})  # set_span_in_context's, no copy
+        span._call_start = time_ns()
+        return span, context
+
+    def parent(self, span: DeferredCallSpan) -> otel_context.Context:
+        """The call's parent context: the caller's, or an empty one for a root (never the
+        current context, which on the call's thread holds the stand-in itself)."""
+        traceparent = span._traceparent
+        parent = w3c_parent(traceparent, checked=True) if traceparent is not None else None
+        return parent if parent is not None else otel_context.Context()
+
+    def make_now(self, span: DeferredCallSpan) -> trace.Span:
+        """The call's span, made while the call runs: through the provider, as any span."""
+        return self.tracer.start_span(span._call_name, self.parent(span), SpanKind.SERVER, None, (), span._call_start)
+
+    def make_after(self, span: DeferredCallSpan) -> trace.Span:
+        """The call's span made, and ended, after the call: through this pipeline's sampler and
+        processor (counted as started when sampled, as the provider's processor counts)."""
+        real = self.tracer.start_span(
+            span._call_name,
+            context=self.parent(span),
+            kind=SpanKind.SERVER,
+            start_time=span._call_start,
+            sampler=self.sampler,
+            processor=self.processor,
+        )
+        if real.get_span_context().trace_flags & SAMPLED:
+            self._health.span_started()
+        end_call_span(real, span._call_attributes, span._request_id, span._status, span._error, span._call_end)
+        return real
+
+
+class DeferredCallSpan(trace.Span):
+    """A call's current span until something uses it; see the module docstring.
+
+    Made by `DeferredSpans.start` (without a constructor); every field has a class default, so
+    that reading one never reaches `__getattr__` (which makes the real span)."""
+
+    _spans: DeferredSpans
+    _call_context: otel_context.Context
+    _call_name = ""
+    _traceparent: str | None = None
+    _call_start = 0
+    _real: trace.Span | None = None  # the real span, once made
+    _ended = False  # the call is over: the fields below are set
+    _making = False
+    _call_end = 0
+    _call_attributes: Mapping[str, str] = {}
+    _request_id = ""
+    _status: Mapping[str, int | str] = {}
+    _error: str | None = None
+
+    def made(self) -> trace.Span:
+        """The real span, made now if it is not yet (on this thread: during the call through the
+        provider, after it through the pipeline's own sampler and processor, then ended)."""
+        real = self._real
+        if real is not None:
+            return real
+        with _MAKING:
+            real = self._real
+            if real is None:
+                if self._making:  # used while being made (a log record on its thread): nothing to add to yet
+                    return trace.INVALID_SPAN
+                self._making = True
+                try:
+                    real = self._spans.make_after(self) if self._ended else self._spans.make_now(self)
+                finally:
+                    self._making = False
+                self._real = real
+                context = self._call_context
+                if context.get(_SPAN_KEY) is self:
+                    # From now on the call's context holds the real span, so the call's later
+                    # uses of its current span reach it directly, not through this stand-in.
+                    # That Context is made by `DeferredSpans.start` alone; a Context refuses
+                    # item assignment, so dict's own is used.
+                    dict.__setitem__(context, _SPAN_KEY, real)
+        return real
+
+    def finish(
+        self, attributes: Mapping[str, str], request_id: str, status: Mapping[str, int | str], error: str | None
+    ) -> None:
+        """The call is over (`end_call_span`'s arguments): end its span, made by now, or keep
+        what it ends with and hand it to the export thread (made and ended here when the queue
+        takes no more)."""
+        end_time = time_ns()
+        with _MAKING:
+            real = self._real
+            if real is None:
+                self._call_end = end_time
+                self._call_attributes = attributes
+                self._request_id = request_id
+                self._status = status
+                self._error = error
+                self._ended = True
+                if not self._spans.batch.defer(self):
+                    self.made()
+                return
+        end_call_span(real, attributes, request_id, status, error, end_time)
+
+    def finish_after_call(self) -> None:
+        """Make and end the span of a call that is over, unless a use already made it (export thread)."""
+        if self._real is None:
+            self.made()
+
+    # -- the Span API, on the real span --------------------------------------------------------
+    def get_span_context(self) -> SpanContext:
+        return self.made().get_span_context()
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        self.made().set_attributes(attributes)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.made().set_attribute(key, value)
+
+    def add_event(self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None) -> None:
+        self.made().add_event(name, attributes, timestamp)
+
+    def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
+        self.made().add_link(context, attributes)
+
+    def update_name(self, name: str) -> None:
+        self.made().update_name(name)
+
+    def is_recording(self) -> bool:
+        return self.made().is_recording()
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        self.made().set_status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Mapping[str, Any] | None = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        self.made().record_exception(exception, attributes, timestamp, escaped)
+
+    def end(self, end_time: int | None = None) -> None:
+        self.made().end(end_time)
+
+    def __getattr__(self, name: str) -> Any:
+        # The SDK span's other fields and methods (`_attributes`, `_add_event`, `name`...), which
+        # put_attributes, add_plain_event and readers of the span use.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.made(), name)
+
+    def __repr__(self) -> str:
+        state = "made" if self._real is not None else "ended" if self._ended else "deferred"
+        return f"DeferredCallSpan({self._call_name!r}, {state})"
+
