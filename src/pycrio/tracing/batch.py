@@ -20,6 +20,12 @@ processor chain cost the request thread 14 µs per call (bench: ab runs, `no-end
   only sets a flag: the daemon forks for every runc and CNI plugin it runs).
 Only sampled spans are queued, as the SDK does.
 
+Calls that are over but whose spans are not made yet (`defer`, pycrio.tracing.call_span) wait
+beside the queue, under the same bound (a call whose span does not fit makes it itself, where the
+drop rule above counts it) and towards a full batch; the export thread makes them before each
+export (16 at a time, with a pause for the calls between), and `force_flush` and `shutdown` make
+them first, so none is lost.
+
 Relayed monitors' spans (`add_encoded`, pycrio.tracing.relay) arrive already encoded; they wait
 beside the queue, bounded by MAX_ENCODED_BYTES (drops counted), count towards a full batch, and
 go out appended to the next export's request (at most MAX_ENCODED_PER_EXPORT bytes each).
@@ -40,7 +46,7 @@ from opentelemetry.context.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from pycrio.tracing.exporter import EXPORT_THREAD_COMM, ExportHealth, SpanBatch, span_count
+from pycrio.tracing.exporter import EXPORT_THREAD_COMM, ExportHealth, SpanBatch, span_count, yield_gil
 from pycrio.tracing.span_context import SAMPLED
 
 if TYPE_CHECKING:
@@ -51,6 +57,9 @@ log = logging.getLogger("pycrio.tracing")
 MAX_ENCODED_BYTES = 8 * 1024 * 1024  # relayed bytes waiting for export
 # per export request; collectors refuse requests above 4 MiB by default (gRPC's receive limit)
 MAX_ENCODED_PER_EXPORT = 2 * 1024 * 1024
+# Deferred call spans made between pauses: 16 take about 1.2 M instructions (bench/span_instructions.py
+# `make`), the time the encoder's 32 spans take.
+MAKE_PAUSE_EVERY = 16
 
 
 class SpanBatcher(SpanProcessor):
@@ -213,12 +222,16 @@ class SpanBatcher(SpanProcessor):
         """Make and end the spans of the calls deferred so far: into the queue, through the
         pipeline's sampler and processor."""
         deferred = self._deferred
+        made = 0
         while deferred:
             span = deferred.popleft()
             try:
                 span.finish_after_call()
             except Exception:  # noqa: BLE001 - one bad span must not end the export thread
                 log.exception("tracing: making the span of a %s call failed", span._call_name)
+            made += 1
+            if not made % MAKE_PAUSE_EVERY and deferred:
+                yield_gil()
 
     def _send(self, batch: Sequence[ReadableSpan]) -> None:
         token = context_api.attach(context_api.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))

@@ -48,9 +48,9 @@ if TYPE_CHECKING:  # (the API alone at run time: pycrio.tracing.logs imports thi
     from pycrio.tracing.exporter import ExportHealth
     from pycrio.tracing.span import LightTracer
 
-_W3C_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # version 00, lower-case hex
-_ZERO_TRACE_ID = "0" * 32
-_ZERO_SPAN_ID = "0" * 16
+W3C_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # version 00, lower-case hex
+ZERO_TRACE_ID = "0" * 32
+ZERO_SPAN_ID = "0" * 16
 _new_tuple = tuple.__new__
 _new_object = object.__new__
 # The flags callers send, made once: the parent's context is kept with its span until export.
@@ -61,9 +61,9 @@ def is_w3c_traceparent(traceparent: str) -> bool:
     """Whether `traceparent` is a lone header of the exact version-00 form kubelet and crictl
     send (lower-case hex, non-zero ids, nothing around it): what `w3c_parent` reads."""
     return (
-        _W3C_TRACEPARENT.fullmatch(traceparent) is not None
-        and traceparent[3:35] != _ZERO_TRACE_ID
-        and traceparent[36:52] != _ZERO_SPAN_ID
+        W3C_TRACEPARENT.fullmatch(traceparent) is not None
+        and traceparent[3:35] != ZERO_TRACE_ID
+        and traceparent[36:52] != ZERO_SPAN_ID
     )
 
 
@@ -135,24 +135,20 @@ class DeferredSpans:
         span._call_start = time_ns()
         return span, context
 
-    def parent(self, span: DeferredCallSpan) -> otel_context.Context:
-        """The call's parent context: the caller's, or an empty one for a root (never the
-        current context, which on the call's thread holds the stand-in itself)."""
+    def make(self, span: DeferredCallSpan) -> trace.Span:
+        """The call's span: while the call runs, through the provider as any span; after it,
+        through this pipeline's sampler and processor (counted as started when sampled, as the
+        provider's processor counts), and ended."""
         traceparent = span._traceparent
         parent = w3c_parent(traceparent, checked=True) if traceparent is not None else None
-        return parent if parent is not None else otel_context.Context()
-
-    def make_now(self, span: DeferredCallSpan) -> trace.Span:
-        """The call's span, made while the call runs: through the provider, as any span."""
-        return self.tracer.start_span(span._call_name, self.parent(span), SpanKind.SERVER, None, (), span._call_start)
-
-    def make_after(self, span: DeferredCallSpan) -> trace.Span:
-        """The call's span made, and ended, after the call: through this pipeline's sampler and
-        processor (counted as started when sampled, as the provider's processor counts)."""
+        if parent is None:  # a root: an empty context, never the current one (it holds the stand-in)
+            parent = otel_context.Context()
+        if not span._ended:
+            return self.tracer.start_span(span._call_name, parent, SpanKind.SERVER, None, (), span._call_start)
         real = self.tracer.start_span(
             span._call_name,
-            context=self.parent(span),
-            kind=SpanKind.SERVER,
+            parent,
+            SpanKind.SERVER,
             start_time=span._call_start,
             sampler=self.sampler,
             processor=self.processor,
@@ -196,7 +192,7 @@ class DeferredCallSpan(trace.Span):
                     return trace.INVALID_SPAN
                 self._making = True
                 try:
-                    real = self._spans.make_after(self) if self._ended else self._spans.make_now(self)
+                    real = self._spans.make(self)
                 finally:
                     self._making = False
                 self._real = real

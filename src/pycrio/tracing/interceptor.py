@@ -22,7 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from pycrio.errors import CRIError, grpc_status
 from pycrio.tracing.call import CallInfo, current_call, new_request_id
-from pycrio.tracing.call_span import DeferredCallSpan, DeferredSpans, end_call_span, is_w3c_traceparent
+from pycrio.tracing.call_span import W3C_TRACEPARENT, ZERO_SPAN_ID, ZERO_TRACE_ID, DeferredCallSpan, DeferredSpans, end_call_span
 from pycrio.tracing.call_span import w3c_parent as w3c_parent
 
 log = logging.getLogger("pycrio.server")
@@ -282,7 +282,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
     def _caller(self, context: grpc.ServicerContext) -> str | dict[str, str] | None:
         """The caller's W3C context in the call's metadata: None without a `traceparent` (the
         common case); the header itself when it is the only propagation header, of the exact
-        form kubelet and crictl send (`is_w3c_traceparent`), while the global propagator is
+        form kubelet and crictl send (call_span.is_w3c_traceparent), while the global propagator is
         W3C's (the usual traced call); else all the propagation headers, for the propagator."""
         carrier = None
         for md in context.invocation_metadata():
@@ -299,7 +299,12 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             textmap = propagate.get_global_textmap()
             if textmap is not self._textmap:
                 self._textmap, self._textmap_w3c = textmap, is_w3c(textmap)
-            if self._textmap_w3c and is_w3c_traceparent(traceparent):
+            if (  # is_w3c_traceparent(traceparent), inline: a frame less on every traced call
+                self._textmap_w3c
+                and W3C_TRACEPARENT.fullmatch(traceparent) is not None
+                and traceparent[3:35] != ZERO_TRACE_ID
+                and traceparent[36:52] != ZERO_SPAN_ID
+            ):
                 return traceparent
         return carrier
 

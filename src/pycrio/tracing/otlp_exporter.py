@@ -11,7 +11,6 @@ protobuf concatenation appends their ResourceSpans to the request's.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Sequence
 
 import grpc
@@ -19,21 +18,17 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import ReadableSpan
 
-from pycrio.tracing.exporter import SpanBatch, span_count
+from pycrio.tracing.exporter import SpanBatch, span_count, yield_gil
 from pycrio.tracing.otlp_encode import SpanEncoder, Unsupported, sdk_encode
 
 log = logging.getLogger("pycrio.tracing")
 
 # The export thread shares the GIL with the CRI calls: it encodes PAUSE_EVERY spans (100-300 µs),
-# then sleeps PAUSE_SECONDS so a call thread waiting for the GIL gets it (a bare release is
-# often won back at once). Without this, a call waits up to the whole batch (several ms at 512
-# spans, bench/span_export.py's GIL probe: p99 12-19 ms late vs 1.7-1.9 ms with it, idle 1.9-2.6).
+# then pauses (exporter.yield_gil) so a call thread waiting for the GIL gets it. Without this, a
+# call waits up to the whole batch (several ms at 512 spans, bench/span_export.py's GIL probe: p99
+# 12-19 ms late vs 1.7-1.9 ms with it, idle 1.9-2.6).
 PAUSE_EVERY = 32
-PAUSE_SECONDS = 0.0002
-
-
-def _pause() -> None:
-    time.sleep(PAUSE_SECONDS)
+_pause = yield_gil
 
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
