@@ -287,3 +287,25 @@ def test_a_use_after_the_call_from_other_threads_makes_exactly_one_span(
     assert len(spans) == 1, spans
     assert len(set(seen)) == 1 and f"{seen[0]:016x}" == spans[0].span_id
     assert served.tracing.health.snapshot()["spans_started"] == 1
+
+
+def test_a_log_line_while_the_span_is_being_made_neither_recurses_nor_is_lost_from_the_call(
+    serve: Callable[..., Served], receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = serve(receiver)
+    pipeline = served.tracing.pipeline
+    assert pipeline is not None
+    deciding = pipeline.sampler.should_sample
+
+    def logging_sampler(*args: Any, **kwargs: Any) -> Any:
+        log.info("sampler deciding")  # looks for the current span: the one being made
+        return deciding(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.sampler, "should_sample", logging_sampler)
+    served.call("Version", api_pb2.VersionRequest())  # its log line makes the span during the call
+    served.call("ListContainers", api_pb2.ListContainersRequest())  # made after the call
+    by_name = {s.name: s for s in flushed(served, receiver, 2)}
+    assert [e[1]["log.message"] for e in by_name["/runtime.v1.RuntimeService/Version"].events] == [
+        "asked for the version"
+    ]
+    assert by_name[LIST].events == [] and by_name[LIST].parent_span_id == PARENT_ID

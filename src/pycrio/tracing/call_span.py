@@ -26,6 +26,7 @@ queue's own drop rule counts it.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from time import time_ns
@@ -109,6 +110,15 @@ def end_call_span(
 # reach it at once (the call's, the export thread, a thread the call's context was copied to).
 # Reentrant: making a span may log, and a log record looks for the current span.
 _MAKING = threading.RLock()
+
+
+def _new_making_lock() -> None:
+    """A forked child's own lock: another thread may have held the parent's at the fork."""
+    global _MAKING
+    _MAKING = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_making_lock)
 
 
 class DeferredSpans:
