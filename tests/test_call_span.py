@@ -23,10 +23,11 @@ from pycrio.cri import api_pb2, api_pb2_grpc
 from pycrio.errors import NotFound
 from pycrio.tracing import CRIServerInterceptor, step_span
 from pycrio.tracing import provider as provider_module
+from pycrio.tracing.attributes import put_attributes
 from pycrio.tracing.call_span import DeferredCallSpan
 from pycrio.tracing.logs import SpanEventHandler
 from pycrio.tracing.pipeline import CALL_SPANS_ENV
-from pycrio.tracing.provider import Tracing
+from pycrio.tracing.provider import SPANS_ENV, RETIRE_THREAD, Tracing
 from pycrio.tracing.span import LightSpan
 from tests.otlp_receiver import OTLPReceiver, ReceivedSpan
 
@@ -65,6 +66,18 @@ class Servicer(api_pb2_grpc.RuntimeServiceServicer):
     def ListPodSandbox(self, request, context):  # noqa: N802
         self.contexts.append(contextvars.copy_context())  # e.g. a thread the call starts
         return api_pb2.ListPodSandboxResponse()
+
+    def UpdateRuntimeConfig(self, request, context):  # noqa: N802
+        self.entered.set()
+        assert self.release.wait(10)
+        return api_pb2.UpdateRuntimeConfigResponse()
+
+    def Status(self, request, context):  # noqa: N802
+        put_attributes(trace.get_current_span(), {"pycrio.test.note": "set through the stand-in"})
+        return api_pb2.StatusResponse()
+
+    entered = threading.Event()
+    release = threading.Event()
 
 
 class Served:
@@ -309,3 +322,48 @@ def test_a_log_line_while_the_span_is_being_made_neither_recurses_nor_is_lost_fr
         "asked for the version"
     ]
     assert by_name[LIST].events == [] and by_name[LIST].parent_span_id == PARENT_ID
+
+
+def test_a_call_in_flight_across_a_reload_ends_in_the_new_pipeline(
+    serve: Callable[..., Served], receiver: OTLPReceiver
+) -> None:
+    served = serve(receiver)
+    servicer = served.servicer
+    servicer.entered, servicer.release = threading.Event(), threading.Event()
+    pending = served.stub.UpdateRuntimeConfig.future(
+        api_pb2.UpdateRuntimeConfigRequest(), metadata=(("traceparent", SAMPLED),), timeout=10
+    )
+    assert servicer.entered.wait(10)
+    other = OTLPReceiver().start()
+    try:
+        served.tracing.apply(TracingConfig(enable_tracing=True, tracing_endpoint=other.endpoint))
+        for thread in threading.enumerate():  # the old pipeline is shut down before the call ends
+            if thread.name == RETIRE_THREAD:
+                thread.join(10)
+        servicer.release.set()
+        pending.result(10)
+        spans = flushed(served, other, 1)
+        assert [s.name for s in spans] == ["/runtime.v1.RuntimeService/UpdateRuntimeConfig"]
+        assert spans[0].parent_span_id == PARENT_ID
+    finally:
+        other.stop()
+
+
+def test_sdk_fields_reach_the_real_span_through_the_stand_in(serve: Callable[..., Served], receiver: OTLPReceiver) -> None:
+    served = serve(receiver)
+    served.call("Status", api_pb2.StatusRequest())
+    span = flushed(served, receiver, 1)[0]
+    assert span.attributes["pycrio.test.note"] == "set through the stand-in"
+    assert span.attributes["rpc.method"] == "Status"
+
+
+def test_the_sdks_own_spans_and_eager_make_every_span_during_the_call(
+    serve: Callable[..., Served], receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in ((SPANS_ENV, "sdk"), (CALL_SPANS_ENV, "eager")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            served = serve(receiver)
+            assert served.tracing.deferred_spans is None
+            served.call("ListContainers", api_pb2.ListContainersRequest())
+            assert deferred_waiting(served) == 0 and type(served.servicer.seen[-1]) is not DeferredCallSpan

@@ -21,7 +21,7 @@ What the seams see: for a span made after its call, the sampler is asked and the
 call's start time), with the sampler and processor of the pipeline the call started under (a
 reload in between does not move it). When the queue is full (collector down) or the pipeline is
 shutting down, the call's span is made and ended on the request thread instead, where the
-queue's own drop rule counts it.
+queue's own drop rule counts it (or, after a reload, the new pipeline takes it).
 """
 
 from __future__ import annotations
@@ -145,27 +145,30 @@ class DeferredSpans:
         span._call_start = time_ns()
         return span, context
 
-    def make(self, span: DeferredCallSpan) -> trace.Span:
-        """The call's span: while the call runs, through the provider as any span; after it,
-        through this pipeline's sampler and processor (counted as started when sampled, as the
-        provider's processor counts), and ended."""
+    def make(self, span: DeferredCallSpan, through_provider: bool) -> trace.Span:
+        """The call's span, ended if the call is over: `through_provider`, as any span (while
+        the call runs, or when the queue refused it: then the pipeline current now takes it);
+        else through this pipeline's own sampler and processor (the export thread, or a use
+        after the call), counted as started when sampled as the provider's processor counts."""
         traceparent = span._traceparent
         parent = w3c_parent(traceparent, checked=True) if traceparent is not None else None
         if parent is None:  # a root: an empty context, never the current one (it holds the stand-in)
             parent = otel_context.Context()
-        if not span._ended:
-            return self.tracer.start_span(span._call_name, parent, SpanKind.SERVER, None, (), span._call_start)
-        real = self.tracer.start_span(
-            span._call_name,
-            parent,
-            SpanKind.SERVER,
-            start_time=span._call_start,
-            sampler=self.sampler,
-            processor=self.processor,
-        )
-        if real.get_span_context().trace_flags & SAMPLED:
-            self._health.span_started()
-        end_call_span(real, span._call_attributes, span._request_id, span._status, span._error, span._call_end)
+        if through_provider:
+            real = self.tracer.start_span(span._call_name, parent, SpanKind.SERVER, None, (), span._call_start)
+        else:
+            real = self.tracer.start_span(
+                span._call_name,
+                parent,
+                SpanKind.SERVER,
+                start_time=span._call_start,
+                sampler=self.sampler,
+                processor=self.processor,
+            )
+            if real.get_span_context().trace_flags & SAMPLED:
+                self._health.span_started()
+        if span._ended:
+            end_call_span(real, span._call_attributes, span._request_id, span._status, span._error, span._call_end)
         return real
 
 
@@ -189,12 +192,15 @@ class DeferredCallSpan(trace.Span):
     _status: Mapping[str, int | str] = {}
     _error: str | None = None
 
-    def made(self) -> trace.Span:
-        """The real span, made now if it is not yet (on this thread: during the call through the
-        provider, after it through the pipeline's own sampler and processor, then ended)."""
+    def made(self, through_provider: bool | None = None) -> trace.Span:
+        """The real span, made now on this thread if it is not yet (`DeferredSpans.make`: during
+        the call through the provider, after it through its pipeline's sampler and processor,
+        and then ended)."""
         real = self._real
         if real is not None:
             return real
+        if through_provider is None:
+            through_provider = not self._ended
         with _MAKING:
             real = self._real
             if real is None:
@@ -202,7 +208,7 @@ class DeferredCallSpan(trace.Span):
                     return trace.INVALID_SPAN
                 self._making = True
                 try:
-                    real = self._spans.make(self)
+                    real = self._spans.make(self, through_provider)
                 finally:
                     self._making = False
                 self._real = real
@@ -232,7 +238,9 @@ class DeferredCallSpan(trace.Span):
                 self._error = error
                 self._ended = True
                 if not self._spans.batch.defer(self):
-                    self.made()
+                    # Full, or shutting down (a reload retired the pipeline during the call):
+                    # made and ended here, where the pipeline current now takes it.
+                    self.made(through_provider=True)
                 return
         end_call_span(real, attributes, request_id, status, error, end_time)
 

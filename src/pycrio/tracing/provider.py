@@ -31,6 +31,7 @@ SERVICE_NAME = "pycrio"
 # (same spans, about twice the CPU per span): for comparisons and as an escape hatch.
 SPANS_ENV = "PYCRIO_TRACING_SPANS"
 INSTRUMENTATION_NAME = "pycrio"
+RETIRE_THREAD = "pycrio-tracing-retire"  # the thread flushing a pipeline a reload replaced
 
 
 def make_resource(service_name: str = SERVICE_NAME, attributes: Mapping[str, str] | None = None) -> Resource:
@@ -111,7 +112,7 @@ class Tracing:
             log.info("tracing disabled")
         if old is not None:
             threading.Thread(
-                target=old.shutdown, args=(retire_timeout,), name="pycrio-tracing-retire", daemon=True
+                target=old.shutdown, args=(retire_timeout,), name=RETIRE_THREAD, daemon=True
             ).start()
 
     def relay(self, spans: int, payload: bytes) -> None:
