@@ -66,7 +66,7 @@ class Pipeline:
             if self.always_sample_errors
             else self.batch
         )
-        self._modes: dict[str, SpanMode] = {}
+        self.modes: dict[str, SpanMode] = {}
         # Call spans made after their calls, by the batch's export thread, where the tracer can.
         self.deferred_spans: DeferredSpans | None = None
         if type(tracer) is LightTracer and tracer.light and os.environ.get(CALL_SPANS_ENV) != "eager":
@@ -75,10 +75,10 @@ class Pipeline:
     def span_mode(self, method: str) -> SpanMode:
         """ALL when a call without a W3C parent may be recorded (its rate is above 0, or errors
         are kept: any call may end in an error), else WITH_PARENT. Cached per method."""
-        mode = self._modes.get(method)
+        mode = self.modes.get(method)
         if mode is None:
             root = self.always_sample_errors or self.rules.rate_for(method) > 0
-            mode = self._modes[method] = SpanMode.ALL if root else SpanMode.WITH_PARENT
+            mode = self.modes[method] = SpanMode.ALL if root else SpanMode.WITH_PARENT
         return mode
 
     def shutdown(self, timeout: float) -> bool:

@@ -127,7 +127,10 @@ class Tracing:
     def span_mode(self, method: str) -> SpanMode:
         """Which calls of `method` get a span under the current configuration."""
         pipeline = self.pipeline
-        return pipeline.span_mode(method) if pipeline is not None else SpanMode.NONE
+        if pipeline is None:
+            return SpanMode.NONE
+        mode = pipeline.modes.get(method)  # the pipeline's cache, read here: a frame less per call
+        return mode if mode is not None else pipeline.span_mode(method)
 
     def describe(self) -> dict[str, Any]:
         """The running tracing configuration and export health (Status(verbose), `pycrio status`)."""
