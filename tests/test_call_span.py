@@ -24,7 +24,7 @@ from pycrio.errors import NotFound
 from pycrio.tracing import CRIServerInterceptor, step_span
 from pycrio.tracing import provider as provider_module
 from pycrio.tracing.attributes import put_attributes
-from pycrio.tracing.call_span import DeferredCallSpan
+from pycrio.tracing.call_span import USED_IN_A_ROW, DeferredCallSpan
 from pycrio.tracing.logs import SpanEventHandler
 from pycrio.tracing.pipeline import CALL_SPANS_ENV
 from pycrio.tracing.provider import SPANS_ENV, RETIRE_THREAD, Tracing
@@ -51,7 +51,8 @@ class Servicer(api_pb2_grpc.RuntimeServiceServicer):
         return api_pb2.ListContainersResponse()
 
     def Version(self, request, context):  # noqa: N802
-        log.info("asked for the version")
+        if request.version != "quiet":
+            log.info("asked for the version")
         self.seen.append(trace.get_current_span())
         return api_pb2.VersionResponse(version="0.1.0")
 
@@ -59,6 +60,7 @@ class Servicer(api_pb2_grpc.RuntimeServiceServicer):
         raise NotFound(f"pod sandbox {request.pod_sandbox_id!r} not found")
 
     def ContainerStatus(self, request, context):  # noqa: N802
+        self.seen.append(trace.get_current_span())
         with step_span("read_state", container_id=request.container_id):
             pass
         return api_pb2.ContainerStatusResponse()
@@ -105,8 +107,9 @@ class Served:
 
 
 @pytest.fixture
-def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Served]]:
-    """Served daemons' Tracing to `receiver`; nothing is exported until a flush (1 h batch delay)."""
+def serve(monkeypatch: pytest.MonkeyPatch, receiver: OTLPReceiver) -> Iterator[Callable[..., Served]]:
+    """Served daemons' Tracing to `receiver`; nothing is exported until a flush (1 h batch delay).
+    (It asks for the receiver fixture so that the receiver outlives the daemons' last export.)"""
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "3600000")
     # The process's global provider is set once: step spans come from this Tracing's tracer.
     monkeypatch.setattr(provider_module.trace, "set_tracer_provider", lambda provider: None)
@@ -129,8 +132,8 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Served]]:
         yield factory
     finally:
         for served in made:
-            served.close()
             served.tracing.shutdown(5.0)
+            served.close()
         logging.getLogger().removeHandler(handler)
         logging.getLogger().setLevel(previous_level)
 
@@ -138,7 +141,7 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Served]]:
 def flushed(served: Served, receiver: OTLPReceiver, count: int) -> list[ReceivedSpan]:
     assert served.tracing.pipeline is not None
     assert served.tracing.pipeline.processor.force_flush()
-    assert receiver.wait_for(lambda s: True, count=count, timeout=10), receiver.spans()
+    assert len(receiver.wait_for(lambda s: True, count=count, timeout=10)) >= count, receiver.spans()
     return receiver.spans()
 
 
@@ -166,8 +169,8 @@ def test_a_call_that_leaves_its_span_alone_gets_it_after_the_call_as_its_thread_
         assert deferred_waiting(served) == (1 if how == "deferred" else 0)
         spans[how] = flushed(served, receiver, 1)[0]
         receiver.clear()
-        served.close()
         served.tracing.shutdown(5.0)
+        served.close()
     deferred, eager = spans["deferred"], spans["eager"]
     for span, how in ((deferred, "deferred"), (eager, "eager")):
         assert span.name == LIST and span.kind == SpanKind.SERVER.value + 1  # OTLP's SPAN_KIND_SERVER
@@ -367,3 +370,40 @@ def test_the_sdks_own_spans_and_eager_make_every_span_during_the_call(
             assert served.tracing.deferred_spans is None
             served.call("ListContainers", api_pb2.ListContainersRequest())
             assert deferred_waiting(served) == 0 and type(served.servicer.seen[-1]) is not DeferredCallSpan
+
+
+def test_a_method_whose_calls_use_their_spans_gets_them_at_the_start(
+    serve: Callable[..., Served], receiver: OTLPReceiver
+) -> None:
+    served = serve(receiver)
+    deferred = served.tracing.deferred_spans
+    assert deferred is not None
+    status = "/runtime.v1.RuntimeService/ContainerStatus"
+    for i in range(USED_IN_A_ROW):
+        served.call("ListContainers", api_pb2.ListContainersRequest())
+        served.call("ContainerStatus", api_pb2.ContainerStatusRequest(container_id=f"c{i}"))
+        assert type(served.servicer.seen[-1]) is DeferredCallSpan  # made by its step, through the stand-in
+    assert deferred.eager_methods == {status}
+    served.call("ContainerStatus", api_pb2.ContainerStatusRequest(container_id="eager"))
+    assert type(served.servicer.seen[-1]) is LightSpan  # made at the start
+    served.call("ListContainers", api_pb2.ListContainersRequest())
+    assert type(served.servicer.seen[-1]) is DeferredCallSpan  # the polls stay deferred
+    spans = flushed(served, receiver, 3 * (USED_IN_A_ROW + 1))  # ListContainers, ContainerStatus, read_state
+    steps = {s.attributes["container_id"]: s for s in spans if s.name == "read_state"}
+    calls = {s.span_id: s for s in spans if s.name == status}
+    assert len(steps) == USED_IN_A_ROW + 1 and all(step.parent_span_id in calls for step in steps.values())
+    assert len([s for s in spans if s.name == LIST]) == USED_IN_A_ROW + 1
+
+
+def test_a_call_that_leaves_its_span_alone_breaks_a_methods_run_of_uses(
+    serve: Callable[..., Served], receiver: OTLPReceiver
+) -> None:
+    served = serve(receiver)
+    deferred = served.tracing.deferred_spans
+    assert deferred is not None
+    for _ in range(USED_IN_A_ROW - 1):
+        served.call("Version", api_pb2.VersionRequest())  # logs: uses its span
+    served.call("Version", api_pb2.VersionRequest(version="quiet"))
+    flushed(served, receiver, USED_IN_A_ROW)  # the export thread makes the quiet call's span
+    served.call("Version", api_pb2.VersionRequest())
+    assert deferred.eager_methods == set()

@@ -14,7 +14,9 @@ The first use of a `DeferredCallSpan` while its call runs (any Span method or SD
 event, a step span, `get_span_context` for an outgoing call or a log line's trace id) makes the
 real span at once, on that thread, through the provider as before; from then on it forwards
 there, and the call ends it as usual. A use after the call makes and ends it on that thread (an
-ended span, as it would be).
+ended span, as it would be). Such a use costs more than making the span at the start (the
+stand-in's own steps), so a method whose calls used their spans USED_IN_A_ROW times in a row (the
+mutating calls: steps and log lines) has its spans made at the start from then on.
 
 What the seams see: for a span made after its call, the sampler is asked and the processors'
 `on_start` called on the export thread once the call is over (with the same arguments and the
@@ -106,6 +108,8 @@ def end_call_span(
     span.end(end_time)
 
 
+USED_IN_A_ROW = 3  # calls of a method in a row that used their spans: its spans are then made at once
+
 # Makes every DeferredCallSpan's real span, so that exactly one is made however many threads
 # reach it at once (the call's, the export thread, a thread the call's context was copied to).
 # Reentrant: making a span may log, and a log record looks for the current span.
@@ -133,6 +137,11 @@ class DeferredSpans:
         self.processor = processor
         self.batch = batch
         self._health = health
+        # Methods whose calls use their spans (a step, a log line: the mutating CRI calls): made
+        # during the call anyway, through the stand-in at a cost of its own, so theirs are made
+        # at the start, as before. A method joins after USED_IN_A_ROW calls in a row used theirs.
+        self.eager_methods: set[str] = set()
+        self._used_in_a_row: dict[str, int] = {}
 
     def start(self, name: str, traceparent: str | None) -> tuple[DeferredCallSpan, otel_context.Context]:
         """The stand-in span of a call starting now, and the call's context holding it;
@@ -145,6 +154,15 @@ class DeferredSpans:
         span._call_start = time_ns()
         return span, context
 
+    def note_use(self, name: str, during_call: bool) -> None:
+        """A span of `name` was made during its call (used), or after it (not used)."""
+        if during_call:
+            used = self._used_in_a_row[name] = self._used_in_a_row.get(name, 0) + 1
+            if used >= USED_IN_A_ROW:
+                self.eager_methods.add(name)
+        elif name in self._used_in_a_row:
+            self._used_in_a_row[name] = 0
+
     def make(self, span: DeferredCallSpan, through_provider: bool) -> trace.Span:
         """The call's span, ended if the call is over: `through_provider`, as any span (while
         the call runs, or when the queue refused it: then the pipeline current now takes it);
@@ -154,6 +172,7 @@ class DeferredSpans:
         parent = w3c_parent(traceparent, checked=True) if traceparent is not None else None
         if parent is None:  # a root: an empty context, never the current one (it holds the stand-in)
             parent = otel_context.Context()
+        self.note_use(span._call_name, not span._ended)
         if through_provider:
             real = self.tracer.start_span(span._call_name, parent, SpanKind.SERVER, None, (), span._call_start)
         else:

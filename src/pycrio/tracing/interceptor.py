@@ -248,9 +248,10 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             assert spans is not None
             caller = self._caller(context)
             deferred = spans.deferred_spans
-            if deferred is not None and type(caller) is not dict:
-                # The usual call (a lone W3C parent, or none): its span is made after the call,
-                # unless the call uses it before (pycrio.tracing.call_span).
+            if deferred is not None and type(caller) is not dict and method not in deferred.eager_methods:
+                # The usual call (a lone W3C parent, or none) of a method whose calls leave their
+                # spans alone: its span is made after the call, unless the call uses it before
+                # (pycrio.tracing.call_span).
                 if caller is not None or mode is SpanMode.ALL:
                     span, current = deferred.start(method, caller)
                     call.span = span
