@@ -259,12 +259,13 @@ def gil_delay(batches: int = 20) -> None:
 
     spans = call_spans(BATCH, 0)
     encoder = SpanEncoder()
-    from pycrio.tracing.otlp_exporter import PAUSE_EVERY, _pause
+    from pycrio.tracing.exporter import yield_gil
+    from pycrio.tracing.otlp_exporter import PAUSE_EVERY
     work: dict[str, Callable[[], Any]] = {
         "idle": lambda: time.sleep(0.003),
         "sdk encoder": lambda: sdk_encode(spans),
         "pycrio, no pause": lambda: encoder.encode_request(spans),
-        "pycrio, paced": lambda: encoder.encode_request(spans, _pause, PAUSE_EVERY),
+        "pycrio, paced": lambda: encoder.encode_request(spans, yield_gil, PAUSE_EVERY),
         "(a) records+marshal": lambda: marshal.dumps([record(s) for s in spans]),
     }
     print("GIL wait of a probe thread (wakes every 200 µs) while a batch of 512 is worked on, µs late:")

@@ -29,7 +29,6 @@ SERVICE_NAME = "pycrio-monitor"
 POD_ID_ATTRIBUTE = "pod.id"
 FLUSH_TIMEOUT_SECONDS = 2.0  # spans queued at exit; a lost collector must not hold the pod's removal
 PROPAGATION_KEYS = ("traceparent", "tracestate", "baggage")
-RETIRE_THREAD = "pycrio-tracing-retire"  # pycrio.tracing.provider's flush of a replaced pipeline
 
 
 @dataclass(frozen=True)
@@ -179,6 +178,8 @@ class Telemetry:
             return True
         import threading
         import time
+
+        from pycrio.tracing.provider import RETIRE_THREAD
 
         deadline = time.monotonic() + timeout
         finished = self._tracing.shutdown(timeout)

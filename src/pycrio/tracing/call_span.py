@@ -51,9 +51,9 @@ if TYPE_CHECKING:  # (the API alone at run time: pycrio.tracing.logs imports thi
     from pycrio.tracing.exporter import ExportHealth
     from pycrio.tracing.span import LightTracer
 
-W3C_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # version 00, lower-case hex
-ZERO_TRACE_ID = "0" * 32
-ZERO_SPAN_ID = "0" * 16
+_W3C_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # version 00, lower-case hex
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
 _new_tuple = tuple.__new__
 _new_object = object.__new__
 # The flags callers send, made once: the parent's context is kept with its span until export.
@@ -64,9 +64,9 @@ def is_w3c_traceparent(traceparent: str) -> bool:
     """Whether `traceparent` is a lone header of the exact version-00 form kubelet and crictl
     send (lower-case hex, non-zero ids, nothing around it): what `w3c_parent` reads."""
     return (
-        W3C_TRACEPARENT.fullmatch(traceparent) is not None
-        and traceparent[3:35] != ZERO_TRACE_ID
-        and traceparent[36:52] != ZERO_SPAN_ID
+        _W3C_TRACEPARENT.fullmatch(traceparent) is not None
+        and traceparent[3:35] != _ZERO_TRACE_ID
+        and traceparent[36:52] != _ZERO_SPAN_ID
     )
 
 
@@ -265,8 +265,7 @@ class DeferredCallSpan(trace.Span):
 
     def finish_after_call(self) -> None:
         """Make and end the span of a call that is over, unless a use already made it (export thread)."""
-        if self._real is None:
-            self.made()
+        self.made()
 
     # -- the Span API, on the real span --------------------------------------------------------
     def get_span_context(self) -> SpanContext:

@@ -22,7 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from pycrio.errors import CRIError, grpc_status
 from pycrio.tracing.call import CallInfo, current_call, new_request_id
-from pycrio.tracing.call_span import W3C_TRACEPARENT, ZERO_SPAN_ID, ZERO_TRACE_ID, DeferredCallSpan, DeferredSpans, end_call_span
+from pycrio.tracing.call_span import DeferredCallSpan, DeferredSpans, end_call_span, is_w3c_traceparent
 from pycrio.tracing.call_span import w3c_parent as w3c_parent
 
 log = logging.getLogger("pycrio.server")
@@ -254,10 +254,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                 # (pycrio.tracing.call_span).
                 if caller is not None or mode is SpanMode.ALL:
                     span, current = deferred.start(method, caller)
-                    call.span = span
-                    call.attributes = attributes  # written with the status at the end, in one step
-                    var = self._context_var
-                    call.span_token = var.set(current) if var is not None else otel_context.attach(current)
+                    self._enter(call, attributes, span, current)
             else:
                 if caller is None:
                     parent = None
@@ -267,23 +264,27 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
                     parent = propagate.extract(caller)
                 if parent is not None or mode is SpanMode.ALL:
                     span = spans.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
-                    call.span = span
-                    call.attributes = attributes
                     if parent is not None and len(parent) == 1 and _SPAN_KEY in parent:  # w3c_parent's
                         current = otel_context.Context({_SPAN_KEY: span})  # what set_span_in_context makes of it
                     else:
                         current = trace.set_span_in_context(span, parent)
-                    var = self._context_var
-                    call.span_token = var.set(current) if var is not None else otel_context.attach(current)
+                    self._enter(call, attributes, span, current)
         call.var_token = current_call.set(info)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s: %s", type(request).__name__, describe(request))
         return call
 
+    def _enter(self, call: _Call, attributes: dict[str, str], span: trace.Span, current: otel_context.Context) -> None:
+        """`span` is the call's, current (in `current`) until the call ends."""
+        call.span = span
+        call.attributes = attributes  # written with the status at the end, in one step
+        var = self._context_var
+        call.span_token = var.set(current) if var is not None else otel_context.attach(current)
+
     def _caller(self, context: grpc.ServicerContext) -> str | dict[str, str] | None:
         """The caller's W3C context in the call's metadata: None without a `traceparent` (the
         common case); the header itself when it is the only propagation header, of the exact
-        form kubelet and crictl send (call_span.is_w3c_traceparent), while the global propagator is
+        form kubelet and crictl send (`is_w3c_traceparent`), while the global propagator is
         W3C's (the usual traced call); else all the propagation headers, for the propagator."""
         carrier = None
         for md in context.invocation_metadata():
@@ -300,12 +301,7 @@ class CRIServerInterceptor(grpc.ServerInterceptor):
             textmap = propagate.get_global_textmap()
             if textmap is not self._textmap:
                 self._textmap, self._textmap_w3c = textmap, is_w3c(textmap)
-            if (  # is_w3c_traceparent(traceparent), inline: a frame less on every traced call
-                self._textmap_w3c
-                and W3C_TRACEPARENT.fullmatch(traceparent) is not None
-                and traceparent[3:35] != ZERO_TRACE_ID
-                and traceparent[36:52] != ZERO_SPAN_ID
-            ):
+            if self._textmap_w3c and is_w3c_traceparent(traceparent):
                 return traceparent
         return carrier
 

@@ -28,7 +28,6 @@ log = logging.getLogger("pycrio.tracing")
 # call waits up to the whole batch (several ms at 512 spans, bench/span_export.py's GIL probe: p99
 # 12-19 ms late vs 1.7-1.9 ms with it, idle 1.9-2.6).
 PAUSE_EVERY = 32
-_pause = yield_gil
 
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -64,7 +63,7 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
         if batch is data:
             return encoded
         try:
-            encoded = self._encoder.encode_request(data, _pause, PAUSE_EVERY)
+            encoded = self._encoder.encode_request(data, yield_gil, PAUSE_EVERY)
         except Unsupported as exc:
             self._fallbacks += 1
             if self._fallbacks == 1:

@@ -192,7 +192,7 @@ class LightTracer(Tracer):
         """The API's `start_span`; `sampler` and `processor`, when given, decide and take the
         span instead of the provider's (a pipeline's own, for a call span made after its call:
         pycrio.tracing.call_span; only where `light`)."""
-        if links or type(self._tracer_metrics) is not NoOpTracerMetrics or not self._tracer_config.is_enabled:
+        if links or not self.light:
             return super().start_span(
                 name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
             )
@@ -271,7 +271,6 @@ class LightTracer(Tracer):
         span._start_time = start_time if start_time is not None else time_ns()
         processor.on_start(span, parent_context=context)
         return span
-
 
     @property
     def light(self) -> bool:
