@@ -24,6 +24,10 @@ each after the same warm-up):
                the call (pycrio.tracing.call_span): what the call's thread does
   eager        as traced, with PYCRIO_TRACING_CALL_SPANS=eager: the span made on the call's thread
   traced-log   as traced, and the handler logs one INFO line: one `log` event
+  steps        as traced-log, and the handler opens STEPS step spans one after another, each with
+               one attribute (a mutating call: RunPodSandbox, CreateContainer...); printed per step
+               as the difference to traced-log
+  steps-make   as steps, plus making what the calls left to be made after them (as make)
   root         rate 1000000, no parent: a new trace per call
   down         as traced, with the default queue bound and batch size and no collector: the queue
                is full and the export thread failing (its timing varies: not exact)
@@ -64,11 +68,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("off", "rate0", "traced", "eager", "traced-log", "root", "down", "make", "encode")
+MODES = ("off", "rate0", "traced", "eager", "traced-log", "steps", "steps-make", "root", "down", "make", "encode")
 METHOD = "/runtime.v1.RuntimeService/ListContainers"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 WARM_UP = 200
 ENCODE_BATCH = 512
+STEPS = 3  # step spans per call in the `steps` modes, each with one attribute (as pycrio's are)
 REPORT_ENV = "SPAN_INSTRUCTIONS_REPORT"
 
 
@@ -98,6 +103,7 @@ def child(mode: str, calls: int) -> None:
     from pycrio.tracing.interceptor import CRIServerInterceptor
     from pycrio.tracing.logs import SpanEventHandler
     from pycrio.tracing.otlp_encode import SpanEncoder
+    from pycrio.tracing import step_span
     from pycrio.tracing.provider import Tracing
 
     if mode == "eager":
@@ -113,11 +119,15 @@ def child(mode: str, calls: int) -> None:
     root.setLevel(logging.INFO)
     handler_log = logging.getLogger("pycrio.bench")
     reply = api_pb2.ListContainersResponse()
-    say = mode == "traced-log"
+    say = mode in ("traced-log", "steps", "steps-make")
+    steps = STEPS if mode in ("steps", "steps-make") else 0
 
     def list_containers(request: Any, context: Any) -> Any:
         if say:
             handler_log.info("listed %d containers", 0)
+        for _ in range(steps):
+            with step_span("runtime_create", **{"container.id": "c0"}):
+                pass
         return reply
 
     interceptor = CRIServerInterceptor(tracing)
@@ -125,7 +135,7 @@ def child(mode: str, calls: int) -> None:
     unary = interceptor.intercept_service(
         lambda _: grpc.unary_unary_rpc_method_handler(list_containers), details
     ).unary_unary
-    parent = mode in ("traced", "eager", "traced-log", "down", "make", "encode")
+    parent = mode in ("traced", "eager", "traced-log", "steps", "steps-make", "down", "make", "encode")
     header = Metadatum("traceparent", TRACEPARENT) if parent else Metadatum("x-bench-pad", "0" * len(TRACEPARENT))
     context = HandlerContext((Metadatum("user-agent", "grpc-go/1.70.0"), header))
     request = api_pb2.ListContainersRequest()
@@ -142,11 +152,12 @@ def child(mode: str, calls: int) -> None:
         batch._queue.clear()
     for _ in range(calls):
         unary(request, context)
-    if make_deferred is not None and (mode in ("make", "encode") or REPORT_ENV in os.environ):
+    if make_deferred is not None and (mode in ("make", "steps-make", "encode") or REPORT_ENV in os.environ):
         make_deferred()  # what the export thread does before an export
     spans = list(batch._queue) if batch is not None and (mode == "encode" or REPORT_ENV in os.environ) else []
     if REPORT_ENV in os.environ:  # for tests/test_bench_span_instructions.py, outside the counted runs
-        print(f"spans queued: {len(spans)}, log events: {sum(len(span.events) for span in spans)}")
+        names = collections.Counter(span.name for span in spans)
+        print(f"spans queued: {len(spans)}, log events: {sum(len(span.events) for span in spans)}, names: {dict(names)}")
     if mode == "encode":
         encoder = SpanEncoder()
         for start in range(0, len(spans), ENCODE_BATCH):
@@ -331,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         got = results[tree]
         if "make" in modes and "traced" in modes:
             print(f"{tree}: making a span after its call (export thread), per span: {got['make'] - got['traced']:.0f} instructions")
+        if "steps" in modes and "traced-log" in modes:
+            print(f"{tree}: one step span on the request thread: {(got['steps'] - got['traced-log']) / STEPS:.0f} instructions")
+        if "steps-make" in modes and "steps" in modes:
+            print(f"{tree}: making a call's step spans after the call, per step: {(got['steps-make'] - got['steps']) / STEPS:.0f} instructions")
         if "encode" in modes and "make" in modes:
             print(f"{tree}: encoding, per span: {got['encode'] - got['make']:.0f} instructions")
         elif "encode" in modes and "traced" in modes:

@@ -17,6 +17,7 @@ CALLS = 20
 @pytest.mark.parametrize(
     "mode, spans, events",
     [("off", 0, 0), ("rate0", 0, 0), ("traced", CALLS, 0), ("eager", CALLS, 0), ("traced-log", CALLS, CALLS),
+     ("steps", CALLS * 4, CALLS), ("steps-make", CALLS * 4, CALLS),
      ("root", CALLS, 0), ("make", CALLS, 0), ("encode", CALLS, 0)],
 )
 def test_each_mode_makes_the_spans_it_names(mode: str, spans: int, events: int) -> None:

@@ -85,9 +85,9 @@ class Servicer(api_pb2_grpc.RuntimeServiceServicer):
 class Served:
     """A gRPC server with the interceptor over `tracing`, and a stub to it."""
 
-    def __init__(self, tracing: Tracing) -> None:
+    def __init__(self, tracing: Tracing, servicer: Any = None) -> None:
         self.tracing = tracing
-        self.servicer = Servicer()
+        self.servicer = servicer if servicer is not None else Servicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=2), interceptors=[CRIServerInterceptor(tracing)]
         )
@@ -119,12 +119,12 @@ def serve(monkeypatch: pytest.MonkeyPatch, receiver: OTLPReceiver) -> Iterator[C
     logging.getLogger().setLevel(logging.INFO)
     made: list[Served] = []
 
-    def factory(receiver: OTLPReceiver, rate: int = 0, keep_errors: bool = False) -> Served:
+    def factory(receiver: OTLPReceiver, rate: int = 0, keep_errors: bool = False, servicer: Any = None) -> Served:
         tracing = Tracing(TracingConfig(enable_tracing=True, tracing_endpoint=receiver.endpoint,
                                         tracing_sampling_rate_per_million=rate,
                                         tracing_always_sample_errors=keep_errors))  # fmt: skip
         monkeypatch.setattr(pycrio.tracing, "_STEP_TRACER", tracing.tracer)
-        served = Served(tracing)
+        served = Served(tracing, servicer)
         made.append(served)
         return served
 
@@ -143,6 +143,22 @@ def flushed(served: Served, receiver: OTLPReceiver, count: int) -> list[Received
     assert served.tracing.pipeline.processor.force_flush()
     assert len(receiver.wait_for(lambda s: True, count=count, timeout=10)) >= count, receiver.spans()
     return receiver.spans()
+
+
+def ended_after_reload(served: Served, pending: Any) -> list[ReceivedSpan]:
+    """Reloads to a new receiver while the servicer blocks, lets the call end; the spans it got."""
+    assert served.servicer.entered.wait(10)
+    other = OTLPReceiver().start()
+    try:
+        served.tracing.apply(TracingConfig(enable_tracing=True, tracing_endpoint=other.endpoint))
+        for thread in threading.enumerate():  # the old pipeline is shut down before the call ends
+            if thread.name == RETIRE_THREAD:
+                thread.join(10)
+        served.servicer.release.set()
+        pending.result(10)
+        return flushed(served, other, 1)
+    finally:
+        other.stop()
 
 
 def deferred_waiting(served: Served) -> int:
@@ -205,7 +221,7 @@ def test_a_call_that_logs_or_takes_a_step_gets_its_span_during_the_call(
     # The log line made the span; the call's context then held it, not the stand-in.
     assert type(served.servicer.seen[-1]) is LightSpan
     served.call("ContainerStatus", api_pb2.ContainerStatusRequest(container_id="c1"))
-    assert deferred_waiting(served) == 0
+    assert deferred_waiting(served) == 1  # the step's own span, left alone during the step
     by_name = {s.name: s for s in flushed(served, receiver, 3)}
     version = by_name["/runtime.v1.RuntimeService/Version"]
     assert [name for name, _ in version.events] == ["log"]
@@ -336,20 +352,9 @@ def test_a_call_in_flight_across_a_reload_ends_in_the_new_pipeline(
     pending = served.stub.UpdateRuntimeConfig.future(
         api_pb2.UpdateRuntimeConfigRequest(), metadata=(("traceparent", SAMPLED),), timeout=10
     )
-    assert servicer.entered.wait(10)
-    other = OTLPReceiver().start()
-    try:
-        served.tracing.apply(TracingConfig(enable_tracing=True, tracing_endpoint=other.endpoint))
-        for thread in threading.enumerate():  # the old pipeline is shut down before the call ends
-            if thread.name == RETIRE_THREAD:
-                thread.join(10)
-        servicer.release.set()
-        pending.result(10)
-        spans = flushed(served, other, 1)
-        assert [s.name for s in spans] == ["/runtime.v1.RuntimeService/UpdateRuntimeConfig"]
-        assert spans[0].parent_span_id == PARENT_ID
-    finally:
-        other.stop()
+    spans = ended_after_reload(served, pending)
+    assert [s.name for s in spans] == ["/runtime.v1.RuntimeService/UpdateRuntimeConfig"]
+    assert spans[0].parent_span_id == PARENT_ID
 
 
 def test_sdk_fields_reach_the_real_span_through_the_stand_in(serve: Callable[..., Served], receiver: OTLPReceiver) -> None:

@@ -24,6 +24,7 @@ from pycrio.tracing.attributes import add_plain_event, put_attributes
 from pycrio.tracing.otlp_encode import SpanEncoder, sdk_encode
 from pycrio.tracing.provider import Tracing, make_resource
 from pycrio.tracing.sampling import ErrorKeepingSampler
+from pycrio.tracing.call_span import DeferredStepSpan
 from pycrio.tracing.span import LightSpan, LightTracer, LightTracerProvider, SpanAttributes
 from pycrio.tracing.span_context import SPAN_CONTEXT_TUPLE
 from tests.test_otlp_encode import Keep
@@ -230,7 +231,8 @@ def test_the_daemons_call_and_step_spans_are_light_spans() -> None:
         token = otel_context.attach(trace.set_span_in_context(call))
         try:
             with step_span("a_step", n=1) as step:
-                assert type(step) is LightSpan
+                assert type(step) is DeferredStepSpan  # made after the step unless used: here, at once
+                assert type(step.made()) is LightSpan
                 assert step.parent is not None and step.parent.span_id == call.get_span_context().span_id
         finally:
             otel_context.detach(token)

@@ -127,12 +127,12 @@ class Deferred:
 
     def __init__(self, end: Callable[[str], None], name: str) -> None:
         self._end = end
-        self._call_name = name
+        self._deferred_name = name
         self.made_on: int | None = None
 
     def finish_after_call(self) -> None:
         self.made_on = threading.get_native_id()
-        self._end(self._call_name)
+        self._end(self._deferred_name)
 
 
 def test_deferred_spans_are_made_by_the_export_thread_and_count_towards_a_full_batch() -> None:
@@ -183,7 +183,7 @@ def test_a_deferred_span_that_fails_to_be_made_is_logged_and_the_rest_go_out(cap
     assert batcher.defer(Broken(end, "/runtime.v1.RuntimeService/Version")) and batcher.defer(Deferred(end, "fine"))
     assert batcher.force_flush()
     assert exporter.batches == [["fine"]]
-    assert "making the span of a /runtime.v1.RuntimeService/Version call failed" in caplog.text
+    assert "making the span of /runtime.v1.RuntimeService/Version failed" in caplog.text
     batcher.shutdown()
 
 

@@ -6,15 +6,18 @@ Code below the server only uses `step_span` to time a step as a child of the cur
 from __future__ import annotations
 
 import importlib
+import logging
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 from pycrio.tracing.attributes import put_attributes
 from pycrio.tracing.call import CallInfo, current_call
+from pycrio.tracing.call_span import DeferredStepSpan, runtime_context_var
 
 if TYPE_CHECKING:
     from pycrio.tracing.interceptor import CallRecorder, CRIServerInterceptor, FixedSpanPolicy, SpanMode, SpanPolicy
@@ -42,6 +45,8 @@ def __getattr__(name: str) -> Any:
 
 
 _STEP_TRACER = trace.get_tracer("pycrio")
+_CONTEXT_VAR = runtime_context_var()  # OpenTelemetry's current context, read and set directly where it can be
+log = logging.getLogger("pycrio.tracing")
 
 
 class _StepSpan:
@@ -49,30 +54,70 @@ class _StepSpan:
     span is current inside the block, an exception escaping it is recorded on the span and sets
     its status to ERROR (`<type>: <message>`, as the SDK's use_span does), and the span ends on exit.
     The SDK's version runs two generator-based context managers per step (a fifth of a step span's
-    cost on the request thread)."""
+    cost on the request thread).
 
-    __slots__ = ("_name", "_attributes", "_kind", "_span", "_token")
+    Where the tracer's provider defers step spans (`LightTracer.step_deferral`, the pipeline's
+    `DeferredSpans`), the span is a stand-in made after the step unless something uses it during
+    the step (a nested step, a log line: pycrio.tracing.call_span)."""
 
-    def __init__(self, name: str, attributes: dict[str, Any], kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> None:
+    __slots__ = ("_name", "_attributes", "_kind", "_context", "_span", "_token")
+
+    def __init__(
+        self, name: str, attributes: dict[str, Any], context: otel_context.Context, kind: trace.SpanKind | None = None
+    ) -> None:
         self._name = name
         self._attributes = attributes
-        self._kind = kind
+        self._context = context  # the current one: its span is the recording parent
+        self._kind = kind  # None: INTERNAL, and the span may be made after the step
 
     def __enter__(self) -> trace.Span:
-        span = self._span = _STEP_TRACER.start_span(self._name, kind=self._kind)
+        tracer = _STEP_TRACER
+        if type(tracer) is trace.ProxyTracer:
+            tracer = tracer._real_tracer or tracer._tracer  # the global provider's, once there is one
+        deferral = getattr(tracer, "step_deferral", None)
+        spans = deferral.current if deferral is not None and self._kind is None else None
+        if spans is not None and self._name not in spans.eager_methods:
+            span, context = spans.start_step(tracer, self._name, self._attributes, self._context)
+            self._span = span
+            var = _CONTEXT_VAR
+            self._token = var.set(context) if var is not None else otel_context.attach(context)
+            return span
+        span = self._span = tracer.start_span(self._name, kind=self._kind or trace.SpanKind.INTERNAL)
         if self._attributes and span.is_recording():
             put_attributes(span, self._attributes)
-        self._token = otel_context.attach(trace.set_span_in_context(span))
+        context = trace.set_span_in_context(span)
+        var = _CONTEXT_VAR
+        self._token = var.set(context) if var is not None else otel_context.attach(context)
         return span
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        otel_context.detach(self._token)
+        var = _CONTEXT_VAR
+        if var is None:
+            otel_context.detach(self._token)
+        else:
+            try:
+                var.reset(self._token)
+            except Exception:  # noqa: BLE001 - as otel_context.detach: logged, the step goes on
+                log.exception("Failed to detach context")
         span = self._span
         # Only Exception subclasses are errors (not GeneratorExit, KeyboardInterrupt), as in the SDK.
-        if isinstance(exc, Exception) and span.is_recording():
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        span.end()
+        if isinstance(exc, Exception):
+            if span.is_recording():  # (a stand-in's real span is made here, during the step)
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
+        elif type(span) is DeferredStepSpan:
+            span.end_step()
+        else:
+            span.end()
+
+
+def _recording_context() -> otel_context.Context | None:
+    """The current context when its span records (a step can be its child), else None."""
+    var = _CONTEXT_VAR
+    context = var.get() if var is not None else otel_context.get_current()
+    span = context.get(_SPAN_KEY)
+    return context if span is not None and span.is_recording() else None
 
 
 def step_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
@@ -81,16 +126,19 @@ def step_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
     Without a recording parent it costs a context check and opens nothing (the context then
     yields a non-recording span, so `span.set_attribute` works either way).
     """
-    if not trace.get_current_span().is_recording():
+    context = _recording_context()
+    if context is None:
         return nullcontext(trace.INVALID_SPAN)
-    return _StepSpan(name, attributes)
+    return _StepSpan(name, attributes, context)
 
 
 def child_span(name: str, kind: trace.SpanKind, attributes: dict[str, Any]) -> AbstractContextManager[Any]:
-    """`step_span` with a span kind (a CLIENT span around a call to another process)."""
-    if not trace.get_current_span().is_recording():
+    """`step_span` with a span kind (a CLIENT span around a call to another process), made at
+    once: its context goes to that process."""
+    context = _recording_context()
+    if context is None:
         return nullcontext(trace.INVALID_SPAN)
-    return _StepSpan(name, attributes, kind)
+    return _StepSpan(name, attributes, context, kind)
 
 
 __all__ = [

@@ -20,7 +20,7 @@ processor chain cost the request thread 14 µs per call (bench: ab runs, `no-end
   only sets a flag: the daemon forks for every runc and CNI plugin it runs).
 Only sampled spans are queued, as the SDK does.
 
-Calls that are over but whose spans are not made yet (`defer`, pycrio.tracing.call_span) wait
+Calls and steps that are over but whose spans are not made yet (`defer`, pycrio.tracing.call_span) wait
 beside the queue, under the same bound (a call whose span does not fit makes it itself, where the
 drop rule above counts it) and towards a full batch; the export thread makes them before each
 export (16 at a time, with a pause for the calls between), and `force_flush` and `shutdown` make
@@ -50,7 +50,7 @@ from pycrio.tracing.exporter import EXPORT_THREAD_COMM, ExportHealth, SpanBatch,
 from pycrio.tracing.span_context import SAMPLED
 
 if TYPE_CHECKING:
-    from pycrio.tracing.call_span import DeferredCallSpan
+    from pycrio.tracing.call_span import DeferredSpan
 
 log = logging.getLogger("pycrio.tracing")
 
@@ -105,7 +105,7 @@ class SpanBatcher(SpanProcessor):
 
     def _start(self) -> None:
         self._queue: collections.deque[ReadableSpan] = collections.deque(maxlen=self.max_queue_size)
-        self._deferred: collections.deque[DeferredCallSpan] = collections.deque()
+        self._deferred: collections.deque[DeferredSpan] = collections.deque()
         self._encoded: collections.deque[tuple[int, bytes]] = collections.deque()
         self._encoded_lock = threading.Lock()
         self._encoded_bytes = 0
@@ -139,8 +139,8 @@ class SpanBatcher(SpanProcessor):
         if len(queue) + len(self._deferred) >= self.max_export_batch_size and not self._wake.is_set():
             self._wake.set()
 
-    def defer(self, span: DeferredCallSpan) -> bool:
-        """Queue the span of a call that is over, to be made on the export thread before the
+    def defer(self, span: DeferredSpan) -> bool:
+        """Queue the span of a call or step that is over, to be made on the export thread before the
         next export (pycrio.tracing.call_span); False when it must be made now: shutting down,
         in a forked child, or with the queue full (its drop rule then counts the span)."""
         if self._shutdown or self._forked:
@@ -228,7 +228,7 @@ class SpanBatcher(SpanProcessor):
             try:
                 span.finish_after_call()
             except Exception:  # noqa: BLE001 - one bad span must not end the export thread
-                log.exception("tracing: making the span of a %s call failed", span._call_name)
+                log.exception("tracing: making the span of %s failed", span._deferred_name)
             made += 1
             if not made % MAKE_PAUSE_EVERY and deferred:
                 yield_gil()

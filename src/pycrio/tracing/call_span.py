@@ -24,10 +24,17 @@ call's start time), with the sampler and processor of the pipeline the call star
 reload in between does not move it). When the queue is full (collector down) or the pipeline is
 shutting down, the call's span is made and ended on the request thread instead, where the
 queue's own drop rule counts it (or, after a reload, the new pipeline takes it).
+
+Step spans (`pycrio.tracing.step_span`) below a call work the same way (`DeferredStepSpan`):
+the stand-in keeps the step's tracer, parent context, start time and attributes (also those set
+during the step), and is made during the step by a use (a log line, a nested step, an exception
+escaping the step, an outgoing call) or after it by the export thread. A step name whose spans
+were used USED_IN_A_ROW times in a row has them made at the start from then on.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import threading
@@ -36,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
@@ -58,6 +66,17 @@ _new_tuple = tuple.__new__
 _new_object = object.__new__
 # The flags callers send, made once: the parent's context is kept with its span until export.
 _TRACE_FLAGS = {f"{value:02x}": TraceFlags(value) for value in (0x00, 0x01, 0x02, 0x03)}
+
+
+def runtime_context_var() -> contextvars.ContextVar[otel_context.Context] | None:
+    """The ContextVar behind OpenTelemetry's current context when it is the default runtime
+    context (OTEL_PYTHON_CONTEXT unset): read, set and reset directly, get_current/attach/detach
+    without their two Python calls each. None for any other runtime context."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if type(runtime) is not ContextVarsRuntimeContext:
+        return None
+    var = getattr(runtime, "_current_context", None)
+    return var if isinstance(var, contextvars.ContextVar) else None
 
 
 def is_w3c_traceparent(traceparent: str) -> bool:
@@ -125,9 +144,20 @@ def _new_making_lock() -> None:
 os.register_at_fork(after_in_child=_new_making_lock)
 
 
+class StepDeferral:
+    """Which `DeferredSpans` makes a provider's step spans after their steps: its current
+    pipeline's (None: made at once). One per LightTracerProvider, shared by its tracers."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current: DeferredSpans | None = None
+
+
 class DeferredSpans:
-    """Makes one pipeline's call spans after their calls: its tracer (a LightTracer), sampler,
-    span processor and batch processor (whose export thread calls `finish_after_call`)."""
+    """Makes one pipeline's call and step spans after their calls and steps: its tracer (a
+    LightTracer, for call spans), sampler, span processor and batch processor (whose export
+    thread calls `finish_after_call`)."""
 
     def __init__(
         self, tracer: LightTracer, sampler: Sampler, processor: SpanProcessor, batch: SpanBatcher, health: ExportHealth
@@ -137,9 +167,10 @@ class DeferredSpans:
         self.processor = processor
         self.batch = batch
         self._health = health
-        # Methods whose calls use their spans (a step, a log line: the mutating CRI calls): made
-        # during the call anyway, through the stand-in at a cost of its own, so theirs are made
-        # at the start, as before. A method joins after USED_IN_A_ROW calls in a row used theirs.
+        # Methods whose calls use their spans (a step, a log line: the mutating CRI calls), and
+        # steps whose spans are used (a nested step, a log line): made during the call or step
+        # anyway, through the stand-in at a cost of its own, so theirs are made at the start, as
+        # before. A name joins after USED_IN_A_ROW calls or steps in a row used theirs.
         self.eager_methods: set[str] = set()
         self._used_in_a_row: dict[str, int] = {}
 
@@ -148,14 +179,30 @@ class DeferredSpans:
         `traceparent` is the caller's header (`is_w3c_traceparent`), None without a parent."""
         span = _new_object(DeferredCallSpan)  # no constructor frame: its fields are these five
         span._spans = self
-        span._call_name = name
+        span._deferred_name = name
         span._traceparent = traceparent
-        context = span._call_context = otel_context.Context({_SPAN_KEY: span})  # set_span_in_context's, no copy
-        span._call_start = time_ns()
+        context = span._deferred_context = otel_context.Context({_SPAN_KEY: span})  # set_span_in_context's, no copy
+        span._deferred_start = time_ns()
         return span, context
 
+    def start_step(
+        self, tracer: LightTracer, name: str, attributes: dict[str, Any], context: otel_context.Context
+    ) -> tuple[DeferredStepSpan, otel_context.Context]:
+        """The stand-in span of a step starting now in `context` (whose span is the recording
+        parent), and the step's context holding it; `attributes` are the step's own from now on."""
+        span = _new_object(DeferredStepSpan)
+        span._spans = self
+        span._tracer = tracer
+        span._deferred_name = name
+        span._step_attributes = attributes
+        span._parent_context = context
+        step_context = span._deferred_context = otel_context.Context(context)
+        dict.__setitem__(step_context, _SPAN_KEY, span)  # set_span_in_context's, one copy
+        span._deferred_start = time_ns()
+        return span, step_context
+
     def note_use(self, name: str, during_call: bool) -> None:
-        """A span of `name` was made during its call (used), or after it (not used)."""
+        """A span of `name` was made during its call or step (used), or after it (not used)."""
         if during_call:
             used = self._used_in_a_row[name] = self._used_in_a_row.get(name, 0) + 1
             if used >= USED_IN_A_ROW:
@@ -163,58 +210,77 @@ class DeferredSpans:
         elif name in self._used_in_a_row:
             self._used_in_a_row[name] = 0
 
+    def _start(
+        self, tracer: LightTracer, span: DeferredSpan, parent: otel_context.Context, kind: SpanKind, through_provider: bool
+    ) -> trace.Span:
+        """The real span of `span`, started at its start: `through_provider`, as any span
+        (during the call or step, or when the queue refused it: then the pipeline current now
+        takes it); else through this pipeline's own sampler and processor (the export thread,
+        or a use after the call), counted as started when sampled as the provider's processor
+        counts."""
+        self.note_use(span._deferred_name, not span._ended)
+        if through_provider:
+            return tracer.start_span(span._deferred_name, parent, kind, None, (), span._deferred_start)
+        real = tracer.start_span(
+            span._deferred_name,
+            parent,
+            kind,
+            start_time=span._deferred_start,
+            sampler=self.sampler,
+            processor=self.processor,
+        )
+        if real.get_span_context().trace_flags & SAMPLED:
+            self._health.span_started()
+        return real
+
     def make(self, span: DeferredCallSpan, through_provider: bool) -> trace.Span:
-        """The call's span, ended if the call is over: `through_provider`, as any span (while
-        the call runs, or when the queue refused it: then the pipeline current now takes it);
-        else through this pipeline's own sampler and processor (the export thread, or a use
-        after the call), counted as started when sampled as the provider's processor counts."""
+        """The call's span (`_start`), ended if the call is over."""
         traceparent = span._traceparent
         parent = w3c_parent(traceparent, checked=True) if traceparent is not None else None
         if parent is None:  # a root: an empty context, never the current one (it holds the stand-in)
             parent = otel_context.Context()
-        self.note_use(span._call_name, not span._ended)
-        if through_provider:
-            real = self.tracer.start_span(span._call_name, parent, SpanKind.SERVER, None, (), span._call_start)
-        else:
-            real = self.tracer.start_span(
-                span._call_name,
-                parent,
-                SpanKind.SERVER,
-                start_time=span._call_start,
-                sampler=self.sampler,
-                processor=self.processor,
-            )
-            if real.get_span_context().trace_flags & SAMPLED:
-                self._health.span_started()
+        real = self._start(self.tracer, span, parent, SpanKind.SERVER, through_provider)
         if span._ended:
-            end_call_span(real, span._call_attributes, span._request_id, span._status, span._error, span._call_end)
+            end_call_span(real, span._call_attributes, span._request_id, span._status, span._error, span._deferred_end)
+        return real
+
+    def make_step(self, span: DeferredStepSpan, through_provider: bool) -> trace.Span:
+        """The step's span (`_start`, by the step's tracer, with the context it started in),
+        with its attributes, ended if the step is over."""
+        real = self._start(span._tracer, span, span._parent_context, SpanKind.INTERNAL, through_provider)
+        attributes = span._step_attributes
+        if attributes and real.is_recording():
+            put_attributes(real, attributes)
+        span._step_attributes = {}  # the real span's from now on
+        if span._ended:
+            real.end(span._deferred_end)
         return real
 
 
-class DeferredCallSpan(trace.Span):
-    """A call's current span until something uses it; see the module docstring.
+class DeferredSpan(trace.Span):
+    """A span until something uses it (a call's: `DeferredCallSpan`, a step's:
+    `DeferredStepSpan`); see the module docstring.
 
-    Made by `DeferredSpans.start` (without a constructor); every field has a class default, so
-    that reading one never reaches `__getattr__` (which makes the real span)."""
+    Made by `DeferredSpans` (without a constructor); every field has a class default, so that
+    reading one never reaches `__getattr__` (which makes the real span). No field shares a name
+    with an SDK span's: those are read through `__getattr__`, from the real span."""
 
     _spans: DeferredSpans
-    _call_context: otel_context.Context
-    _call_name = ""
-    _traceparent: str | None = None
-    _call_start = 0
+    _deferred_context: otel_context.Context  # the context holding this stand-in
+    _deferred_name = ""
+    _deferred_start = 0
     _real: trace.Span | None = None  # the real span, once made
-    _ended = False  # the call is over: the fields below are set
+    _ended = False  # the call or step is over: its end fields are set
     _making = False
-    _call_end = 0
-    _call_attributes: Mapping[str, str] = {}
-    _request_id = ""
-    _status: Mapping[str, int | str] = {}
-    _error: str | None = None
+    _deferred_end = 0
+
+    def _make(self, through_provider: bool) -> trace.Span:
+        raise NotImplementedError
 
     def made(self, through_provider: bool | None = None) -> trace.Span:
-        """The real span, made now on this thread if it is not yet (`DeferredSpans.make`: during
-        the call through the provider, after it through its pipeline's sampler and processor,
-        and then ended)."""
+        """The real span, made now on this thread if it is not yet (during the call or step
+        through the provider, after it through its pipeline's sampler and processor, and then
+        ended)."""
         real = self._real
         if real is not None:
             return real
@@ -227,44 +293,29 @@ class DeferredCallSpan(trace.Span):
                     return trace.INVALID_SPAN
                 self._making = True
                 try:
-                    real = self._spans.make(self, through_provider)
+                    real = self._make(through_provider)
                 finally:
                     self._making = False
                 self._real = real
-                context = self._call_context
+                context = self._deferred_context
                 if context.get(_SPAN_KEY) is self:
-                    # From now on the call's context holds the real span, so the call's later
-                    # uses of its current span reach it directly, not through this stand-in.
-                    # That Context is made by `DeferredSpans.start` alone; a Context refuses
-                    # item assignment, so dict's own is used.
+                    # From now on the context holds the real span, so the later uses of the
+                    # current span reach it directly, not through this stand-in. That Context
+                    # is made by `DeferredSpans` alone; a Context refuses item assignment, so
+                    # dict's own is used.
                     dict.__setitem__(context, _SPAN_KEY, real)
         return real
 
-    def finish(
-        self, attributes: Mapping[str, str], request_id: str, status: Mapping[str, int | str], error: str | None
-    ) -> None:
-        """The call is over (`end_call_span`'s arguments): end its span, made by now, or keep
-        what it ends with and hand it to the export thread (made and ended here when the queue
-        takes no more)."""
-        end_time = time_ns()
-        with _MAKING:
-            real = self._real
-            if real is None:
-                self._call_end = end_time
-                self._call_attributes = attributes
-                self._request_id = request_id
-                self._status = status
-                self._error = error
-                self._ended = True
-                if not self._spans.batch.defer(self):
-                    # Full, or shutting down (a reload retired the pipeline during the call):
-                    # made and ended here, where the pipeline current now takes it.
-                    self.made(through_provider=True)
-                return
-        end_call_span(real, attributes, request_id, status, error, end_time)
+    def _hand_over(self) -> None:
+        """The call or step is over and its end fields are set (under _MAKING): to the export
+        thread, or made and ended here when the queue takes no more (full, or shutting down: a
+        reload retired the pipeline meanwhile), where the pipeline current now takes it."""
+        self._ended = True
+        if not self._spans.batch.defer(self):
+            self.made(through_provider=True)
 
     def finish_after_call(self) -> None:
-        """Make and end the span of a call that is over, unless a use already made it (export thread)."""
+        """Make and end the span of a call or step that is over, unless a use already made it (export thread)."""
         self.made()
 
     # -- the Span API, on the real span --------------------------------------------------------
@@ -313,5 +364,73 @@ class DeferredCallSpan(trace.Span):
 
     def __repr__(self) -> str:
         state = "made" if self._real is not None else "ended" if self._ended else "deferred"
-        return f"DeferredCallSpan({self._call_name!r}, {state})"
+        return f"{type(self).__name__}({self._deferred_name!r}, {state})"
+
+
+class DeferredCallSpan(DeferredSpan):
+    """A call's current span until something uses it (`DeferredSpans.start`)."""
+
+    _traceparent: str | None = None
+    _call_attributes: Mapping[str, str] = {}
+    _request_id = ""
+    _status: Mapping[str, int | str] = {}
+    _error: str | None = None
+
+    def _make(self, through_provider: bool) -> trace.Span:
+        return self._spans.make(self, through_provider)
+
+    def finish(
+        self, attributes: Mapping[str, str], request_id: str, status: Mapping[str, int | str], error: str | None
+    ) -> None:
+        """The call is over (`end_call_span`'s arguments): end its span, made by now, or keep
+        what it ends with and hand it to the export thread."""
+        end_time = time_ns()
+        with _MAKING:
+            real = self._real
+            if real is None:
+                self._deferred_end = end_time
+                self._call_attributes = attributes
+                self._request_id = request_id
+                self._status = status
+                self._error = error
+                self._hand_over()
+                return
+        end_call_span(real, attributes, request_id, status, error, end_time)
+
+
+class DeferredStepSpan(DeferredSpan):
+    """A step span (`pycrio.tracing.step_span`) until something uses it (`DeferredSpans.start_step`):
+    attributes set on it meanwhile are kept for the real span, as its start attributes are."""
+
+    _tracer: LightTracer  # the step's own tracer (its instrumentation scope)
+    _parent_context: otel_context.Context = otel_context.Context()
+    _step_attributes: dict[str, Any] = {}
+
+    def _make(self, through_provider: bool) -> trace.Span:
+        return self._spans.make_step(self, through_provider)
+
+    def end_step(self) -> None:
+        """The step is over, without an error: end its span, made by now, or hand it to the export thread."""
+        end_time = time_ns()
+        with _MAKING:
+            real = self._real
+            if real is None:
+                self._deferred_end = end_time
+                self._hand_over()
+                return
+        real.end(end_time)
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        with _MAKING:
+            if self._real is None and not self._ended and not self._making:
+                self._step_attributes.update(attributes)
+                return
+        self.made().set_attributes(attributes)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.set_attributes({key: value})
+
+
+# The stand-ins' types, for `type(span) in STAND_INS` (cheaper than an ABC's isinstance).
+STAND_INS = (DeferredCallSpan, DeferredStepSpan)
 

@@ -15,7 +15,6 @@ from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -23,6 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pycrio.errors import CRIError, grpc_status
 from pycrio.tracing.call import CallInfo, current_call, new_request_id
 from pycrio.tracing.call_span import DeferredCallSpan, DeferredSpans, end_call_span, is_w3c_traceparent
+from pycrio.tracing.call_span import runtime_context_var as runtime_context_var
 from pycrio.tracing.call_span import w3c_parent as w3c_parent
 
 log = logging.getLogger("pycrio.server")
@@ -43,17 +43,6 @@ _STATUS_OK = STATUS_ATTRIBUTES[_OK]
 _W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
 _new_tuple = tuple.__new__
 _new_object = object.__new__
-
-
-def runtime_context_var() -> contextvars.ContextVar[otel_context.Context] | None:
-    """The ContextVar behind OpenTelemetry's current context when it is the default runtime
-    context (OTEL_PYTHON_CONTEXT unset): set and reset directly, attach/detach without their two
-    Python calls each. None for any other runtime context."""
-    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
-    if type(runtime) is not ContextVarsRuntimeContext:
-        return None
-    var = getattr(runtime, "_current_context", None)
-    return var if isinstance(var, contextvars.ContextVar) else None
 
 
 def is_w3c(textmap: object) -> bool:

@@ -9,7 +9,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from pycrio.tracing.attributes import add_plain_event
 from pycrio.tracing.call import current_call
-from pycrio.tracing.call_span import DeferredCallSpan
+from pycrio.tracing.call_span import STAND_INS
 
 
 def severity(levelno: int) -> str:
@@ -42,8 +42,8 @@ class SpanEventHandler(logging.Handler):
         if record.name.startswith("opentelemetry"):
             return
         span = trace.get_current_span()
-        if type(span) is DeferredCallSpan:
-            span = span.made()  # the call's span is needed now; its stand-in would forward each use
+        if type(span) in STAND_INS:
+            span = span.made()  # the span is needed now; its stand-in would forward each use
         if not span.is_recording():
             return
         try:

@@ -30,6 +30,8 @@ SERVICE_NAME = "pycrio"
 # "sdk" makes spans with the SDK's own Tracer and Span instead of pycrio's LightTracer/LightSpan
 # (same spans, about twice the CPU per span): for comparisons and as an escape hatch.
 SPANS_ENV = "PYCRIO_TRACING_SPANS"
+# "eager" makes step spans during their steps, as call spans are with PYCRIO_TRACING_CALL_SPANS=eager.
+STEP_SPANS_ENV = "PYCRIO_TRACING_STEP_SPANS"
 INSTRUMENTATION_NAME = "pycrio"
 RETIRE_THREAD = "pycrio-tracing-retire"  # the thread flushing a pipeline a reload replaced
 
@@ -98,6 +100,7 @@ class Tracing:
             self._sampler.current = new.sampler if new else ALWAYS_OFF
             self.pipeline = new
             self.deferred_spans = new.deferred_spans if new else None
+            self._defer_steps(self.deferred_spans)
             self.config = config
         if new is not None:
             log.info(
@@ -114,6 +117,12 @@ class Tracing:
             threading.Thread(
                 target=old.shutdown, args=(retire_timeout,), name=RETIRE_THREAD, daemon=True
             ).start()
+
+    def _defer_steps(self, spans: DeferredSpans | None) -> None:
+        """Step spans from this provider's tracers made after their steps by `spans` (None: at once)."""
+        deferral = getattr(self.provider, "step_deferral", None)  # (not the SDK's own provider)
+        if deferral is not None:
+            deferral.current = spans if os.environ.get(STEP_SPANS_ENV) != "eager" else None
 
     def relay(self, spans: int, payload: bytes) -> None:
         """Queue `spans` spans a pycrio-monitor encoded (`SpanRelay`) for export with ours; counted
@@ -149,6 +158,7 @@ class Tracing:
         with self._apply_lock:
             pipeline, self.pipeline = self.pipeline, None
             self.deferred_spans = None
+            self._defer_steps(None)
             self._processor.current = None
             self._sampler.current = ALWAYS_OFF
         finished = pipeline.shutdown(timeout) if pipeline is not None else True

@@ -56,6 +56,7 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
+from pycrio.tracing.call_span import StepDeferral
 from pycrio.tracing.span_context import RANDOM_TRACE_ID, SPAN_CONTEXT_TUPLE
 
 logger = logging.getLogger("opentelemetry.sdk.trace")  # the SDK's warnings, under its own name
@@ -175,6 +176,9 @@ class LightSpan(SDKSpan):
 class LightTracer(Tracer):
     """The SDK's `Tracer` whose `start_span` builds a `LightSpan` (see the module docstring)."""
 
+    # Its provider's (LightTracerProvider): whether pycrio.tracing.step_span makes its spans after their steps.
+    step_deferral: StepDeferral | None = None
+
     def start_span(  # noqa: PLR0913 - the API's signature
         self,
         name: str,
@@ -281,7 +285,11 @@ class LightTracer(Tracer):
 
 class LightTracerProvider(TracerProvider):
     """The SDK's `TracerProvider` handing out `LightTracer`s (the global provider: step spans
-    and the CRI interceptor get theirs from it)."""
+    and the CRI interceptor get theirs from it), which share its `step_deferral`."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.step_deferral = StepDeferral()
 
     def get_tracer(
         self,
@@ -295,4 +303,5 @@ class LightTracerProvider(TracerProvider):
             # The SDK made and cached it; it becomes a LightTracer in place (the same fields, only
             # start_span differs), so the SDK's cache and this tracer stay one object.
             tracer.__class__ = LightTracer
+            tracer.step_deferral = self.step_deferral
         return tracer
