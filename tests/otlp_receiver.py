@@ -52,6 +52,7 @@ class ReceivedSpan:
     start_ns: int = 0
     end_ns: int = 0
     links: list[tuple[str, str]] = field(default_factory=list)  # (trace_id, span_id) of each link
+    event_times: list[int] = field(default_factory=list)  # time_unix_nano of each event, as `events`
 
     def log_events(self) -> list[dict[str, Any]]:
         return [attrs for name, attrs in self.events if name == "log"]
@@ -86,6 +87,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
                             start_ns=s.start_time_unix_nano,
                             end_ns=s.end_time_unix_nano,
                             links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                            event_times=[e.time_unix_nano for e in s.events],
                         )
                     )
         with self.cond:

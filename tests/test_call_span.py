@@ -6,6 +6,7 @@ flush, shutdown, reload, errors kept and a use from another thread lose nothing 
 from __future__ import annotations
 
 import contextvars
+import io
 import logging
 import threading
 import time
@@ -14,13 +15,14 @@ from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 import pycrio.tracing
 from pycrio.config import TracingConfig
 from pycrio.cri import api_pb2, api_pb2_grpc
 from pycrio.errors import NotFound
+from pycrio.log import LogfmtFormatter
 from pycrio.tracing import CRIServerInterceptor, step_span
 from pycrio.tracing import provider as provider_module
 from pycrio.tracing.attributes import put_attributes
@@ -45,6 +47,7 @@ class Servicer(api_pb2_grpc.RuntimeServiceServicer):
     def __init__(self) -> None:
         self.seen: list[trace.Span] = []  # the current span as each handler found it
         self.contexts: list[contextvars.Context] = []
+        self.outgoing: list[str] = []  # the traceparents ExecSync sent on
 
     def ListContainers(self, request, context):  # noqa: N802 - gRPC names
         self.seen.append(trace.get_current_span())
@@ -77,6 +80,18 @@ class Servicer(api_pb2_grpc.RuntimeServiceServicer):
     def Status(self, request, context):  # noqa: N802
         put_attributes(trace.get_current_span(), {"pycrio.test.note": "set through the stand-in"})
         return api_pb2.StatusResponse()
+
+    def RemoveContainer(self, request, context):  # noqa: N802
+        log.error("could not remove %s", request.container_id)  # the call goes on, its span is ERROR
+        return api_pb2.RemoveContainerResponse()
+
+    def ExecSync(self, request, context):  # noqa: N802
+        self.seen.append(trace.get_current_span())
+        if list(request.cmd) != ["quiet"]:  # an outgoing call: its traceparent needs the real span
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            self.outgoing.append(carrier["traceparent"])
+        return api_pb2.ExecSyncResponse()
 
     entered = threading.Event()
     release = threading.Event()
@@ -213,20 +228,25 @@ def test_a_failing_call_gets_its_error_status_after_the_call(serve: Callable[...
     assert span.attributes["rpc.response.status_code"] == "NOT_FOUND"
 
 
-def test_a_call_that_logs_or_takes_a_step_gets_its_span_during_the_call(
+def test_a_call_that_logs_or_takes_a_step_keeps_them_for_its_span_made_after_it(
     serve: Callable[..., Served], receiver: OTLPReceiver
 ) -> None:
     served = serve(receiver)
+    before = time.time_ns()
     served.call("Version", api_pb2.VersionRequest())
-    # The log line made the span; the call's context then held it, not the stand-in.
-    assert type(served.servicer.seen[-1]) is LightSpan
+    after = time.time_ns()
+    # The log line's event waits in the stand-in for the span made after the call.
+    assert type(served.servicer.seen[-1]) is DeferredCallSpan and deferred_waiting(served) == 1
     served.call("ContainerStatus", api_pb2.ContainerStatusRequest(container_id="c1"))
-    assert deferred_waiting(served) == 1  # the step's own span, left alone during the step
+    assert type(served.servicer.seen[-1]) is DeferredCallSpan
+    assert deferred_waiting(served) == 3  # the step's span, and its call's, made after them
     by_name = {s.name: s for s in flushed(served, receiver, 3)}
     version = by_name["/runtime.v1.RuntimeService/Version"]
     assert [name for name, _ in version.events] == ["log"]
     assert version.events[0][1]["log.message"] == "asked for the version"
+    assert version.events[0][1]["log.severity"] == "INFO"
     assert version.events[0][1]["id"] == version.attributes["id"]
+    assert before <= version.start_ns <= version.event_times[0] <= version.end_ns <= after
     status = by_name["/runtime.v1.RuntimeService/ContainerStatus"]
     step = by_name["read_state"]
     assert step.parent_span_id == status.span_id and step.trace_id == status.trace_id == TRACE_ID
@@ -377,26 +397,77 @@ def test_the_sdks_own_spans_and_eager_make_every_span_during_the_call(
             assert deferred_waiting(served) == 0 and type(served.servicer.seen[-1]) is not DeferredCallSpan
 
 
+def test_a_log_line_prints_the_ids_its_span_made_after_the_call_gets(
+    serve: Callable[..., Served], receiver: OTLPReceiver
+) -> None:
+    served = serve(receiver)
+    out = io.StringIO()
+    printer = logging.StreamHandler(out)
+    printer.setFormatter(LogfmtFormatter())
+    logging.getLogger().addHandler(printer)
+    try:
+        served.call("Version", api_pb2.VersionRequest())
+        served.call("ContainerStatus", api_pb2.ContainerStatusRequest(container_id="c1"))
+    finally:
+        logging.getLogger().removeHandler(printer)
+    assert deferred_waiting(served) == 3  # no span was made for the line's ids
+    line = next(line for line in out.getvalue().splitlines() if "asked for the version" in line)
+    version = flushed(served, receiver, 3)[0]
+    assert version.name == "/runtime.v1.RuntimeService/Version"
+    assert f"trace_id={TRACE_ID} span_id={version.span_id}" in line and f"id={version.attributes['id']}" in line
+
+
+def test_an_error_log_line_sets_the_status_of_the_span_made_after_the_call(
+    serve: Callable[..., Served], receiver: OTLPReceiver
+) -> None:
+    served = serve(receiver, keep_errors=True)
+    served.call("RemoveContainer", api_pb2.RemoveContainerRequest(container_id="c9"))
+    served.call("RemoveContainer", api_pb2.RemoveContainerRequest(container_id="c8"), traceparent=UNSAMPLED)
+    # The sampled caller's span records for sure: made after the call; the unsampled one's only
+    # the sampler knows: it was made at the log line.
+    assert deferred_waiting(served) == 1
+    spans = sorted(flushed(served, receiver, 2), key=lambda s: s.status_message, reverse=True)
+    assert [(s.status_code, s.status_message) for s in spans] == [(2, "could not remove c9"), (2, "could not remove c8")]
+    assert [e["log.severity"] for s in spans for e in s.log_events()] == ["ERROR", "ERROR"]
+    # The unsampled caller's call is exported for its error, as one made during the call is.
+    assert "pycrio.sampling.kept_for_error" not in spans[0].attributes
+    assert spans[1].attributes["pycrio.sampling.kept_for_error"] is True
+
+
+def test_an_outgoing_call_makes_the_span_during_the_call_for_its_traceparent(
+    serve: Callable[..., Served], receiver: OTLPReceiver
+) -> None:
+    served = serve(receiver)
+    served.call("ExecSync", api_pb2.ExecSyncRequest(container_id="c1", cmd=["true"]))
+    assert type(trace_seen := served.servicer.seen[-1]) is DeferredCallSpan and trace_seen._real is not None
+    assert deferred_waiting(served) == 0  # made during the call, ended by it
+    span = flushed(served, receiver, 1)[0]
+    assert served.servicer.outgoing == [f"00-{TRACE_ID}-{span.span_id}-01"]
+    assert span.parent_span_id == PARENT_ID
+
+
 def test_a_method_whose_calls_use_their_spans_gets_them_at_the_start(
     serve: Callable[..., Served], receiver: OTLPReceiver
 ) -> None:
     served = serve(receiver)
     deferred = served.tracing.deferred_spans
     assert deferred is not None
-    status = "/runtime.v1.RuntimeService/ContainerStatus"
+    execs = "/runtime.v1.RuntimeService/ExecSync"
     for i in range(USED_IN_A_ROW):
         served.call("ListContainers", api_pb2.ListContainersRequest())
-        served.call("ContainerStatus", api_pb2.ContainerStatusRequest(container_id=f"c{i}"))
-        assert type(served.servicer.seen[-1]) is DeferredCallSpan  # made by its step, through the stand-in
-    assert deferred.eager_methods == {status}
-    served.call("ContainerStatus", api_pb2.ContainerStatusRequest(container_id="eager"))
+        served.call("ContainerStatus", api_pb2.ContainerStatusRequest(container_id=f"c{i}"))  # a step: no use
+        served.call("Version", api_pb2.VersionRequest())  # a log line: no use
+        served.call("ExecSync", api_pb2.ExecSyncRequest(container_id=f"c{i}", cmd=["true"]))
+        assert type(served.servicer.seen[-1]) is DeferredCallSpan  # made by its outgoing call, through the stand-in
+    assert deferred.eager_methods == {execs}
+    served.call("ExecSync", api_pb2.ExecSyncRequest(container_id="eager", cmd=["true"]))
     assert type(served.servicer.seen[-1]) is LightSpan  # made at the start
     served.call("ListContainers", api_pb2.ListContainersRequest())
     assert type(served.servicer.seen[-1]) is DeferredCallSpan  # the polls stay deferred
-    spans = flushed(served, receiver, 3 * (USED_IN_A_ROW + 1))  # ListContainers, ContainerStatus, read_state
-    steps = {s.attributes["container_id"]: s for s in spans if s.name == "read_state"}
-    calls = {s.span_id: s for s in spans if s.name == status}
-    assert len(steps) == USED_IN_A_ROW + 1 and all(step.parent_span_id in calls for step in steps.values())
+    # ListContainers, ContainerStatus and its read_state, Version, ExecSync; then ExecSync, ListContainers
+    spans = flushed(served, receiver, 5 * USED_IN_A_ROW + 2)
+    sent = {f"00-{TRACE_ID}-{s.span_id}-01" for s in spans if s.name == execs}
+    assert len(sent) == USED_IN_A_ROW + 1 and set(served.servicer.outgoing) == sent
     assert len([s for s in spans if s.name == LIST]) == USED_IN_A_ROW + 1
 
 
@@ -407,8 +478,8 @@ def test_a_call_that_leaves_its_span_alone_breaks_a_methods_run_of_uses(
     deferred = served.tracing.deferred_spans
     assert deferred is not None
     for _ in range(USED_IN_A_ROW - 1):
-        served.call("Version", api_pb2.VersionRequest())  # logs: uses its span
-    served.call("Version", api_pb2.VersionRequest(version="quiet"))
+        served.call("ExecSync", api_pb2.ExecSyncRequest(cmd=["true"]))  # an outgoing call: uses its span
+    served.call("ExecSync", api_pb2.ExecSyncRequest(cmd=["quiet"]))
     flushed(served, receiver, USED_IN_A_ROW)  # the export thread makes the quiet call's span
-    served.call("Version", api_pb2.VersionRequest())
+    served.call("ExecSync", api_pb2.ExecSyncRequest(cmd=["true"]))
     assert deferred.eager_methods == set()

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from pycrio.cri import api_pb2, api_pb2_grpc
@@ -34,6 +34,7 @@ class StepServicer(api_pb2_grpc.RuntimeServiceServicer):
 
     def __init__(self) -> None:
         self.seen: list[trace.Span] = []
+        self.outgoing: list[str] = []
         self.entered = threading.Event()
         self.release = threading.Event()
 
@@ -69,6 +70,20 @@ class StepServicer(api_pb2_grpc.RuntimeServiceServicer):
             self.seen.append(span)
         return api_pb2.StatusResponse()
 
+    def ExecSync(self, request, context):  # noqa: N802
+        with step_span("exec_in_monitor") as span:
+            self.seen.append(span)
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)  # an outgoing call from the step: its traceparent needs the real span
+            self.outgoing.append(carrier["traceparent"])
+        return api_pb2.ExecSyncResponse()
+
+    def RemoveContainer(self, request, context):  # noqa: N802
+        with step_span("runtime_delete") as span:
+            self.seen.append(span)
+            log.error("runc delete failed")
+        return api_pb2.RemoveContainerResponse()
+
     def UpdateRuntimeConfig(self, request, context):  # noqa: N802
         with step_span("across_reload") as span:
             self.seen.append(span)
@@ -96,8 +111,8 @@ def test_a_step_that_leaves_its_span_alone_gets_it_after_the_step_as_its_thread_
         windows[how] = (before, time.time_ns())
         seen = served.servicer.seen[-1]
         assert type(seen) is (DeferredStepSpan if how == "deferred" else LightSpan)
-        # The step's span waits for the export thread (the call's was made by the step: its parent).
-        assert deferred_waiting(served) == (1 if how == "deferred" else 0)
+        # The step's span and its call's wait for the export thread (an eager step makes its parent).
+        assert deferred_waiting(served) == (2 if how == "deferred" else 0)
         spans = by_name(flushed(served, receiver, 2))
         steps[how], calls[how] = spans["runtime_create"], spans["/runtime.v1.RuntimeService/ListContainers"]
         assert served.tracing.health.snapshot()["spans_started"] == 2
@@ -118,18 +133,29 @@ def test_a_step_that_leaves_its_span_alone_gets_it_after_the_step_as_its_thread_
         }
 
 
-def test_a_log_line_in_a_step_makes_its_span_during_the_step_and_lands_on_it(
+def test_a_log_line_in_a_step_is_kept_for_its_span_and_lands_on_it(
     serve: Callable[..., Served], receiver: OTLPReceiver
 ) -> None:
     served = serve(receiver, servicer=StepServicer())
     served.call("Version", api_pb2.VersionRequest())
-    assert type(served.servicer.seen[-1]) is DeferredStepSpan
-    assert deferred_waiting(served) == 0  # made during the step, ended by it
+    assert type(step_seen := served.servicer.seen[-1]) is DeferredStepSpan and step_seen._real is None
+    assert deferred_waiting(served) == 2  # the step's and the call's, made after them
     spans = by_name(flushed(served, receiver, 2))
     step, call = spans["cni_add"], spans["/runtime.v1.RuntimeService/Version"]
     assert [e[1]["log.message"] for e in step.events if e[0] == "log"] == ["inside the step"]
+    assert step.start_ns <= step.event_times[0] <= step.end_ns
     assert call.events == [] and step.parent_span_id == call.span_id
-    assert step.attributes["pod.id"] == "p1"
+    assert step.attributes["pod.id"] == "p1" and step.status_code == 0
+
+
+def test_an_error_log_line_in_a_step_sets_its_span_s_status(serve: Callable[..., Served], receiver: OTLPReceiver) -> None:
+    served = serve(receiver, servicer=StepServicer())
+    served.call("RemoveContainer", api_pb2.RemoveContainerRequest(container_id="c1"))
+    assert deferred_waiting(served) == 2
+    spans = by_name(flushed(served, receiver, 2))
+    step, call = spans["runtime_delete"], spans["/runtime.v1.RuntimeService/RemoveContainer"]
+    assert (step.status_code, step.status_message) == (2, "runc delete failed")
+    assert [e["log.severity"] for e in step.log_events()] == ["ERROR"] and call.status_code == 0
 
 
 def test_nested_steps_chain_their_parents(serve: Callable[..., Served], receiver: OTLPReceiver) -> None:
@@ -137,7 +163,7 @@ def test_nested_steps_chain_their_parents(serve: Callable[..., Served], receiver
     served.call("ContainerStatus", api_pb2.ContainerStatusRequest(container_id="c1"))
     outer_seen, inner_seen = served.servicer.seen[-2:]
     assert type(outer_seen) is type(inner_seen) is DeferredStepSpan
-    assert deferred_waiting(served) == 1  # the inner one; the outer was made when the inner started in it
+    assert deferred_waiting(served) == 3  # the inner one, the outer one and the call, made after them
     spans = by_name(flushed(served, receiver, 3))
     call, outer, inner = spans["/runtime.v1.RuntimeService/ContainerStatus"], spans["outer"], spans["inner"]
     assert inner.parent_span_id == outer.span_id and outer.parent_span_id == call.span_id
@@ -162,15 +188,17 @@ def test_a_step_whose_spans_are_used_gets_them_at_the_start(serve: Callable[...,
     deferred = served.tracing.deferred_spans
     assert deferred is not None
     for _ in range(USED_IN_A_ROW):
-        served.call("Version", api_pb2.VersionRequest())  # the step logs: its span is used
+        served.call("ExecSync", api_pb2.ExecSyncRequest())  # the step calls out: its span is used
         assert type(served.servicer.seen[-1]) is DeferredStepSpan
-        served.call("ListContainers", api_pb2.ListContainersRequest())  # another step, left alone
-    assert "cni_add" in deferred.eager_methods and "runtime_create" not in deferred.eager_methods
-    served.call("Version", api_pb2.VersionRequest())
+        served.call("Version", api_pb2.VersionRequest())  # another step, which logs: no use
+    assert "exec_in_monitor" in deferred.eager_methods and "cni_add" not in deferred.eager_methods
+    served.call("ExecSync", api_pb2.ExecSyncRequest())
     assert type(served.servicer.seen[-1]) is LightSpan  # made at the start
-    served.call("ListContainers", api_pb2.ListContainersRequest())
+    served.call("Version", api_pb2.VersionRequest())
     assert type(served.servicer.seen[-1]) is DeferredStepSpan
     spans = flushed(served, receiver, 4 * (USED_IN_A_ROW + 1))
+    sent = {f"00-{s.trace_id}-{s.span_id}-01" for s in spans if s.name == "exec_in_monitor"}
+    assert len(sent) == USED_IN_A_ROW + 1 and set(served.servicer.outgoing) == sent
     assert [len(s.log_events()) for s in spans if s.name == "cni_add"] == [1] * (USED_IN_A_ROW + 1)
 
 

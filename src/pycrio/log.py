@@ -10,6 +10,7 @@ from typing import TextIO
 from opentelemetry import trace
 
 from pycrio.tracing.call import current_call
+from pycrio.tracing.call_span import STAND_INS
 from pycrio.tracing.logs import SpanEventHandler, severity
 
 TRACE = 5
@@ -39,10 +40,15 @@ class LogfmtFormatter(logging.Formatter):
         if call is not None:
             parts.append(f"id={call.request_id}")
             parts.append(f"name={call.method}")
-        ctx = trace.get_current_span().get_span_context()
-        if ctx.is_valid:
-            parts.append(f"trace_id={ctx.trace_id:032x}")
-            parts.append(f"span_id={ctx.span_id:016x}")
+        span = trace.get_current_span()
+        if type(span) in STAND_INS:  # ids chosen now, the span made later with them
+            trace_id, span_id = span.log_ids()
+        else:
+            ctx = span.get_span_context()
+            trace_id, span_id = (ctx.trace_id, ctx.span_id) if ctx.is_valid else (0, 0)
+        if trace_id and span_id:
+            parts.append(f"trace_id={trace_id:032x}")
+            parts.append(f"span_id={span_id:016x}")
         if not record.name.startswith("pycrio"):
             parts.append(f"logger={record.name}")
         if record.exc_info:

@@ -17,7 +17,7 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 
 from pycrio.tracing.attributes import put_attributes
 from pycrio.tracing.call import CallInfo, current_call
-from pycrio.tracing.call_span import DeferredStepSpan, runtime_context_var
+from pycrio.tracing.call_span import STAND_INS, DeferredStepSpan, runtime_context_var
 
 if TYPE_CHECKING:
     from pycrio.tracing.interceptor import CallRecorder, CRIServerInterceptor, FixedSpanPolicy, SpanMode, SpanPolicy
@@ -113,11 +113,16 @@ class _StepSpan:
 
 
 def _recording_context() -> otel_context.Context | None:
-    """The current context when its span records (a step can be its child), else None."""
+    """The current context when its span records (a step can be its child), else None; a
+    stand-in that is known to record stays one (its step is made after it, below it)."""
     var = _CONTEXT_VAR
     context = var.get() if var is not None else otel_context.get_current()
     span = context.get(_SPAN_KEY)
-    return context if span is not None and span.is_recording() else None
+    if span is None:
+        return None
+    if type(span) in STAND_INS:
+        return context if span.will_record() else None
+    return context if span.is_recording() else None
 
 
 def step_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:

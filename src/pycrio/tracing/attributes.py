@@ -39,8 +39,8 @@ def put_attributes(span: Span, attributes: Mapping[str, Any], plain: bool = Fals
         span.set_attributes(attributes)
 
 
-def add_plain_event(span: Span, name: str, attributes: dict[str, Any]) -> None:
-    """`span.add_event(name, attributes)` for str/int/float/bool values, when no limit could apply:
+def add_plain_event(span: Span, name: str, attributes: dict[str, Any], timestamp: int | None = None) -> None:
+    """`span.add_event(name, attributes, timestamp)` for str/int/float/bool values, when no limit could apply:
     the event's attributes are `attributes` itself behind a read-only MappingProxyType (the caller
     hands the dict over and does not change it), without the cleaning pass and without a
     BoundedAttributes (its lock and fields: about 200 bytes per event kept until export)."""
@@ -52,9 +52,9 @@ def add_plain_event(span: Span, name: str, attributes: dict[str, Any]) -> None:
     except AttributeError:  # not an SDK span (or its internals changed)
         direct = False
     if not direct or not all(type(v) in PLAIN_TYPES for v in attributes.values()):
-        span.add_event(name, attributes)
+        span.add_event(name, attributes, timestamp)
         return
-    add(_event_class()(name, MappingProxyType(attributes)))
+    add(_event_class()(name, MappingProxyType(attributes), timestamp))
 
 
 _EVENT: type | None = None

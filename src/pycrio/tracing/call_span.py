@@ -10,13 +10,19 @@ request id. The pipeline's export thread makes the real span from them before ea
 (`SpanBatcher.defer`): the same name, kind, parent, trace id, times, attributes and status as the
 request thread would have made, through the pipeline's own sampler and span processor.
 
-The first use of a `DeferredCallSpan` while its call runs (any Span method or SDK field: a `log`
-event, a step span, `get_span_context` for an outgoing call or a log line's trace id) makes the
+Three things a call does with its span are kept by the stand-in without making it. A log line's
+`log` event (and an error line's ERROR status) waits in the stand-in for the real span; the ids
+the log line prints (`log_ids`) are chosen then and given to the real span when it is made. A
+step span below it is a stand-in too (below), when the call is known to record without asking
+the sampler: a sampled caller's call (ParentBased records it, whatever the rates).
+
+Any other use of a `DeferredCallSpan` while its call runs (any other Span method or SDK field:
+`get_span_context` for an outgoing call's `traceparent`, a client span below it) makes the
 real span at once, on that thread, through the provider as before; from then on it forwards
 there, and the call ends it as usual. A use after the call makes and ends it on that thread (an
 ended span, as it would be). Such a use costs more than making the span at the start (the
-stand-in's own steps), so a method whose calls used their spans USED_IN_A_ROW times in a row (the
-mutating calls: steps and log lines) has its spans made at the start from then on.
+stand-in's own steps), so a method whose calls used their spans USED_IN_A_ROW times in a row has
+its spans made at the start from then on.
 
 What the seams see: for a span made after its call, the sampler is asked and the processors'
 `on_start` called on the export thread once the call is over (with the same arguments and the
@@ -26,10 +32,12 @@ shutting down, the call's span is made and ended on the request thread instead, 
 queue's own drop rule counts it (or, after a reload, the new pipeline takes it).
 
 Step spans (`pycrio.tracing.step_span`) below a call work the same way (`DeferredStepSpan`):
-the stand-in keeps the step's tracer, parent context, start time and attributes (also those set
-during the step), and is made during the step by a use (a log line, a nested step, an exception
-escaping the step, an outgoing call) or after it by the export thread. A step name whose spans
-were used USED_IN_A_ROW times in a row has them made at the start from then on.
+the stand-in keeps the step's tracer, parent context (whose span may be a stand-in itself: a
+call's, or an outer step's), start time, attributes (also those set during the step) and log
+events, and is made during the step by a use (an exception escaping the step, an outgoing call)
+or after it by the export thread. A span's deferred parent is made first, the same way, so
+parents chain. A step name whose spans were used USED_IN_A_ROW times in a row has them made at
+the start from then on.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-from pycrio.tracing.attributes import put_attributes
+from pycrio.tracing.attributes import add_plain_event, put_attributes
 from pycrio.tracing.span_context import SAMPLED, SPAN_CONTEXT_TUPLE
 
 if TYPE_CHECKING:  # (the API alone at run time: pycrio.tracing.logs imports this module)
@@ -217,20 +225,46 @@ class DeferredSpans:
         (during the call or step, or when the queue refused it: then the pipeline current now
         takes it); else through this pipeline's own sampler and processor (the export thread,
         or a use after the call), counted as started when sampled as the provider's processor
-        counts."""
-        self.note_use(span._deferred_name, not span._ended)
+        counts. With the ids a log line printed and the log events kept for it; a parent still
+        deferred is made first."""
+        self.note_use(span._deferred_name, through_provider and not span._ended)
+        parent_span = parent.get(_SPAN_KEY)
+        if type(parent_span) in STAND_INS and parent_span._real is None:
+            parent_span.made(through_provider)  # a deferred parent first (made the same way), so that parents chain
+        ids = span._ids
+        root_trace_id, span_id = ids if ids is not None else (None, None)
         if through_provider:
-            return tracer.start_span(span._deferred_name, parent, kind, None, (), span._deferred_start)
-        real = tracer.start_span(
-            span._deferred_name,
-            parent,
-            kind,
-            start_time=span._deferred_start,
-            sampler=self.sampler,
-            processor=self.processor,
-        )
-        if real.get_span_context().trace_flags & SAMPLED:
-            self._health.span_started()
+            real = tracer.start_span(
+                span._deferred_name,
+                parent,
+                kind,
+                None,
+                (),
+                span._deferred_start,
+                span_id=span_id,
+                root_trace_id=root_trace_id,
+            )
+        else:
+            real = tracer.start_span(
+                span._deferred_name,
+                parent,
+                kind,
+                start_time=span._deferred_start,
+                sampler=self.sampler,
+                processor=self.processor,
+                span_id=span_id,
+                root_trace_id=root_trace_id,
+            )
+            if real.get_span_context().trace_flags & SAMPLED:
+                self._health.span_started()
+        events, error = span._events, span._log_error
+        if events is not None or error is not None:
+            span._events = span._log_error = None  # the real span's from now on
+            if real.is_recording():
+                for timestamp, attributes in events or ():
+                    add_plain_event(real, "log", attributes, timestamp)
+                if error is not None:
+                    real.set_status(Status(StatusCode.ERROR, error))
         return real
 
     def make(self, span: DeferredCallSpan, through_provider: bool) -> trace.Span:
@@ -273,9 +307,57 @@ class DeferredSpan(trace.Span):
     _ended = False  # the call or step is over: its end fields are set
     _making = False
     _deferred_end = 0
+    _events: list[tuple[int, dict[str, Any]]] | None = None  # log events (time, attributes) kept for the real span
+    _log_error: str | None = None  # an error log line's message: the real span's ERROR status
+    _ids: tuple[int, int] | None = None  # (trace id, span id) a log line printed before the span was made
 
     def _make(self, through_provider: bool) -> trace.Span:
         raise NotImplementedError
+
+    def _known_recording(self) -> bool:
+        """Whether the real span is sure to record, known without making it."""
+        raise NotImplementedError
+
+    def _own_tracer(self) -> LightTracer:
+        raise NotImplementedError
+
+    def _new_trace_id(self) -> int:
+        """The trace id the real span will have."""
+        raise NotImplementedError
+
+    def will_record(self) -> bool:
+        """`is_recording()` of the real span, made now only when that is not known without it
+        (a sampled caller's call records, and so do the steps below it)."""
+        real = self._real
+        if real is not None:
+            return real.is_recording()
+        return self._known_recording() or self.made().is_recording()
+
+    def log_ids(self) -> tuple[int, int]:
+        """(trace id, span id) of the span, for a log line: while it is not made, chosen now and
+        given to the real span when it is made ((0, 0): none)."""
+        with _MAKING:
+            if self._real is None and not self._making and not self._ended and self._own_tracer().light:
+                ids = self._ids
+                if ids is None:
+                    ids = self._ids = (self._new_trace_id(), self._own_tracer().id_generator.generate_span_id())
+                return ids
+        context = self.made().get_span_context()
+        return (context.trace_id, context.span_id) if context.is_valid else (0, 0)
+
+    def defer_log_event(self, attributes: dict[str, Any], error: str | None) -> bool:
+        """Keep a log line's `log` event (and, for an error line, its ERROR status) for the real
+        span, made later; False when the span is made (or being made) or over: add it to the real one."""
+        with _MAKING:
+            if self._real is not None or self._ended or self._making:
+                return False
+            events = self._events
+            if events is None:
+                events = self._events = []
+            events.append((time_ns(), attributes))
+            if error is not None:
+                self._log_error = error
+            return True
 
     def made(self, through_provider: bool | None = None) -> trace.Span:
         """The real span, made now on this thread if it is not yet (during the call or step
@@ -379,6 +461,19 @@ class DeferredCallSpan(DeferredSpan):
     def _make(self, through_provider: bool) -> trace.Span:
         return self._spans.make(self, through_provider)
 
+    def _known_recording(self) -> bool:
+        traceparent = self._traceparent  # a sampled remote parent: ParentBased records, whatever the rates
+        return traceparent is not None and int(traceparent[53:], 16) & 0x01 == 0x01
+
+    def _own_tracer(self) -> LightTracer:
+        return self._spans.tracer
+
+    def _new_trace_id(self) -> int:
+        traceparent = self._traceparent
+        if traceparent is not None:
+            return int(traceparent[3:35], 16)
+        return self._spans.tracer.id_generator.generate_trace_id()
+
     def finish(
         self, attributes: Mapping[str, str], request_id: str, status: Mapping[str, int | str], error: str | None
     ) -> None:
@@ -408,6 +503,18 @@ class DeferredStepSpan(DeferredSpan):
 
     def _make(self, through_provider: bool) -> trace.Span:
         return self._spans.make_step(self, through_provider)
+
+    def _known_recording(self) -> bool:
+        return True  # made only below a parent that records (or, known so, will)
+
+    def _own_tracer(self) -> LightTracer:
+        return self._tracer
+
+    def _new_trace_id(self) -> int:
+        parent = self._parent_context.get(_SPAN_KEY)
+        if type(parent) in STAND_INS:
+            return parent.log_ids()[0]
+        return parent.get_span_context().trace_id
 
     def end_step(self) -> None:
         """The step is over, without an error: end its span, made by now, or hand it to the export thread."""

@@ -32,7 +32,9 @@ class SpanEventHandler(logging.Handler):
     """Adds each record emitted while a recording span is current as a span event named `log`.
 
     Nothing runs for a call that logs nothing (records below the level are never made); a record
-    becomes an event whose attributes skip the SDK's cleaning pass (all str/int). The SDK's own
+    becomes an event whose attributes skip the SDK's cleaning pass (all str/int). While the
+    current span is a stand-in known to record (pycrio.tracing.call_span), the event and an error
+    line's status wait in it for the real span, which is made after the call or step. The SDK's own
     records are not made events: it logs them at any point, also while it holds the current span's
     lock (a value cut to OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT), where adding an event would wait on
     that lock forever, and cutting the event's own long message would log again, and again.
@@ -42,9 +44,8 @@ class SpanEventHandler(logging.Handler):
         if record.name.startswith("opentelemetry"):
             return
         span = trace.get_current_span()
-        if type(span) in STAND_INS:
-            span = span.made()  # the span is needed now; its stand-in would forward each use
-        if not span.is_recording():
+        stand_in = type(span) in STAND_INS
+        if not (span.will_record() if stand_in else span.is_recording()):
             return
         try:
             message = record.getMessage()
@@ -63,8 +64,15 @@ class SpanEventHandler(logging.Handler):
                 exc = record.exc_info[1]
                 attributes["exception.type"] = type(exc).__qualname__
                 attributes["exception.message"] = str(exc)
+            error = message if record.levelno >= logging.ERROR else None
+            if stand_in:
+                if span.defer_log_event(attributes, error):  # the span made after its call or step gets it
+                    return
+                span = span.made()
+                if not span.is_recording():
+                    return
             add_plain_event(span, "log", attributes)
-            if record.levelno >= logging.ERROR:
-                span.set_status(Status(StatusCode.ERROR, message))
+            if error is not None:
+                span.set_status(Status(StatusCode.ERROR, error))
         except Exception:  # a log line must never break the call that wrote it
             self.handleError(record)

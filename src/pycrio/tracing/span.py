@@ -192,10 +192,14 @@ class LightTracer(Tracer):
         *,
         sampler: Sampler | None = None,
         processor: SpanProcessor | None = None,
+        span_id: int | None = None,
+        root_trace_id: int | None = None,
     ) -> trace_api.Span:
         """The API's `start_span`; `sampler` and `processor`, when given, decide and take the
         span instead of the provider's (a pipeline's own, for a call span made after its call:
-        pycrio.tracing.call_span; only where `light`)."""
+        pycrio.tracing.call_span; only where `light`). `span_id`, and `root_trace_id` for a root,
+        when given, are the span's ids instead of new ones (ids a log line of a span made after
+        its call printed already); only where `light`."""
         if links or not self.light:
             return super().start_span(
                 name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
@@ -214,14 +218,15 @@ class LightTracer(Tracer):
                 trace_id, parent_flags, valid = parent.trace_id, parent.trace_flags, parent.is_valid
         if parent is None or not valid:
             parent = None
-            trace_id = ids.generate_trace_id()
+            trace_id = root_trace_id if root_trace_id is not None else ids.generate_trace_id()
             random_trace_id = ids.is_trace_id_random()
         else:
             random_trace_id = parent_flags & RANDOM_TRACE_ID
         sampling = sampler.should_sample(context, trace_id, name, kind, attributes, links)
         decision = sampling.decision
         flags = (0x01 if decision is _RECORD_AND_SAMPLE else 0x00) | (0x02 if random_trace_id else 0x00)
-        span_id = ids.generate_span_id()
+        if span_id is None:
+            span_id = ids.generate_span_id()
         trace_state = sampling.trace_state
         if SPAN_CONTEXT_TUPLE:  # SpanContext(trace_id, span_id, is_remote=False, ...), no constructor frame
             span_context = _new_tuple(
