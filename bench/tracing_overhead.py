@@ -584,6 +584,7 @@ def paired_pods(stubs: dict[str, Stub], pids: dict[str, int], pairs: int, image:
     thread makes them, up to a batch delay later; the untraced lives and calls make none)."""
     diffs: dict[str, list[float]] = {n: [] for n in stubs}
     spans_before = {n: spans_started(stub) for n, stub in stubs.items()}
+    failed = {n: PhaseResult() for n in stubs}  # a failed life would be a short one: reported, never silent
     export_start = {n: _thread_ns(pid)[1] for n, pid in pids.items()}
     names = list(stubs)
     t_start = time.monotonic()
@@ -595,7 +596,8 @@ def paired_pods(stubs: dict[str, Stub], pids: dict[str, int], pairs: int, image:
                 stubs[name].ListContainers(api_pb2.ListContainersRequest(), timeout=10)
             for traced in order:
                 total0, export0 = _thread_ns(pids[name])
-                pod_group(stubs[name], image, log_dir / name.replace(" ", "-"), None, traceparent if traced else tuple)
+                pod_group(stubs[name], image, log_dir / name.replace(" ", "-"), failed[name],
+                          traceparent if traced else tuple)  # fmt: skip
                 total1, export1 = _thread_ns(pids[name])
                 spent[traced] = ((total1 - total0) - (export1 - export0)) / 1000
             diffs[name].append(spent[True] - spent[False])
@@ -618,6 +620,8 @@ def paired_pods(stubs: dict[str, Stub], pids: dict[str, int], pairs: int, image:
             "extra_cpu_us_per_pod_life": per_pod,
             "extra_cpu_us_per_call": per_pod / CALLS_PER_POD,
             "extra_cpu_us_per_span": per_pod / (spans[name] / pairs) if spans[name] else math.nan,
+            "failed_lives": len(failed[name].errors),
+            "first_error": failed[name].errors[0] if failed[name].errors else "",
         }
     return out
 
@@ -634,6 +638,8 @@ def print_paired_pods(rows: dict[str, dict[str, Any]], pairs: int) -> None:
               f"{f'{lo:.0f}..{hi:.0f}':>17} {fmt(row['export_thread_us'], 14, 0)} "
               f"{fmt(row['extra_cpu_us_per_pod_life'], 13, 0)} {fmt(row['extra_cpu_us_per_call'], 9)} "
               f"{fmt(row['extra_cpu_us_per_span'], 9)}")  # fmt: skip
+        if row["failed_lives"]:
+            print(f"  {row['failed_lives']} lives failed (their pairs are not comparable): {row['first_error']}")
     print("(extra CPU in us of the daemon process, traced pod life minus untraced one)")
 
 
