@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Callable, Iterator
@@ -10,7 +11,14 @@ import pytest
 
 from tests.harness import PycrioDaemon
 from tests.otlp_receiver import OTLPReceiver
+from tests.run_lock import acquire_run_lock
 from tests.registry_fixture import auth_registry, image_builder, registry, token_registry  # noqa: F401
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """As root (pod tests on: host-wide bridges and subnets), one test run at a time (tests/run_lock.py)."""
+    if os.geteuid() == 0:
+        config._pycrio_run_lock = acquire_run_lock()  # type: ignore[attr-defined]  # held until the run exits
 
 
 @pytest.fixture
