@@ -156,15 +156,26 @@ class JaegerInstance:
         with urllib.request.urlopen(self.url + path, timeout=5) as resp:
             return resp.read().decode(errors="replace")
 
-    def wait_for_trace(self, service: str, operation: str, timeout: float = 30.0) -> dict[str, Any]:
-        """The first stored trace of `service` whose root operation is `operation`, once it has arrived."""
+    def wait_for_trace(self, service: str, operation: str, *, holding: tuple[str, ...] = (),
+                       timeout: float = 30.0) -> dict[str, Any]:
+        """The first stored trace of `service` whose root operation is `operation`, once it holds
+        spans of every service in `holding` and its span count has stopped growing: Jaeger's batch
+        processor stores each sender's spans up to 200 ms apart, so the caller's trace is found
+        before the callee's spans are in it."""
         deadline = time.monotonic() + timeout
+        seen = -1
         while True:
             answer = self.get_json(f"/api/traces?service={service}&operation={operation}&lookback=1h&limit=5")
-            if answer.get("data"):
-                return answer["data"][0]
+            for trace in answer.get("data") or []:
+                services = {p["serviceName"] for p in trace["processes"].values()}
+                if not set(holding) <= services:
+                    continue
+                if len(trace["spans"]) == seen:
+                    return trace
+                seen = len(trace["spans"])
+                break
             if time.monotonic() > deadline:
-                raise AssertionError(f"no trace of {service} {operation} in Jaeger after {timeout}s")
+                raise AssertionError(f"no trace of {service} {operation} holding {holding} in Jaeger after {timeout}s")
             time.sleep(0.3)
 
     def __enter__(self) -> JaegerInstance:

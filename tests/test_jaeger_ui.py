@@ -30,7 +30,7 @@ def traced_ps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Jaeger
             daemon.crictl("ps", tracing_endpoint=jaeger.otlp_grpc)
         finally:
             daemon.stop()  # flushes pycrio's spans
-        trace = jaeger.wait_for_trace("cri-tools", "ps")
+        trace = jaeger.wait_for_trace("cri-tools", "ps", holding=("pycrio",))
         yield jaeger, jaeger.get_json(f"/api/traces/{trace['traceID']}")["data"][0]
 
 
