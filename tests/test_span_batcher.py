@@ -130,7 +130,7 @@ class Deferred:
         self._deferred_name = name
         self.made_on: int | None = None
 
-    def finish_after_call(self) -> None:
+    def made(self) -> None:
         self.made_on = threading.get_native_id()
         self._end(self._deferred_name)
 
@@ -177,7 +177,7 @@ def test_a_deferred_span_that_fails_to_be_made_is_logged_and_the_rest_go_out(cap
     end, batcher, _ = make(exporter, schedule_delay_millis=30_000)
 
     class Broken(Deferred):
-        def finish_after_call(self) -> None:
+        def made(self) -> None:
             raise RuntimeError("no parent")
 
     assert batcher.defer(Broken(end, "/runtime.v1.RuntimeService/Version")) and batcher.defer(Deferred(end, "fine"))

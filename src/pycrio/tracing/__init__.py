@@ -17,7 +17,7 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 
 from pycrio.tracing.attributes import put_attributes
 from pycrio.tracing.call import CallInfo, current_call
-from pycrio.tracing.call_span import STAND_INS, DeferredStepSpan, runtime_context_var
+from pycrio.tracing.call_span import STAND_INS, DeferredStepSpan, StepDeferral, runtime_context_var
 
 if TYPE_CHECKING:
     from pycrio.tracing.interceptor import CallRecorder, CRIServerInterceptor, FixedSpanPolicy, SpanMode, SpanPolicy
@@ -57,8 +57,9 @@ class _StepSpan:
     cost on the request thread).
 
     Where the tracer's provider defers step spans (`LightTracer.step_deferral`, the pipeline's
-    `DeferredSpans`), the span is a stand-in made after the step unless something uses it during
-    the step (a nested step, a log line: pycrio.tracing.call_span)."""
+    `DeferredSpans`), step_span returns a `DeferredStepSpan` instead: a stand-in, made after the
+    step unless something uses it during the step (a nested step, a log line:
+    pycrio.tracing.call_span). This class makes the span at once (a CLIENT span, an eager step name)."""
 
     __slots__ = ("_name", "_attributes", "_kind", "_context", "_span", "_token")
 
@@ -68,20 +69,10 @@ class _StepSpan:
         self._name = name
         self._attributes = attributes
         self._context = context  # the current one: its span is the recording parent
-        self._kind = kind  # None: INTERNAL, and the span may be made after the step
+        self._kind = kind  # None: INTERNAL
 
     def __enter__(self) -> trace.Span:
-        tracer = _STEP_TRACER
-        if type(tracer) is trace.ProxyTracer:
-            tracer = tracer._real_tracer or tracer._tracer  # the global provider's, once there is one
-        deferral = getattr(tracer, "step_deferral", None)
-        spans = deferral.current if deferral is not None and self._kind is None else None
-        if spans is not None and self._name not in spans.eager_methods:
-            span, context = spans.start_step(tracer, self._name, self._attributes, self._context)
-            self._span = span
-            var = _CONTEXT_VAR
-            self._token = var.set(context) if var is not None else otel_context.attach(context)
-            return span
+        tracer = _step_tracer()[0]
         span = self._span = tracer.start_span(self._name, kind=self._kind or trace.SpanKind.INTERNAL)
         if self._attributes and span.is_recording():
             put_attributes(span, self._attributes)
@@ -101,15 +92,32 @@ class _StepSpan:
                 log.exception("Failed to detach context")
         span = self._span
         # Only Exception subclasses are errors (not GeneratorExit, KeyboardInterrupt), as in the SDK.
-        if isinstance(exc, Exception):
-            if span.is_recording():  # (a stand-in's real span is made here, during the step)
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            span.end()
-        elif type(span) is DeferredStepSpan:
-            span.end_step()
-        else:
-            span.end()
+        if isinstance(exc, Exception) and span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.end()
+
+
+def _step_tracer() -> tuple[trace.Tracer, StepDeferral | None]:
+    """step_span's tracer (the global provider's, once there is one) and its provider's step
+    deferral; resolved once per `_STEP_TRACER` (tests swap it), as ProxyTracer keeps its real one."""
+    global _RESOLVED
+    source = _STEP_TRACER
+    resolved = _RESOLVED
+    if resolved[0] is source:
+        return resolved[1], resolved[2]
+    tracer = source
+    if type(tracer) is trace.ProxyTracer:
+        tracer = tracer._real_tracer or tracer._tracer
+        if type(tracer) is not trace.ProxyTracer and source._real_tracer is tracer:
+            _RESOLVED = (source, tracer, getattr(tracer, "step_deferral", None))
+        return tracer, getattr(tracer, "step_deferral", None)
+    _RESOLVED = (source, tracer, getattr(tracer, "step_deferral", None))
+    return _RESOLVED[1], _RESOLVED[2]
+
+
+_RESOLVED: tuple[Any, trace.Tracer, StepDeferral | None] = (None, _STEP_TRACER, None)
+_NO_STEP = nullcontext(trace.INVALID_SPAN)  # stateless: one for every step without a recording parent
 
 
 def _recording_context() -> otel_context.Context | None:
@@ -129,11 +137,24 @@ def step_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
     """A child span of the current call for one step (pull a layer, create a container...).
 
     Without a recording parent it costs a context check and opens nothing (the context then
-    yields a non-recording span, so `span.set_attribute` works either way).
+    yields a non-recording span, so `span.set_attribute` works either way). Where the provider
+    defers step spans, the context manager is the step's stand-in itself (`DeferredStepSpan`).
     """
-    context = _recording_context()
-    if context is None:
-        return nullcontext(trace.INVALID_SPAN)
+    var = _CONTEXT_VAR
+    context = var.get() if var is not None else otel_context.get_current()
+    parent = context.get(_SPAN_KEY)
+    if parent is None:
+        return _NO_STEP
+    if type(parent) in STAND_INS:
+        if not parent.will_record():
+            return _NO_STEP
+    elif not parent.is_recording():
+        return _NO_STEP
+    resolved = _RESOLVED
+    tracer, deferral = (resolved[1], resolved[2]) if resolved[0] is _STEP_TRACER else _step_tracer()
+    spans = deferral.current if deferral is not None else None
+    if spans is not None and name not in spans.eager_methods:
+        return DeferredStepSpan.starting(spans, tracer, name, attributes, context)
     return _StepSpan(name, attributes, context)
 
 
@@ -142,7 +163,7 @@ def child_span(name: str, kind: trace.SpanKind, attributes: dict[str, Any]) -> A
     once: its context goes to that process."""
     context = _recording_context()
     if context is None:
-        return nullcontext(trace.INVALID_SPAN)
+        return _NO_STEP
     return _StepSpan(name, attributes, context, kind)
 
 

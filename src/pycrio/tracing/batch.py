@@ -226,7 +226,7 @@ class SpanBatcher(SpanProcessor):
         while deferred:
             span = deferred.popleft()
             try:
-                span.finish_after_call()
+                span.made()  # the call or step is over: made through the pipeline's sampler and processor, and ended
             except Exception:  # noqa: BLE001 - one bad span must not end the export thread
                 log.exception("tracing: making the span of %s failed", span._deferred_name)
             made += 1

@@ -43,11 +43,13 @@ the start from then on.
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import re
 import threading
 from time import time_ns
-from typing import TYPE_CHECKING, Any, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Mapping, Self
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # (the API alone at run time: pycrio.tracing.logs imports thi
     from pycrio.tracing.span import LightTracer
 
 _W3C_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # version 00, lower-case hex
+_SAMPLED_LAST_HEX = "13579bdf"  # a traceparent's flags (two lower-case hex digits) with SAMPLED set end in one of these
 _ZERO_TRACE_ID = "0" * 32
 _ZERO_SPAN_ID = "0" * 16
 _new_tuple = tuple.__new__
@@ -85,6 +88,10 @@ def runtime_context_var() -> contextvars.ContextVar[otel_context.Context] | None
         return None
     var = getattr(runtime, "_current_context", None)
     return var if isinstance(var, contextvars.ContextVar) else None
+
+
+_CONTEXT_VAR = runtime_context_var()
+log = logging.getLogger("pycrio.tracing")
 
 
 def is_w3c_traceparent(traceparent: str) -> bool:
@@ -165,7 +172,7 @@ class StepDeferral:
 class DeferredSpans:
     """Makes one pipeline's call and step spans after their calls and steps: its tracer (a
     LightTracer, for call spans), sampler, span processor and batch processor (whose export
-    thread calls `finish_after_call`)."""
+    thread calls `made` on each span that waits)."""
 
     def __init__(
         self, tracer: LightTracer, sampler: Sampler, processor: SpanProcessor, batch: SpanBatcher, health: ExportHealth
@@ -185,29 +192,15 @@ class DeferredSpans:
     def start(self, name: str, traceparent: str | None) -> tuple[DeferredCallSpan, otel_context.Context]:
         """The stand-in span of a call starting now, and the call's context holding it;
         `traceparent` is the caller's header (`is_w3c_traceparent`), None without a parent."""
-        span = _new_object(DeferredCallSpan)  # no constructor frame: its fields are these five
+        span = _new_object(DeferredCallSpan)  # no constructor frame: its fields are these
         span._spans = self
         span._deferred_name = name
         span._traceparent = traceparent
+        if traceparent is not None and traceparent[54] in _SAMPLED_LAST_HEX:  # ParentBased records, whatever the rates
+            span._sure_to_record = True
         context = span._deferred_context = otel_context.Context({_SPAN_KEY: span})  # set_span_in_context's, no copy
         span._deferred_start = time_ns()
         return span, context
-
-    def start_step(
-        self, tracer: LightTracer, name: str, attributes: dict[str, Any], context: otel_context.Context
-    ) -> tuple[DeferredStepSpan, otel_context.Context]:
-        """The stand-in span of a step starting now in `context` (whose span is the recording
-        parent), and the step's context holding it; `attributes` are the step's own from now on."""
-        span = _new_object(DeferredStepSpan)
-        span._spans = self
-        span._tracer = tracer
-        span._deferred_name = name
-        span._step_attributes = attributes
-        span._parent_context = context
-        step_context = span._deferred_context = otel_context.Context(context)
-        dict.__setitem__(step_context, _SPAN_KEY, span)  # set_span_in_context's, one copy
-        span._deferred_start = time_ns()
-        return span, step_context
 
     def note_use(self, name: str, during_call: bool) -> None:
         """A span of `name` was made during its call or step (used), or after it (not used)."""
@@ -255,7 +248,8 @@ class DeferredSpans:
                 span_id=span_id,
                 root_trace_id=root_trace_id,
             )
-            if real.get_span_context().trace_flags & SAMPLED:
+            made = real.get_span_context()
+            if (made[3] if SPAN_CONTEXT_TUPLE and type(made) is SpanContext else made.trace_flags) & SAMPLED:
                 self._health.span_started()
         events, error = span._events, span._log_error
         if events is not None or error is not None:
@@ -310,12 +304,9 @@ class DeferredSpan(trace.Span):
     _events: list[tuple[int, dict[str, Any]]] | None = None  # log events (time, attributes) kept for the real span
     _log_error: str | None = None  # an error log line's message: the real span's ERROR status
     _ids: tuple[int, int] | None = None  # (trace id, span id) a log line printed before the span was made
+    _sure_to_record = False  # the real span will record, known without making it
 
     def _make(self, through_provider: bool) -> trace.Span:
-        raise NotImplementedError
-
-    def _known_recording(self) -> bool:
-        """Whether the real span is sure to record, known without making it."""
         raise NotImplementedError
 
     def _own_tracer(self) -> LightTracer:
@@ -331,7 +322,7 @@ class DeferredSpan(trace.Span):
         real = self._real
         if real is not None:
             return real.is_recording()
-        return self._known_recording() or self.made().is_recording()
+        return self._sure_to_record or self.made().is_recording()
 
     def log_ids(self) -> tuple[int, int]:
         """(trace id, span id) of the span, for a log line: while it is not made, chosen now and
@@ -396,10 +387,6 @@ class DeferredSpan(trace.Span):
         if not self._spans.batch.defer(self):
             self.made(through_provider=True)
 
-    def finish_after_call(self) -> None:
-        """Make and end the span of a call or step that is over, unless a use already made it (export thread)."""
-        self.made()
-
     # -- the Span API, on the real span --------------------------------------------------------
     def get_span_context(self) -> SpanContext:
         return self.made().get_span_context()
@@ -461,10 +448,6 @@ class DeferredCallSpan(DeferredSpan):
     def _make(self, through_provider: bool) -> trace.Span:
         return self._spans.make(self, through_provider)
 
-    def _known_recording(self) -> bool:
-        traceparent = self._traceparent  # a sampled remote parent: ParentBased records, whatever the rates
-        return traceparent is not None and int(traceparent[53:], 16) & 0x01 == 0x01
-
     def _own_tracer(self) -> LightTracer:
         return self._spans.tracer
 
@@ -494,18 +477,16 @@ class DeferredCallSpan(DeferredSpan):
 
 
 class DeferredStepSpan(DeferredSpan):
-    """A step span (`pycrio.tracing.step_span`) until something uses it (`DeferredSpans.start_step`):
+    """A step span (`pycrio.tracing.step_span`) until something uses it (`DeferredStepSpan.starting`):
     attributes set on it meanwhile are kept for the real span, as its start attributes are."""
 
     _tracer: LightTracer  # the step's own tracer (its instrumentation scope)
     _parent_context: otel_context.Context = otel_context.Context()
     _step_attributes: dict[str, Any] = {}
+    _sure_to_record = True  # made only below a parent that records (or, known so, will)
 
     def _make(self, through_provider: bool) -> trace.Span:
         return self._spans.make_step(self, through_provider)
-
-    def _known_recording(self) -> bool:
-        return True  # made only below a parent that records (or, known so, will)
 
     def _own_tracer(self) -> LightTracer:
         return self._tracer
@@ -516,14 +497,61 @@ class DeferredStepSpan(DeferredSpan):
             return parent.log_ids()[0]
         return parent.get_span_context().trace_id
 
-    def end_step(self) -> None:
-        """The step is over, without an error: end its span, made by now, or hand it to the export thread."""
+    _token: contextvars.Token[otel_context.Context] | object | None = None  # the step's context set as current
+
+    @classmethod
+    def starting(
+        cls, spans: DeferredSpans, tracer: LightTracer, name: str, attributes: dict[str, Any], context: otel_context.Context
+    ) -> DeferredStepSpan:
+        """The stand-in of a step about to start in `context` (whose span is the recording
+        parent), its own context manager (pycrio.tracing.step_span); `attributes` are the
+        step's own from now on."""
+        span = _new_object(cls)  # no constructor frame
+        span._spans = spans
+        span._tracer = tracer
+        span._deferred_name = name
+        span._step_attributes = attributes
+        span._parent_context = context
+        step_context = span._deferred_context = otel_context.Context(context)
+        dict.__setitem__(step_context, _SPAN_KEY, span)  # set_span_in_context's, one copy
+        return span
+
+    def __enter__(self) -> Self:
+        """The step starts now, its stand-in the current span (what the SDK's
+        start_as_current_span does, without its two generator-based context managers)."""
+        self._deferred_start = time_ns()
+        var = _CONTEXT_VAR
+        self._token = var.set(self._deferred_context) if var is not None else otel_context.attach(self._deferred_context)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """The step is over: its context reset; an exception escaping it (an Exception, as in
+        the SDK) recorded on the real span, made now, with status ERROR (`<type>: <message>`);
+        else its span handed to the export thread."""
         end_time = time_ns()
+        var = _CONTEXT_VAR
+        if var is None:
+            otel_context.detach(self._token)
+        else:
+            try:
+                var.reset(self._token)
+            except Exception:  # noqa: BLE001 - as otel_context.detach: logged, the step goes on
+                log.exception("Failed to detach context")
+        if isinstance(exc, Exception):
+            if self.is_recording():  # the real span, made here during the step
+                self.record_exception(exc)
+                self.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            self.end()
+            return
         with _MAKING:
             real = self._real
             if real is None:
                 self._deferred_end = end_time
-                self._hand_over()
+                self._ended = True  # _hand_over, inline: a frame less per step
+                if not self._spans.batch.defer(self):
+                    self.made(through_provider=True)
                 return
         real.end(end_time)
 

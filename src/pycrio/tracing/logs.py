@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 from pycrio.tracing.attributes import add_plain_event
 from pycrio.tracing.call import current_call
-from pycrio.tracing.call_span import STAND_INS
+from pycrio.tracing.call_span import STAND_INS, runtime_context_var
+
+_CONTEXT_VAR = runtime_context_var()  # OpenTelemetry's current context, read directly where it can be
 
 
 def severity(levelno: int) -> str:
@@ -43,9 +46,10 @@ class SpanEventHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith("opentelemetry"):
             return
-        span = trace.get_current_span()
+        var = _CONTEXT_VAR  # trace.get_current_span(), without its three Python frames
+        span = (var.get() if var is not None else otel_context.get_current()).get(_SPAN_KEY)
         stand_in = type(span) in STAND_INS
-        if not (span.will_record() if stand_in else span.is_recording()):
+        if not (span.will_record() if stand_in else isinstance(span, Span) and span.is_recording()):
             return
         try:
             message = record.getMessage()
