@@ -45,9 +45,10 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.context.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace import SpanContext
 
 from pycrio.tracing.exporter import EXPORT_THREAD_COMM, ExportHealth, SpanBatch, span_count, yield_gil
-from pycrio.tracing.span_context import SAMPLED
+from pycrio.tracing.span_context import SAMPLED, SPAN_CONTEXT_TUPLE
 
 if TYPE_CHECKING:
     from pycrio.tracing.call_span import DeferredSpan
@@ -124,7 +125,10 @@ class SpanBatcher(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         context = span.context
-        if context is None or not context.trace_flags & SAMPLED:
+        if context is None:
+            return
+        # trace_flags without its property call where the layout is the known tuple
+        if not (context[3] if SPAN_CONTEXT_TUPLE and type(context) is SpanContext else context.trace_flags) & SAMPLED:
             return
         if self._closed:
             return
