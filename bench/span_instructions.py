@@ -46,8 +46,18 @@ callgrind_control between blocks. Printed: instructions per call of each kind an
 the daemon-level form of the issue's "p50 traced / untraced", exact: everything gRPC and the
 daemon do per call is in it, the client is not.
 
+`--daemon-pods N` counts whole pod lives the same way (as root: a registry on loopback, a CNI
+bridge of its own, real runc and conmon, which callgrind does not count): N untraced and N traced
+lives alternating (the seven calls of bench/tracing_overhead.py's pod group, every call of a
+traced life with a sampled `traceparent`), each counted alone. Printed: the median per life of
+each kind, the extra of a traced life, and the spread; the work a traced life leaves to the
+export thread (its spans made after their calls, encoded) is not in it: `make` and `encode`
+give that per span. Pod-life CPU time spreads by more than a millisecond between pairs of lives
+(bench/tracing_overhead.py); this count is steady to a few percent.
+
 Run from the repo root:  .venv/bin/python bench/span_instructions.py [--calls 500]
-                             [--modes off,rate0,traced,...] [--daemon] [--baseline-src DIR] [--json PATH]
+                             [--modes off,rate0,traced,...] [--daemon] [--daemon-pods N]
+                             [--baseline-src DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -249,12 +259,12 @@ def daemon_counts(calls: int, src: Path, base: Path) -> dict[str, float]:
                 list_containers(request, timeout=60)
                 list_containers(request, timeout=60, metadata=traced)
             for number, (kind, metadata) in enumerate(blocks, 1):
-                subprocess.run(["callgrind_control", "--instr=on", pid], check=True, stdout=subprocess.DEVNULL)
-                subprocess.run(["callgrind_control", "--zero", pid], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "--instr=on", pid], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "--zero", pid], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for _ in range(calls):
                     list_containers(request, timeout=60, metadata=metadata)
-                subprocess.run(["callgrind_control", f"--dump=block{number}", pid], check=True, stdout=subprocess.DEVNULL)
-                subprocess.run(["callgrind_control", "--instr=off", pid], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", f"--dump=block{number}", pid], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "--instr=off", pid], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 total = 0
                 for dump in base.glob(f"callgrind.out.{number}-*"):
                     match = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
@@ -265,6 +275,119 @@ def daemon_counts(calls: int, src: Path, base: Path) -> dict[str, float]:
     untraced, traced_count = min(totals["untraced"]), min(totals["traced"])
     return {"untraced": untraced, "traced": traced_count, "ratio": traced_count / untraced,
             "spread": max(max(v) - min(v) for v in totals.values())}
+
+
+POD_BRIDGE = "pycriosib0"  # the pod lives' own network: no other bench or test uses these
+POD_SUBNET = "10.152.0.0/24"
+
+
+def _dump_total(base: Path, number: int) -> int:
+    """Instructions of every thread in callgrind dump `number` (written by callgrind_control --dump)."""
+    total = 0
+    for dump in base.glob(f"callgrind.out.{number}-*"):
+        match = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
+        total += int(match.group(1)) if match else 0
+    return total
+
+
+def daemon_pod_counts(lives: int, src: Path, base: Path) -> dict[str, Any]:
+    """Instructions of a whole daemon per pod life, untraced and traced (see the docstring)."""
+    sys.path.insert(0, str(REPO))
+    import importlib.util
+
+    from tests.cni_fixture import bridge_network
+    from tests.harness import PycrioDaemon
+    from tests.registry_fixture import ImageBuilder, TestRegistry
+
+    spec = importlib.util.spec_from_file_location("tracing_overhead", REPO / "bench" / "tracing_overhead.py")
+    assert spec is not None and spec.loader is not None
+    overhead = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = overhead  # (its dataclasses look their module up)
+    spec.loader.exec_module(overhead)  # its pod group: the same seven calls as its paired pod phase
+    from pycrio.cri import api_pb2
+
+    class CountedDaemon(PycrioDaemon):
+        def command(self, *extra: str) -> list[str]:
+            return [
+                *valgrind_prefix(), "--instr-atstart=no", f"--callgrind-out-file={self.base / 'callgrind.out'}",
+                *super().command(*extra),
+            ]
+
+    cgroup_parent = f"/pycrio-span-instructions-{os.getpid()}"
+    registry = TestRegistry(base / "registry").start()
+    daemon = None
+    try:
+        image = ImageBuilder(base / "images", registry).busybox("bench/instr-busybox", "1").reference
+        netdir = bridge_network(base / "net.d", "pycrio-span-instructions", POD_BRIDGE, POD_SUBNET, ipam_dir=base / "ipam")
+        config = (
+            "[pycrio.tracing]\nenable_tracing = true\n"
+            'tracing_endpoint = "127.0.0.1:9"\ntracing_sampling_rate_per_million = 0\n'
+            f'[pycrio.image]\ninsecure_registries = ["{registry.address}"]\n'
+            f'[pycrio.network]\nnetwork_dir = "{netdir}"\n'
+            f'[pycrio.runtime]\npod_cgroup_parent = "{cgroup_parent}"\n'
+        )
+        daemon = CountedDaemon(base / "daemon", config_text=config, env=counted_env(src)).start(timeout=600)
+        assert daemon.proc is not None
+        pid = str(daemon.proc.pid)
+        with daemon.channel() as channel:
+            stub = daemon.runtime(channel)
+            daemon.images(channel).PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=600)
+            failed = overhead.PhaseResult()
+            for traced in (False, True):  # warm-up: both paths, first calls, caches
+                overhead.pod_group(stub, image, base / "logs", failed, overhead.traceparent if traced else tuple)
+            counts: dict[str, list[int]] = {"untraced": [], "traced": []}
+            for number in range(1, 2 * lives + 1):
+                traced = number % 2 == 0
+                subprocess.run(["callgrind_control", "--instr=on", pid], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "--zero", pid], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                overhead.pod_group(stub, image, base / "logs", failed, overhead.traceparent if traced else tuple)
+                subprocess.run(["callgrind_control", f"--dump=life{number}", pid], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "--instr=off", pid], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                counts["traced" if traced else "untraced"].append(_dump_total(base / "daemon", number))
+                print(f"    pod life {number}/{2 * lives} ({'traced' if traced else 'untraced'}): "
+                      f"{counts['traced' if traced else 'untraced'][-1] / 1e6:.2f} M instructions", flush=True)
+            if failed.errors:
+                raise RuntimeError(f"{len(failed.errors)} pod lives failed, the first: {failed.errors[0]}")
+    finally:
+        if daemon is not None:
+            daemon.stop(timeout=120)
+        registry.stop()
+        _clean_up_pods(base, cgroup_parent)
+    untraced, traced_counts = sorted(counts["untraced"]), sorted(counts["traced"])
+    return {
+        "lives": lives,
+        "untraced": untraced[len(untraced) // 2],  # the medians
+        "traced": traced_counts[len(traced_counts) // 2],
+        "extra": traced_counts[len(traced_counts) // 2] - untraced[len(untraced) // 2],
+        "extra_min": traced_counts[0] - untraced[0],  # the quietest life of each kind (no collection of the GC's in it)
+        "spread": max(untraced[-1] - untraced[0], traced_counts[-1] - traced_counts[0]),
+    }
+
+
+def _clean_up_pods(base: Path, cgroup_parent: str) -> None:
+    """What the pod lives may leave on the host: mounts below `base`, the bridge, the cgroup parent."""
+    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+        if str(base) in line:
+            subprocess.run(["umount", "-l", line.split()[4]], capture_output=True, check=False)
+    subprocess.run(["ip", "link", "delete", POD_BRIDGE], capture_output=True, check=False)
+    from pycrio.oci import cgroups
+
+    try:
+        cgroups.remove_cgroup(cgroup_parent)
+    except OSError as exc:
+        print(f"cgroup parent {cgroup_parent} left: {exc}", file=sys.stderr)
+
+
+def print_daemon_pods(results: dict[str, dict[str, Any]]) -> None:
+    print("\nwhole daemon, instructions per pod life (7 calls; every thread; the export thread's share after the"
+          " lives is not in it):")
+    print(f"{'tree':10s}{'lives':>7s}{'untraced':>14s}{'traced':>14s}{'extra':>12s}{'per call':>10s}{'ratio':>8s}"
+          f"{'extra min':>12s}{'spread':>12s}")
+    for tree, row in results.items():
+        print(f"{tree:10s}{row['lives']:7d}{row['untraced']:14.0f}{row['traced']:14.0f}{row['extra']:12.0f}"
+              f"{row['extra'] / 7:10.0f}{row['traced'] / row['untraced']:8.3f}{row['extra_min']:12.0f}{row['spread']:12.0f}")
+    print("(medians of each kind; extra min: the fewest traced less the fewest untraced; spread: the largest difference"
+          " between two lives of the same kind, mostly a collection of the GC's falling in one)")
 
 
 def print_daemon(results: dict[str, dict[str, float]]) -> None:
@@ -281,6 +404,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=500, help="calls per counted run (default 500)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--daemon", action="store_true", help="also count a whole daemon (traced / untraced calls)")
+    parser.add_argument("--daemon-pods", type=int, default=0, metavar="N",
+                        help="also count N untraced and N traced pod lives of a whole daemon (root)")
     parser.add_argument("--baseline-src", type=Path, metavar="DIR", help="also count the pycrio in DIR (an older src/)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "CALLS"), help=argparse.SUPPRESS)
@@ -305,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         trees["baseline"] = args.baseline_src.resolve()
     results: dict[str, dict[str, float]] = {tree: {} for tree in trees}
     daemon_results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="pycrio-instr-") as tmp:
+    pod_results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="pycrio-bench-instr-") as tmp:  # (make clean-test-state knows pycrio-bench-*)
         # Each tree is counted from a copy at a path of the same length: where the trees lie
         # moves a call's count by about 2 k instructions (the same code, from the repo and
         # from /tmp), more than the bench resolves.
@@ -316,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.monotonic()
                 daemon_results[tree] = daemon_counts(args.calls, src, Path(tmp) / f"daemon-{tree}")
                 print(f"  {tree:8s} daemon     {daemon_results[tree]['ratio']:9.3f} traced/untraced"
+                      f"  ({time.monotonic() - started:.0f} s)", flush=True)
+        if args.daemon_pods:
+            for tree, src in trees.items():
+                started = time.monotonic()
+                pod_results[tree] = daemon_pod_counts(args.daemon_pods, src, Path(tmp) / f"pods-{tree}")
+                print(f"  {tree:8s} pod lives  {pod_results[tree]['extra'] / 1e3:9.0f} k instructions more traced"
                       f"  ({time.monotonic() - started:.0f} s)", flush=True)
         for mode in modes:
             for tree, src in trees.items():
@@ -352,9 +484,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tree}: making after the call and encoding, per span: {got['encode'] - got['traced']:.0f} instructions")
     if daemon_results:
         print_daemon(daemon_results)
+    if pod_results:
+        print_daemon_pods(pod_results)
     if args.json is not None:
         args.json.write_text(
-            json.dumps({"calls": args.calls, "instructions_per_call": results, "daemon": daemon_results}, indent=2)
+            json.dumps({"calls": args.calls, "instructions_per_call": results, "daemon": daemon_results,
+                        "daemon_pod_lives": pod_results}, indent=2)
         )
     return 0
 

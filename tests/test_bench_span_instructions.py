@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +37,23 @@ def test_an_unknown_mode_is_refused_with_the_list() -> None:
     run = subprocess.run([sys.executable, str(BENCH), "--modes", "traced,bogus"], capture_output=True, text=True,
                          timeout=60, cwd=REPO)  # fmt: skip
     assert run.returncode == 2 and "unknown modes: bogus" in run.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("valgrind") is None, reason="needs root (pods) and valgrind")
+def test_daemon_pod_lives_are_counted_and_a_traced_life_costs_more(tmp_path: Path) -> None:
+    """`--daemon-pods`: a real daemon under callgrind runs real pod lives (registry, CNI, runc,
+    conmon); each life is counted alone, and a traced one does the untraced one's work plus its spans'."""
+    out = tmp_path / "pods.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--modes", "", "--daemon-pods", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    row = json.loads(out.read_text())["daemon_pod_lives"]["now"]
+    assert row["lives"] == 3
+    # A pod life is tens of millions of instructions in the daemon; its spans add a few percent
+    # (the quietest lives compared: a collection of the GC's in one moves it by about as much).
+    assert row["untraced"] > 5_000_000
+    assert 0 < row["extra_min"] < row["untraced"] * 0.2
+    assert "whole daemon, instructions per pod life" in run.stdout
+    assert subprocess.run(["ip", "link", "show", "pycriosib0"], capture_output=True).returncode != 0  # cleaned up
