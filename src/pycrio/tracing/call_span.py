@@ -196,8 +196,6 @@ class DeferredSpans:
         span._spans = self
         span._deferred_name = name
         span._traceparent = traceparent
-        if traceparent is not None and traceparent[54] in _SAMPLED_LAST_HEX:  # ParentBased records, whatever the rates
-            span._sure_to_record = True
         context = span._deferred_context = otel_context.Context({_SPAN_KEY: span})  # set_span_in_context's, no copy
         span._deferred_start = time_ns()
         return span, context
@@ -322,7 +320,14 @@ class DeferredSpan(trace.Span):
         real = self._real
         if real is not None:
             return real.is_recording()
-        return self._sure_to_record or self.made().is_recording()
+        if self._sure_to_record:
+            return True
+        if type(self) is DeferredCallSpan:  # known on first use (not at every call's start: most never ask)
+            traceparent = self._traceparent
+            if traceparent is not None and traceparent[54] in _SAMPLED_LAST_HEX:  # ParentBased records, whatever the rates
+                self._sure_to_record = True
+                return True
+        return self.made().is_recording()
 
     def log_ids(self) -> tuple[int, int]:
         """(trace id, span id) of the span, for a log line: while it is not made, chosen now and
