@@ -285,7 +285,7 @@ def _dump_total(base: Path, number: int) -> int:
     """Instructions of every thread in callgrind dump `number` (written by callgrind_control --dump)."""
     total = 0
     for dump in base.glob(f"callgrind.out.{number}-*"):
-        match = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
+        match = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.MULTILINE)
         total += int(match.group(1)) if match else 0
     return total
 
@@ -421,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         print(f"unknown modes: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if args.daemon_pods < 0:
+        print("--daemon-pods N: N >= 0", file=sys.stderr)
+        return 2
+    if args.daemon_pods and os.geteuid() != 0:
+        print("--daemon-pods runs pods (network namespaces, cgroups, mounts): run it as root", file=sys.stderr)
         return 2
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)

@@ -542,7 +542,7 @@ class DeferredStepSpan(DeferredSpan):
         else:
             try:
                 var.reset(self._token)
-            except Exception:  # noqa: BLE001 - as otel_context.detach: logged, the step goes on
+            except Exception:  # as otel_context.detach: logged, the step goes on
                 log.exception("Failed to detach context")
         if isinstance(exc, Exception):
             if self.is_recording():  # the real span, made here during the step
