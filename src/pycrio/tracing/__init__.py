@@ -103,17 +103,15 @@ def _step_tracer() -> tuple[trace.Tracer, StepDeferral | None]:
     deferral; resolved once per `_STEP_TRACER` (tests swap it), as ProxyTracer keeps its real one."""
     global _RESOLVED
     source = _STEP_TRACER
-    resolved = _RESOLVED
-    if resolved[0] is source:
-        return resolved[1], resolved[2]
+    if _RESOLVED[0] is source:
+        return _RESOLVED[1], _RESOLVED[2]
     tracer = source
     if type(tracer) is trace.ProxyTracer:
-        tracer = tracer._real_tracer or tracer._tracer
-        if type(tracer) is not trace.ProxyTracer and source._real_tracer is tracer:
-            _RESOLVED = (source, tracer, getattr(tracer, "step_deferral", None))
-        return tracer, getattr(tracer, "step_deferral", None)
-    _RESOLVED = (source, tracer, getattr(tracer, "step_deferral", None))
-    return _RESOLVED[1], _RESOLVED[2]
+        tracer = tracer._real_tracer or tracer._tracer  # the global provider's, once there is one
+    deferral = getattr(tracer, "step_deferral", None)
+    if type(source) is not trace.ProxyTracer or source._real_tracer is tracer:  # settled: kept from now on
+        _RESOLVED = (source, tracer, deferral)
+    return tracer, deferral
 
 
 _RESOLVED: tuple[Any, trace.Tracer, StepDeferral | None] = (None, _STEP_TRACER, None)
